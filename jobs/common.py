@@ -1,0 +1,55 @@
+"""Small helpers shared by the jobs: Ray start-up, data-directory layout, logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger("hyformer")
+
+DEFAULT_DATA_DIR = os.environ.get("HYFORMER_DATA_DIR", str(Path.cwd() / "data"))
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (a submitted job), else start a local one.
+
+    Locally we declare at least 4 logical CPUs: on a 2-core machine Ray Data read tasks and Ray Train workers otherwise
+    wait on each other's whole CPUs (see ../shared/PLATFORM_NOTES.md). Resources cannot be passed when joining.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # progress is logged per stage; bars garble `ray job logs`
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def absolute(path: str) -> str:
+    """Absolute path: a submitted job runs in a temporary copy of the working directory."""
+    return str(Path(path).expanduser().resolve())
+
+
+def clean_root(data_dir: str) -> str:
+    from features.schema import SCHEMA_VERSION
+
+    return f"{data_dir}/clean/v{SCHEMA_VERSION}"
+
+
+def quarantine_root(data_dir: str) -> str:
+    from features.schema import SCHEMA_VERSION
+
+    return f"{data_dir}/quarantine/v{SCHEMA_VERSION}"
+
+
+def features_root(data_dir: str, end_day: str) -> str:
+    return f"{data_dir}/features/v1/end={end_day}"
