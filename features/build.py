@@ -48,6 +48,7 @@ class FeatureConfig:
     search_len: int = 50  # top-k query-relevant search events (paper: 50)
     feed_len: int = 50  # top-k query-relevant feed events (paper: 50)
     max_vocab: int = 1 << 20  # cap on the bucket count of any id space
+    cross_vocab: int = 1 << 15  # buckets of hashed cross ids (query x item)
     n_shards: int = 4  # user shards (user_id mod n_shards), one Ray task each
     vocab: dict[str, int] = field(default_factory=dict)  # id space -> bucket count incl. padding (set by plan_vocab)
 
@@ -106,7 +107,7 @@ def plan_vocab(dims: dict[str, pl.DataFrame], cfg: FeatureConfig) -> dict[str, i
         "network": 258,
         "cat_pair": size((n_cat + 1) * (n_cat + 1)),
         "cat_match": 3,
-        "query_item": cfg.max_vocab,
+        "query_item": cfg.cross_vocab,
         "dt": N_DT_BUCKETS,
         "action": N_ACTION_BUCKETS,
     }

@@ -229,7 +229,7 @@ class Tokenizer(nn.Module):
         c = config
         self.ns_spaces = dict(c.ns_groups)
         self.seq_fields = c.seq_fields
-        self.tables = nn.ModuleDict({name: nn.Embedding(vocab, c.emb_dim, padding_idx=0) for name, vocab in c.id_spaces})
+        self.tables = nn.ModuleDict({n: nn.Embedding(vocab, c.emb_dim, padding_idx=0) for n, vocab in c.id_spaces})
         self.ns_proj = nn.ModuleDict({g: nn.Linear(len(sp) * c.emb_dim, c.d_model) for g, sp in c.ns_groups})
         self.seq_proj = nn.ModuleDict({s: nn.Linear(len(c.seq_fields) * c.emb_dim, c.d_model) for s, _ in c.sequences})
         self.seq_pos = nn.ParameterDict({s: nn.Parameter(torch.randn(L, c.d_model) * 0.02) for s, L in c.sequences})
@@ -454,8 +454,9 @@ class HyFormerConfig:
     def tiny(cls, **overrides: Any) -> HyFormerConfig:
         """Small vocabularies and short sequences for CPU tests: S=3, N=1, M=5 -> T=8, D=32."""
         config = cls(
-            id_spaces=(("user_id", 50), ("item", 100), ("author", 30), ("query", 40), ("context", 10),
-                       ("action", 5)),
+            id_spaces=(
+                ("user_id", 50), ("item", 100), ("author", 30), ("query", 40), ("context", 10), ("action", 5),
+            ),
             ns_groups=(
                 ("user", ("user_id", "context")),
                 ("query", ("query",)),
@@ -480,10 +481,10 @@ class HyFormerConfig:
         """The shapes the paper gives (§4.1): sequences long/search/feed of 3000/50/50 events, 13 NS tokens and one
         global query per sequence -> T = 16 mixer tokens. The paper does not publish its feature list, widths or
         depth: the 13 groups follow its user / query / document / cross feature families, sequence events carry 3
-        side-info types (§4.3.2), and D, depth and vocabularies are our guesses, picked so that the dense (non-embedding)
-        parameters, about 458M, are near the paper's 418M. A Full Transformer over 3000 events costs far more than
-        the paper's 3.9 TFLOPs per 2048-sample training step; that budget implies the "longer" encoder (§3.4.1 ii),
-        which is not implemented yet.
+        side-info types (§4.3.2), and D, depth and vocabularies are our guesses, picked so that the dense
+        (non-embedding) parameters, about 458M, are near the paper's 418M. A Full Transformer over 3000 events costs
+        far more than the paper's 3.9 TFLOPs per 2048-sample training step; that budget implies the "longer" encoder
+        (§3.4.1 ii), which is not implemented yet.
         """
         big, mid, small = 1 << 20, 1 << 16, 1 << 10
         config = cls(

@@ -4,7 +4,7 @@
 
 Reads the clean tables written by ``jobs.ingest`` and writes, atomically (a temporary folder renamed into place)::
 
-    <data>/features/v1/end=<date>/samples/day=YYYY-MM-DD/shard-KKKK.parquet   pointers + non-sequential ids
+    <data>/features/v1/end=<date>/samples/shard-KKKK.parquet          pointers + non-sequential ids, sorted by day
     <data>/features/v1/end=<date>/timelines/<name>/shard-KKKK.parquet         per-user event timelines
     <data>/features/v1/end=<date>/meta.json                                   config, vocabularies, counts
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import glob
 import json
 import os
 import shutil
@@ -41,8 +42,8 @@ class FeatureSet:
     days: tuple[str, ...]  # YYYY-MM-DD, oldest first
     samples: int
 
-    def sample_dirs(self, days: list[str] | tuple[str, ...]) -> list[str]:
-        return [f"{self.root}/samples/day={d}" for d in days]
+    def sample_files(self) -> list[str]:
+        return sorted(glob.glob(f"{self.root}/samples/*.parquet"))
 
     def timelines(self) -> dict[str, pl.DataFrame]:
         return {t: pl.read_parquet(f"{self.root}/timelines/{t}/*.parquet") for t in TIMELINES}
@@ -74,9 +75,10 @@ def build_shard_task(batch: dict[str, np.ndarray], data_dir: str, out: str, days
         cfg,
     )
     name = f"shard-{shard:04d}.parquet"
-    for (day,), part in res["samples"].group_by("day", maintain_order=True):
-        os.makedirs(f"{out}/samples/day={day}", exist_ok=True)
-        part.drop("day").write_parquet(f"{out}/samples/day={day}/{name}")
+    # One file per shard (few files keep Ray Data's per-file overhead low); sorted by day so that row-group
+    # statistics let a reader skip the days it does not want.
+    os.makedirs(f"{out}/samples", exist_ok=True)
+    res["samples"].write_parquet(f"{out}/samples/{name}", row_group_size=8192)
     for t in TIMELINES:
         os.makedirs(f"{out}/timelines/{t}", exist_ok=True)
         res[t].write_parquet(f"{out}/timelines/{t}/{name}")

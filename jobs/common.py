@@ -28,7 +28,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # progress is logged per stage; bars garble `ray job logs`
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -15,6 +15,7 @@ import datetime as dt
 import glob
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import polars as pl
@@ -110,7 +111,9 @@ def ingest(data_dir: str, end: dt.date, days: int = 70) -> dict[str, TableCounts
     """Validate the ``days`` days ending at ``end`` (inclusive) of every table; returns per-table counts."""
     data_dir = absolute(data_dir)
     win = window(end, days)
-    counts = {t: ingest_table(data_dir, t, win) for t in TABLES}
+    with ThreadPoolExecutor(max_workers=3) as pool:  # the tables are independent Ray Data pipelines
+        futures = {t: pool.submit(ingest_table, data_dir, t, win) for t in TABLES}
+        counts = {t: f.result() for t, f in futures.items()}
     with open(f"{clean_root(data_dir)}/_ingest.json", "w") as f:
         json.dump({"end": end.strftime(DAY_FORMAT), "days": days, "counts": {t: asdict(c) for t, c in counts.items()}}, f, indent=1)
     return counts

@@ -23,6 +23,7 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
+from ray.data.expressions import col
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -42,7 +43,7 @@ class TrainConfig:
     weight_decay: float = 1e-5  # AdamW weight decay (dense and embeddings alike, for now)
     workers: int = 1  # Ray Train workers (one per GPU with gpu=True)
     gpu: bool = False  # CUDA workers + nccl; else CPU workers + gloo
-    cpus_per_worker: float = 1.0  # logical CPUs each worker reserves
+    cpus_per_worker: float = 2.0  # logical CPUs each worker reserves (= its torch threads)
     hide_sequences: bool = False  # ablation: every sequence length set to 0 (train and eval)
     seed: int = 0  # model init and data shuffling
     log_every: int = 50  # progress line every N steps (rank 0)
@@ -59,7 +60,7 @@ def model_config(fs: FeatureSet, overrides: dict | None = None) -> HyFormerConfi
         ns_groups=tuple((g, tuple(space for _, space in cols)) for g, cols in NS_GROUPS.items()),
         seq_fields=SEQ_FIELDS,
         sequences=tuple((s, fs.cfg.seq_len(s)) for s in SEQUENCES),
-        **(overrides or {}),
+        **({"attn_impl": "sdpa"} | (overrides or {})),  # the fused kernel; tests hold it equal to "reference"
     )
 
 
@@ -72,7 +73,9 @@ class MaterializeSequences(Materializer):
 
 
 def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], batch_size: int, shuffle: bool) -> ray.data.Dataset:
-    ds = ray.data.read_parquet(fs.sample_dirs(days), partitioning=None)
+    """The samples of ``days``, expanded into model arrays by a ``MaterializeSequences`` actor."""
+    ds = ray.data.read_parquet(fs.sample_files(), partitioning=None).filter(expr=col("day").is_in(list(days)))
+    ds = ds.drop_columns(["day"])  # strings cannot become tensors
     if shuffle:
         ds = ds.randomize_block_order()
     return ds.map_batches(
@@ -80,7 +83,7 @@ def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], batch_size:
         fn_constructor_kwargs={"root": fs.root},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
     )
 
@@ -115,6 +118,7 @@ def train_fn_per_worker(config: dict) -> None:
     tc = TrainConfig(**config["train"])
     mc = HyFormerConfig.from_dict(config["model"])
     torch.manual_seed(tc.seed)
+    torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     model = ray.train.torch.prepare_model(HyFormer(mc))
