@@ -234,7 +234,7 @@ def build_shard(
         (pl.col("long_idx") + 1).fill_null(0).cast(pl.Int32).alias("long_hi"),
         *top_k_range("search_", cfg.search_len),
         *top_k_range("feed_", cfg.feed_len),
-    ).sort("day", "request_id", "ts")
+    ).sort("day", "request_id", "ns_position_b", "ns_item_id")  # deterministic: candidates in shown order
     keep = list(TIMELINE_COLUMNS)
     out = pl.collect_all([samples, search_ts.select(keep), search_cat.select(keep), feed_cat.select(keep)])
     return dict(zip(("samples", "search_by_ts", "search_by_cat", "feed_by_cat"), out))

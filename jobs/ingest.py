@@ -90,9 +90,8 @@ def only_invalid(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_valid(batch[REASON])).select(keep)
 
 
-def ingest_table(data_dir: str, table: str, days: list[dt.date]) -> TableCounts:
+def ingest_table(data_dir: str, table: str, files: list[str]) -> TableCounts:
     spec = TABLES[table]
-    files = partition_files(data_dir, table, days if spec.daily else None)
     ds = ray.data.read_parquet(files, include_paths=True, partitioning=None)
     checked = ds.map_batches(validate_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"table": table}).materialize()
     clean = checked.map_batches(only_valid, batch_format="pyarrow", batch_size=None)
@@ -111,8 +110,10 @@ def ingest(data_dir: str, end: dt.date, days: int = 70) -> dict[str, TableCounts
     """Validate the ``days`` days ending at ``end`` (inclusive) of every table; returns per-table counts."""
     data_dir = absolute(data_dir)
     win = window(end, days)
+    # Every partition of every table is checked before any work starts: a bad window fails fast, writing nothing.
+    files = {t: partition_files(data_dir, t, win if spec.daily else None) for t, spec in TABLES.items()}
     with ThreadPoolExecutor(max_workers=3) as pool:  # the tables are independent Ray Data pipelines
-        futures = {t: pool.submit(ingest_table, data_dir, t, win) for t in TABLES}
+        futures = {t: pool.submit(ingest_table, data_dir, t, files[t]) for t in TABLES}
         counts = {t: f.result() for t, f in futures.items()}
     with open(f"{clean_root(data_dir)}/_ingest.json", "w") as f:
         json.dump({"end": end.strftime(DAY_FORMAT), "days": days, "counts": {t: asdict(c) for t, c in counts.items()}}, f, indent=1)

@@ -45,10 +45,10 @@ def test_invalid_rows_are_quarantined_with_reasons(synth_dir, tmp_path):
         pl.when(pl.col("index") == 1).then(None).otherwise(pl.col("user_id")).alias("user_id"),
         pl.when(pl.col("index") == 2).then(day_start_ms(END - dt.timedelta(days=3))).otherwise(pl.col("ts")).alias("ts"),
     ).drop("index")
-    pq.write_table(bad.to_arrow().cast(TABLES["impressions"].schema), f)
+    pq.write_table(bad.to_arrow(), f)  # nullable types: the contract schema would refuse the null
     counts = ingest(data_dir, END, 2)
     c = counts["impressions"]
-    assert (c.read, c.quarantined, c.clean) == (df.height * 0 + c.read, 3, c.read - 3)
+    assert c.quarantined == 3 and c.clean == c.read - 3 and c.read == 2 * df.height  # 2 days of equal size
     q = pl.read_parquet(f"{data_dir}/quarantine/v1/impressions/**/*.parquet").sort("_reason")
     reasons = " | ".join(q["_reason"].to_list())
     assert "label: 3 outside [0, 1]" in reasons

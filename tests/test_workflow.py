@@ -20,7 +20,8 @@ METRICS = ("eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc")
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    return env | {"PYTHONUNBUFFERED": "1"} | extra
+    path = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # as with an activated venv: `python` is ours
+    return env | {"PYTHONUNBUFFERED": "1", "PATH": path} | extra
 
 
 def run_workflow(data_dir: Path, *args: str, timeout: int = 480) -> subprocess.CompletedProcess:
@@ -34,7 +35,7 @@ def assert_run_logged(data_dir: Path) -> None:
     assert len(runs) == 1
     for k in METRICS:
         assert k in runs[0].data.metrics, k
-    assert mlflow.tracking.MlflowClient().get_latest_versions("hyformer")[0].version == "1"
+    assert [str(v.version) for v in mlflow.tracking.MlflowClient().search_model_versions("name='hyformer'")] == ["1"]
 
 
 @pytest.mark.slow
