@@ -112,7 +112,7 @@ def test_no_sequence_event_at_or_after_its_impression(feature_set):
         valid = np.arange(L)[None, :] < n[:, None]
         ev_ts = tl.ts[np.where(valid, rows, 0)]
         assert (ev_ts[valid] < np.broadcast_to(ts[:, None], valid.shape)[valid]).all(), name
-        ev_user = tl.fields["item"] * 0 + np.asarray(timelines[tl_name].sort("user_id", maintain_order=True)["user_id"])
+        ev_user = timelines[tl_name].sort("user_id", maintain_order=True)["user_id"].to_numpy()  # Timeline's row order
         assert (ev_user[np.where(valid, rows, 0)][valid] == np.broadcast_to(users[:, None], valid.shape)[valid]).all(), name
         checked += int(valid.sum())
     assert checked > 1000  # the fixture has real histories
