@@ -1,27 +1,34 @@
-"""Point-in-time features for every impression, built with Polars (one user shard at a time).
+"""Point-in-time features, built one day at a time with Polars (one user shard per Ray task).
 
-Output, per shard (``docs/data.md`` has the full format)::
+The stored format (``docs/data.md`` has it in full) does not grow with the sequence lengths::
 
-    samples      one row per impression: bucketised non-sequential ids + *pointers* into the user's timelines
-    search_by_ts the user's search-click events ordered by time           (long-term sequence = a suffix of it)
-    search_by_cat the same events ordered by (category, time)              (search sequence = a contiguous range)
-    feed_by_cat  the user's feed events ordered by (category, time)        (feed sequence = a contiguous range)
+    events/<stream>   the day's events of every user, sorted by (user, ts), bucketised side info (7 types)
+    samples           one row per impression: bucketised non-sequential ids + three *ordinals* into the user's history
+    state/<stream>    cumulative event counts per (user, relevance key) after the day
 
-Every sequence a sample needs is a contiguous slice ``[lo, hi)`` of one of the user's timelines, so a sample stores
-two integers per sequence whatever L is; ``features.materialize`` expands slices into fixed (B, L, F) arrays.
+Ordinals: ``long_hi`` = how many of the user's search events precede the impression (since the store's first day),
+``search_hi`` / ``feed_hi`` = how many of the user's search / feed events *with the query's relevance key* precede it.
+The sequences are then "the last L_long events before ordinal long_hi" and "the last k events of key ``rel_key``
+before ordinal search_hi": two integers per sequence, whatever L is. Ordinals only ever grow when days are appended,
+so day D is built from day D-1's state and day D's events alone (incremental), and ``features.materialize`` rebuilds
+fixed (B, L, F) arrays — or deduplicated ID tables — from the events of the training window.
 
-Point-in-time rule: an event enters an impression's sequences only if ``event.ts < impression.ts`` (strictly), via
+Point-in-time rule: an event counts for an impression only if ``event.ts < impression.ts`` (strictly), via
 ``join_asof(..., allow_exact_matches=False)``.
 
-Relevance (search and feed sequences): an event is relevant to the current query when its item category equals the
-query's intent category; the sequence is the ``k`` most recent relevant events (k = 50 in the paper). Issue #3 makes
-the filter configurable.
+Relevance (search and feed sequences, ``FeatureConfig.relevance``): ``"category"`` (default; the event's item category
+equals the query's intent category), ``"none"`` (the k most recent events), or ``"keys"`` (a user-supplied bucketing,
+e.g. k-means clusters of item and query embeddings: ``relevance_keys`` names a folder with ``items.parquet``
+(item_id, key) and ``queries.parquet`` (query_id, key); an event is relevant when its item's key equals the query's).
 
 Ids are bucketised: ``1 + id mod (vocab - 1)`` (identity + 1 while vocab exceeds the largest id); 0 is padding.
+Vocabularies are planned once, when a store is created, and frozen: later ids beyond them share buckets.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
@@ -35,22 +42,45 @@ NS_GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
     "context": (("position_b", "position"), ("hour_b", "hour"), ("device_b", "device"), ("network_b", "network")),
     "cross": (("cat_pair", "cat_pair"), ("cat_match", "cat_match"), ("query_item", "query_item")),
 }
-# Side information of every sequence event (paper: ids, category, author, time delta, action).
-SEQ_FIELDS: tuple[str, ...] = ("item", "author", "category", "dt", "action")
+# Side information per sequence event (paper Table 3: 3 types / 64-dim vs 7 types / 224-dim). Every field is also
+# the name of its id space (embedding table). "dt" (age of the event at the impression, log2 minutes) is computed
+# at materialisation; the others are stored per event.
+EVENT_FIELDS: tuple[str, ...] = ("item", "author", "category", "action", "hour", "duration")
+SIDE_INFO: dict[int, tuple[str, ...]] = {
+    3: ("item", "category", "action"),
+    5: ("item", "author", "category", "dt", "action"),
+    7: ("item", "author", "category", "dt", "action", "hour", "duration"),
+}
 SEQUENCES: tuple[str, ...] = ("long", "search", "feed")
+STREAMS: dict[str, str] = {"search": "search_events", "feed": "feed_events"}  # event stream -> clean table
+SEQ_STREAM: dict[str, str] = {"long": "search", "search": "search", "feed": "feed"}  # sequence -> its stream
+RELEVANCE = ("category", "none", "keys")
 N_DT_BUCKETS = 24  # time-delta buckets: 1 + floor(log2(1 + minutes)), capped
 N_ACTION_BUCKETS = 64  # action id: watch-time bucket (0..15) * 4 + finish * 2 + like, + 1
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
+    # read side (materialisation): free to change without rebuilding the store
     long_len: int = 3000  # L_long: last <= long_len search-click events (paper preset 3000)
     search_len: int = 50  # top-k query-relevant search events (paper: 50)
     feed_len: int = 50  # top-k query-relevant feed events (paper: 50)
+    side_info: int = 7  # side-info types per event: 3 (paper's base) / 5 / 7 (paper's scaled setting); SIDE_INFO
+    # write side (the store): changing any of these selects another store (see store_id)
+    relevance: str = "category"  # "category" | "none" | "keys" (see module doc)
+    relevance_keys: str | None = None  # folder with items.parquet / queries.parquet (item_id|query_id, key)
     max_vocab: int = 1 << 20  # cap on the bucket count of any id space
     cross_vocab: int = 1 << 15  # buckets of hashed cross ids (query x item)
     n_shards: int = 4  # user shards (user_id mod n_shards), one Ray task each
-    vocab: dict[str, int] = field(default_factory=dict)  # id space -> bucket count incl. padding (set by plan_vocab)
+    vocab: dict[str, int] = field(default_factory=dict)  # id space -> bucket count incl. padding (frozen per store)
+
+    def __post_init__(self):
+        if self.side_info not in SIDE_INFO:
+            raise ValueError(f"FeatureConfig.side_info must be one of {sorted(SIDE_INFO)}, got {self.side_info}")
+        if self.relevance not in RELEVANCE:
+            raise ValueError(f"FeatureConfig.relevance must be one of {RELEVANCE}, got {self.relevance!r}")
+        if (self.relevance == "keys") != (self.relevance_keys is not None):
+            raise ValueError("FeatureConfig.relevance_keys is required with relevance='keys' and only then")
 
     @staticmethod
     def tiny() -> "FeatureConfig":
@@ -58,6 +88,16 @@ class FeatureConfig:
 
     def seq_len(self, name: str) -> int:
         return {"long": self.long_len, "search": self.search_len, "feed": self.feed_len}[name]
+
+    @property
+    def seq_fields(self) -> tuple[str, ...]:
+        return SIDE_INFO[self.side_info]
+
+    def store_id(self) -> str:
+        """Name of the store this config writes: what changes stored bytes (relevance, vocab caps, shards)."""
+        keys = {k: getattr(self, k) for k in ("relevance", "relevance_keys", "max_vocab", "cross_vocab", "n_shards")}
+        digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.relevance}-s{self.n_shards}-{digest}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +120,12 @@ def action_id(watch_s: str, finish: str | None, like: str) -> pl.Expr:
     fin = pl.col(finish).fill_null(0) if finish else pl.lit(0)
     w = log2_bucket(watch_s, 16)
     return (w * 4 + fin.cast(pl.Int32) * 2 + pl.col(like).fill_null(0).cast(pl.Int32) + 1).cast(pl.Int32)
+
+
+def hour_of_day(ts: str | pl.Expr) -> pl.Expr:
+    """UTC hour of a ms timestamp, 1..24 (0 = padding)."""
+    e = pl.col(ts) if isinstance(ts, str) else ts
+    return ((e // 3_600_000) % 24 + 1).cast(pl.Int32)
 
 
 def plan_vocab(dims: dict[str, pl.DataFrame], cfg: FeatureConfig) -> dict[str, int]:
@@ -114,39 +160,53 @@ def plan_vocab(dims: dict[str, pl.DataFrame], cfg: FeatureConfig) -> dict[str, i
     return vocab
 
 
-# --- timelines --------------------------------------------------------------------------------------------------
-
-TIMELINE_COLUMNS = ("user_id", "ts", "item", "author", "category", "action")
+# --- relevance --------------------------------------------------------------------------------------------------
 
 
-def event_tokens(events: pl.LazyFrame, vocab: dict[str, int], finish: str | None) -> pl.LazyFrame:
-    """Raw events -> (user_id, ts, item, author, category, action) with bucketised side info."""
-    return events.select(
-        "user_id",
-        "ts",
-        bucket("item_id", vocab["item"]).alias("item"),
-        bucket("author_id", vocab["author"]).alias("author"),
-        bucket("category_id", vocab["category"]).alias("category"),
-        action_id("watch_time_s", finish, "like").alias("action"),
-        pl.col("category_id").alias("raw_category"),
-    )
-
-
-def by_time(tokens: pl.LazyFrame) -> pl.LazyFrame:
-    """Timeline ordered by time; ``idx`` = position within the user's timeline."""
-    return tokens.sort("user_id", "ts", "item").with_columns(pl.int_range(pl.len(), dtype=pl.Int32).over("user_id").alias("idx"))
-
-
-def by_category(tokens: pl.LazyFrame) -> pl.LazyFrame:
-    """Timeline ordered by (category, time); ``idx`` as above, ``cat_lo`` = first idx of the event's category."""
+def relevance_tables(cfg: FeatureConfig, dims: dict[str, pl.LazyFrame]) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """(item_id, key) and (query_id, key) frames: an event is relevant to an impression when the keys are equal."""
+    if cfg.relevance == "category":
+        return (
+            dims["items"].select("item_id", pl.col("category_id").cast(pl.Int64).alias("key")),
+            dims["queries"].select("query_id", pl.col("category_id").cast(pl.Int64).alias("key")),
+        )
+    if cfg.relevance == "none":
+        return (
+            dims["items"].select("item_id", pl.lit(0, pl.Int64).alias("key")),
+            dims["queries"].select("query_id", pl.lit(0, pl.Int64).alias("key")),
+        )
+    root = cfg.relevance_keys
     return (
-        tokens.sort("user_id", "raw_category", "ts", "item")
-        .with_columns(pl.int_range(pl.len(), dtype=pl.Int32).over("user_id").alias("idx"))
-        .with_columns(pl.col("idx").min().over("user_id", "raw_category").alias("cat_lo"))
+        pl.scan_parquet(f"{root}/items.parquet").select(pl.col("item_id").cast(pl.Int64), pl.col("key").cast(pl.Int64)),
+        pl.scan_parquet(f"{root}/queries.parquet").select(pl.col("query_id").cast(pl.Int64), pl.col("key").cast(pl.Int64)),
     )
 
 
-# --- samples ----------------------------------------------------------------------------------------------------
+# --- one day of one shard -----------------------------------------------------------------------------------------
+
+EVENT_COLUMNS = ("user_id", "ts", "key", *EVENT_FIELDS)
+STATE_COLUMNS = ("user_id", "key", "n")
+NO_KEY = -1  # relevance key of an event whose item has none (never equal to a query's key)
+
+
+def event_tokens(events: pl.LazyFrame, items: pl.LazyFrame, item_keys: pl.LazyFrame, vocab: dict[str, int], finish: str | None) -> pl.LazyFrame:
+    """Raw events -> EVENT_COLUMNS, sorted by (user, ts) with a total tie-break (deterministic ordinals)."""
+    return (
+        events.join(items.select("item_id", "duration_s"), on="item_id", how="left")
+        .join(item_keys, on="item_id", how="left")
+        .select(
+            "user_id",
+            "ts",
+            pl.col("key").fill_null(NO_KEY),
+            bucket("item_id", vocab["item"]).alias("item"),
+            bucket("author_id", vocab["author"]).alias("author"),
+            bucket("category_id", vocab["category"]).alias("category"),
+            action_id("watch_time_s", finish, "like").alias("action"),
+            hour_of_day("ts").alias("hour"),
+            log2_bucket("duration_s", vocab["duration"]).alias("duration"),
+        )
+        .sort(*EVENT_COLUMNS)
+    )
 
 
 def ns_columns(vocab: dict[str, int]) -> list[pl.Expr]:
@@ -175,45 +235,61 @@ def ns_columns(vocab: dict[str, int]) -> list[pl.Expr]:
     return [e.name.prefix("ns_") for e in exprs]
 
 
-def last_before(samples: pl.LazyFrame, timeline: pl.LazyFrame, by: list[str], prefix: str) -> pl.LazyFrame:
-    """Attach the timeline row of the latest event strictly before each sample (``{prefix}idx``, ``{prefix}cat_lo``)."""
-    cols = ["ts", *by, "idx"] + (["cat_lo"] if "cat_lo" in timeline.collect_schema() else [])
-    right = timeline.select(cols).rename({c: f"{prefix}{c}" for c in cols if c not in ("ts", *by)})
-    # both sides are sorted by ts globally, hence within every `by` group
-    return samples.join_asof(
-        right.sort("ts"), on="ts", by=by, strategy="backward", allow_exact_matches=False, check_sortedness=False
-    )
-
-
-def top_k_range(prefix: str, k: int) -> list[pl.Expr]:
-    """``[lo, hi)`` of the k most recent relevant events: hi = idx + 1, lo = max(cat_lo, hi - k); none -> (0, 0)."""
-    hi = (pl.col(f"{prefix}idx") + 1).fill_null(0)
-    lo = pl.max_horizontal(pl.col(f"{prefix}cat_lo").fill_null(0), hi - k)
-    return [lo.cast(pl.Int32).alias(f"{prefix}lo"), hi.cast(pl.Int32).alias(f"{prefix}hi")]
-
-
-SAMPLE_KEYS = ("request_id", "user_id", "ts", "label", "p_click")
-POINTER_COLUMNS = ("long_hi", "search_lo", "search_hi", "feed_lo", "feed_hi")
-
-
 def ns_column_names() -> list[str]:
     """Stored names of the non-sequential columns, in NS_GROUPS order."""
     return [f"ns_{col}" for cols in NS_GROUPS.values() for col, _ in cols]
 
 
-def build_shard(
+def ordinal_before(samples: pl.LazyFrame, tokens: pl.LazyFrame, state: pl.LazyFrame, by_key: bool, name: str) -> pl.LazyFrame:
+    """Attach ``name`` = number of the user's events (of the sample's ``rel_key`` if ``by_key``) strictly before ``ts``.
+
+    = the count in ``state`` (all earlier days) + the within-day rank of the latest earlier event of this day.
+    """
+    by = ["user_id", "key"] if by_key else ["user_id"]
+    day = tokens.select("ts", *by, (pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(by)).alias("_day_n"))
+    day = day.sort("ts", "_day_n")  # ties in ts: the later rank last, so "latest earlier event" has the largest rank
+    base = state if by_key else state.group_by("user_id").agg(pl.col("n").sum())
+    left = samples.rename({"rel_key": "key"}) if by_key else samples
+    out = (
+        left.join_asof(day, on="ts", by=by, strategy="backward", allow_exact_matches=False, check_sortedness=False)
+        .join(base.rename({"n": "_base_n"}), on=by, how="left", maintain_order="left")
+        .with_columns((pl.col("_base_n").fill_null(0) + pl.col("_day_n").fill_null(0)).alias(name))
+        .drop("_base_n", "_day_n")
+    )
+    return out.rename({"key": "rel_key"}) if by_key else out
+
+
+def next_state(state: pl.LazyFrame, tokens: pl.LazyFrame) -> pl.LazyFrame:
+    """Cumulative (user, key) event counts after this day."""
+    day = tokens.group_by("user_id", "key").agg(pl.len().cast(pl.Int64).alias("n"))
+    return pl.concat([state, day]).group_by("user_id", "key").agg(pl.col("n").sum()).sort("user_id", "key")
+
+
+SAMPLE_KEYS = ("request_id", "user_id", "ts", "label", "p_click")
+POINTER_COLUMNS = ("rel_key", "long_hi", "search_hi", "feed_hi")
+
+
+def empty_state() -> pl.LazyFrame:
+    return pl.LazyFrame(schema={"user_id": pl.Int64, "key": pl.Int64, "n": pl.Int64})
+
+
+def build_day(
     impressions: pl.LazyFrame,
-    search_events: pl.LazyFrame,
-    feed_events: pl.LazyFrame,
+    events: dict[str, pl.LazyFrame],
+    state: dict[str, pl.LazyFrame],
     dims: dict[str, pl.LazyFrame],
     cfg: FeatureConfig,
 ) -> dict[str, pl.DataFrame]:
-    """Samples and timelines for the users present in the inputs (one shard); collected once with ``collect_all``."""
-    vocab = cfg.vocab
-    search = event_tokens(search_events, vocab, finish=None)
-    feed = event_tokens(feed_events, vocab, finish="finish")
-    search_ts, search_cat, feed_cat = by_time(search), by_category(search), by_category(feed)
+    """One day of one user shard: samples, the day's event tokens per stream and the new state; one ``collect_all``.
 
+    ``events`` / ``state`` are keyed by stream (``STREAMS``); ``state`` holds the cumulative counts of all earlier
+    days (``empty_state()`` for the store's first day). Returns ``samples``, ``events/<stream>``, ``state/<stream>``.
+    """
+    vocab = cfg.vocab
+    item_keys, query_keys = relevance_tables(cfg, dims)
+    tokens = {
+        s: event_tokens(events[s], dims["items"], item_keys, vocab, finish="finish" if s == "feed" else None) for s in STREAMS
+    }
     items = dims["items"].select("item_id", "author_id", pl.col("category_id").alias("item_category"), "duration_s")
     queries = dims["queries"].select("query_id", pl.col("category_id").alias("query_category"), "n_terms")
     users = dims["users"].select("user_id", "age_bucket", "gender", "city_id")
@@ -221,20 +297,19 @@ def build_shard(
         impressions.join(items, on="item_id", how="left")
         .join(queries, on="query_id", how="left")
         .join(users, on="user_id", how="left")
-        .with_columns(pl.col("query_category").alias("raw_category"))
+        .join(query_keys.rename({"key": "rel_key"}), on="query_id", how="left")
+        .with_columns(pl.col("rel_key").fill_null(NO_KEY - 1))  # a query without key matches nothing
         .sort("ts")
     )
-    imps = last_before(imps, search_ts, ["user_id"], "long_")
-    imps = last_before(imps, search_cat, ["user_id", "raw_category"], "search_")
-    imps = last_before(imps, feed_cat, ["user_id", "raw_category"], "feed_")
-    samples = imps.select(
-        *SAMPLE_KEYS,
-        "day",
-        *ns_columns(vocab),
-        (pl.col("long_idx") + 1).fill_null(0).cast(pl.Int32).alias("long_hi"),
-        *top_k_range("search_", cfg.search_len),
-        *top_k_range("feed_", cfg.feed_len),
-    ).sort("day", "request_id", "ns_position_b", "ns_item_id")  # deterministic: candidates in shown order
-    keep = list(TIMELINE_COLUMNS)
-    out = pl.collect_all([samples, search_ts.select(keep), search_cat.select(keep), feed_cat.select(keep)])
-    return dict(zip(("samples", "search_by_ts", "search_by_cat", "feed_by_cat"), out))
+    imps = ordinal_before(imps, tokens["search"], state["search"], by_key=False, name="long_hi")
+    imps = ordinal_before(imps, tokens["search"], state["search"], by_key=True, name="search_hi")
+    imps = ordinal_before(imps, tokens["feed"], state["feed"], by_key=True, name="feed_hi")
+    samples = imps.select(*SAMPLE_KEYS, "day", *ns_columns(vocab), *POINTER_COLUMNS).sort(
+        "request_id", "ns_position_b", "ns_item_id"
+    )  # deterministic: candidates in shown order
+    frames = {"samples": samples}
+    for s in STREAMS:
+        frames[f"events/{s}"] = tokens[s]
+        frames[f"state/{s}"] = next_state(state[s], tokens[s])
+    out = pl.collect_all(list(frames.values()))
+    return dict(zip(frames, out))

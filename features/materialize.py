@@ -1,85 +1,229 @@
-"""Expand stored samples (sequence pointers) into the fixed-shape arrays the model reads.
+"""Rebuild model inputs from stored samples (ordinals) and the events of the training window.
 
-The model's input contract (``hyformer.model``): ``ns_<group>`` (B, F_g) ids, ``seq_<s>`` (B, L_s, F_e) ids with
-the most recent event first, ``len_<s>`` (B,). This is numpy only, vectorised over the batch: one gather per field.
-It runs inside Ray Data ``map_batches`` just before the training workers, so only pointers are stored on disk.
+``Timelines.load(store, days)`` reads the window's events once (CSR per user, plus a (user, relevance key) view);
+``Materializer`` turns a batch of samples into the model's inputs, either
+
+* **naive**: ``seq_<s>`` (B, L_s, F) ids, most recent event first, 0-padded, and ``len_<s>`` (B,); or
+* **deduplicated ID tables** (paper §3.8.1, ``dedup=True``): per event stream a table of the batch's unique events
+  ``uniq_<stream>`` (U, F) (row 0 = padding) and per sequence an index matrix ``inv_<s>`` (B, L_s) into it.
+  ``reconstruct`` turns that back into ``seq_<s>`` with one gather (numpy or torch, on the device).
+  The long and search sequences share the search stream's table.
+
+An "event" in the dedup table is (stored event, its age bucket ``dt`` at the sample's time): candidates of one
+request, and requests close in time, share rows. This module is numpy/Polars only; it runs where the batch is built.
 """
 
 from __future__ import annotations
 
+import glob
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 
-from features.build import N_DT_BUCKETS, NS_GROUPS, SEQ_FIELDS, FeatureConfig
+from features.build import EVENT_FIELDS, N_DT_BUCKETS, NS_GROUPS, SEQ_STREAM, SEQUENCES, STREAMS, FeatureConfig
 
-EVENT_FIELDS = ("item", "author", "category", "action")  # stored per event; "dt" is computed against the sample's ts
+SEQ_POINTER = {"long": "long_hi", "search": "search_hi", "feed": "feed_hi"}
 
 
-class Timeline:
-    """One timeline (all users) as CSR arrays: the events of user u are rows ``start[u] : start[u] + count[u]``."""
+def dt_bucket(now_ts: np.ndarray, ev_ts: np.ndarray) -> np.ndarray:
+    """Age of an event at the sample's time: ``1 + floor(log2(1 + minutes))``, capped at N_DT_BUCKETS - 1."""
+    minutes = np.maximum(now_ts - ev_ts, 0) / 60_000.0
+    return np.minimum(1 + np.floor(np.log2(1 + minutes)), N_DT_BUCKETS - 1).astype(np.int64)
 
-    def __init__(self, df: pl.DataFrame):
-        df = df.sort("user_id", maintain_order=True)  # shards are concatenated; keep each user's order
-        users = df["user_id"].to_numpy()
-        self.user_ids, self.start = np.unique(users, return_index=True)
-        self.ts = df["ts"].to_numpy()
-        self.fields = {f: df[f].to_numpy().astype(np.int64) for f in EVENT_FIELDS}
 
-    def __len__(self) -> int:
-        return len(self.ts)
+class CorruptStoreError(RuntimeError):
+    """Stored ordinals and stored events disagree (a day is missing or was rebuilt without its successors)."""
 
-    def user_start(self, user_ids: np.ndarray) -> np.ndarray:
-        """Row of each user's first event (0 for users without events; their ranges are empty anyway)."""
-        if len(self.user_ids) == 0:
-            return np.zeros(len(user_ids), dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.user_ids, user_ids), 0, len(self.user_ids) - 1)
-        return np.where(self.user_ids[pos] == user_ids, self.start[pos], 0)
 
-    def gather(self, user_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, now_ts: np.ndarray, length: int):
-        """Events ``[lo, hi)`` of each user's timeline, most recent first, padded to ``length``.
+@dataclass
+class Stream:
+    """All events of one stream in the window (every user), as numpy arrays.
 
-        Returns ``(ids (B, length, len(SEQ_FIELDS)) int64, lens (B,) int64)``; padding ids are 0.
+    Physical rows are sorted by (user, day, within-day order): the events of user ``users[i]`` are rows
+    ``start[i] : start[i] + count[i]``; ``base[i]`` is how many of the user's events precede the window (the ordinal
+    of row ``start[i]``). The relevance view lists the same rows grouped by (user, key): group ``g`` is
+    ``perm[g_start[g] : g_start[g] + g_count[g]]``, with ordinal offset ``g_base[g]``.
+    """
+
+    ts: np.ndarray  # (N,) int64
+    fields: np.ndarray  # (N, len(EVENT_FIELDS)) int32
+    users: np.ndarray  # (U,) sorted user ids
+    start: np.ndarray  # (U,)
+    count: np.ndarray  # (U,)
+    base: np.ndarray  # (U,)
+    keys: np.ndarray  # (K,) sorted relevance keys present
+    perm: np.ndarray  # (N,) physical rows in (user, key, order) order
+    g_code: np.ndarray  # (G,) sorted: user index * K + key index
+    g_start: np.ndarray  # (G,)
+    g_count: np.ndarray  # (G,)
+    g_base: np.ndarray  # (G,)
+
+    @staticmethod
+    def build(events: pl.DataFrame, state: pl.DataFrame) -> "Stream":
+        """``events``: the window's events in day order (each day sorted by user, ts, …); ``state``: the cumulative
+        (user_id, key, n) counts before the window's first day (empty at the store's first day)."""
+        ev = events.with_row_index("_row").sort("user_id", "_row")  # stable: keeps (day, within-day) order per user
+        users, start, count = np.unique(ev["user_id"].to_numpy(), return_index=True, return_counts=True)
+        base_u = state.group_by("user_id").agg(pl.col("n").sum())
+        base = pl.DataFrame({"user_id": users}).join(base_u, on="user_id", how="left", maintain_order="left")["n"].fill_null(0).to_numpy()
+        keys = np.unique(ev["key"].to_numpy())
+        uidx = np.repeat(np.arange(len(users)), count)
+        kidx = np.searchsorted(keys, ev["key"].to_numpy())
+        code = uidx.astype(np.int64) * max(len(keys), 1) + kidx
+        perm = np.argsort(code, kind="stable")
+        g_code, g_start, g_count = np.unique(code[perm], return_index=True, return_counts=True)
+        g_user = users[g_code // max(len(keys), 1)] if len(keys) else users[:0]
+        g_key = keys[g_code % max(len(keys), 1)] if len(keys) else keys
+        g_base = (
+            pl.DataFrame({"user_id": g_user, "key": g_key})
+            .join(state, on=["user_id", "key"], how="left", maintain_order="left")["n"]
+            .fill_null(0)
+            .to_numpy()
+        )
+        return Stream(
+            ts=ev["ts"].to_numpy(),
+            fields=np.stack([ev[f].to_numpy() for f in EVENT_FIELDS], axis=1).astype(np.int32) if ev.height else np.zeros((0, len(EVENT_FIELDS)), np.int32),
+            users=users, start=start.astype(np.int64), count=count.astype(np.int64), base=base.astype(np.int64),
+            keys=keys, perm=perm.astype(np.int64), g_code=g_code, g_start=g_start.astype(np.int64),
+            g_count=g_count.astype(np.int64), g_base=g_base.astype(np.int64),
+        )
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).nbytes for f in self.__dataclass_fields__)
+
+    @staticmethod
+    def _find(sorted_vals: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(sorted_vals) == 0:
+            return np.zeros(len(q), np.int64), np.zeros(len(q), bool)
+        pos = np.clip(np.searchsorted(sorted_vals, q), 0, len(sorted_vals) - 1)
+        return pos, sorted_vals[pos] == q
+
+    def rows(self, user_ids: np.ndarray, hi: np.ndarray, length: int, rel_key: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Physical rows of the ``length`` events before ordinal ``hi``, most recent first, -1 padded; and lengths.
+
+        ``rel_key`` None: the user's whole stream (long sequence); else only events of that relevance key.
         """
-        lo, hi = lo.astype(np.int64), hi.astype(np.int64)
-        lens = np.clip(hi - np.maximum(lo, hi - length), 0, length)  # (B,)
+        ui, found = self._find(self.users, user_ids)
+        if rel_key is None:
+            first, avail_max, base = self.start[ui], self.count[ui], self.base[ui]
+        else:
+            ki, kfound = self._find(self.keys, rel_key)
+            gi, gfound = self._find(self.g_code, ui * max(len(self.keys), 1) + ki)
+            found = found & kfound & gfound
+            first, avail_max, base = self.g_start[gi], self.g_count[gi], self.g_base[gi]
+        avail = np.where(found, hi.astype(np.int64) - base, 0)  # events of the window before the sample
+        if (avail > np.where(found, avail_max, 0)).any():
+            bad = int(np.argmax(avail > np.where(found, avail_max, 0)))
+            raise CorruptStoreError(f"ordinal {int(hi[bad])} of user {int(user_ids[bad])} exceeds the stored events: rebuild the store")
+        lens = np.clip(avail, 0, length)
         j = np.arange(length)
         valid = j[None, :] < lens[:, None]  # (B, L)
-        rows = self.user_start(user_ids)[:, None] + hi[:, None] - 1 - j[None, :]  # (B, L) most recent first
-        rows = np.where(valid, rows, 0)
-        out = np.zeros((len(user_ids), length, len(SEQ_FIELDS)), dtype=np.int64)
-        if len(self) == 0:
-            return out, lens
-        for k, f in enumerate(SEQ_FIELDS):
-            if f == "dt":
-                minutes = np.maximum(now_ts[:, None] - self.ts[rows], 0) / 60_000.0
-                vals = np.minimum(1 + np.floor(np.log2(1 + minutes)), N_DT_BUCKETS - 1).astype(np.int64)
-            else:
-                vals = self.fields[f][rows]
-            out[:, :, k] = np.where(valid, vals, 0)
-        return out, lens
+        pos = np.where(valid, first[:, None] + avail[:, None] - 1 - j[None, :], 0)  # (B, L)
+        if rel_key is not None and len(self.perm):
+            pos = self.perm[pos]
+        return np.where(valid, pos, -1), lens
+
+
+def _field_index(cfg: FeatureConfig) -> list[int | None]:
+    return [None if f == "dt" else EVENT_FIELDS.index(f) for f in cfg.seq_fields]
+
+
+class Timelines:
+    """The streams of a training window (see ``Stream``), loaded from a feature store."""
+
+    def __init__(self, streams: dict[str, Stream]):
+        self.streams = streams
+
+    @staticmethod
+    def load(store_root: str, days: list[str] | tuple[str, ...]) -> "Timelines":
+        """Events of ``days`` (consecutive, oldest first) and the state of the day before the first, if stored."""
+        from features.schema import DAY_FORMAT, parse_day
+        import datetime as dt
+
+        prev = (parse_day(days[0]) - dt.timedelta(days=1)).strftime(DAY_FORMAT)
+        streams = {}
+        for s in STREAMS:
+            files = [f for d in days for f in sorted(glob.glob(f"{store_root}/day={d}/events/{s}/*.parquet"))]
+            events = pl.read_parquet(files) if files else pl.DataFrame()
+            state_files = sorted(glob.glob(f"{store_root}/day={prev}/state/{s}/*.parquet"))
+            state = pl.read_parquet(state_files) if state_files else pl.DataFrame(schema={"user_id": pl.Int64, "key": pl.Int64, "n": pl.Int64})
+            streams[s] = Stream.build(events, state)
+        return Timelines(streams)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.streams.values())
 
 
 class Materializer:
-    """Callable for Ray Data ``map_batches``: sample pointers -> model arrays. Holds the timelines in memory."""
+    """Samples (ordinals) -> model inputs. Callable on a dict of numpy columns (a Ray Data / iter_batches batch)."""
 
-    def __init__(self, timelines: dict[str, pl.DataFrame], cfg: FeatureConfig):
-        self.cfg = cfg
-        self.timelines = {name: Timeline(df) for name, df in timelines.items()}
+    def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True):
+        self.t, self.cfg, self.dedup = timelines, cfg, dedup
+        self.fidx = _field_index(cfg)
+
+    def _values(self, stream: Stream, rows: np.ndarray, now_ts: np.ndarray) -> np.ndarray:
+        """(…, F) side info of physical rows (>= 0) seen at ``now_ts`` (broadcast to rows' shape)."""
+        cols = [dt_bucket(now_ts, stream.ts[rows]) if i is None else stream.fields[rows, i].astype(np.int64) for i in self.fidx]
+        return np.stack(cols, axis=-1) if cols else np.zeros((*rows.shape, 0), np.int64)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         users, ts = batch["user_id"].astype(np.int64), batch["ts"].astype(np.int64)
         out: dict[str, np.ndarray] = {
             f"ns_{g}": np.stack([batch[f"ns_{c}"].astype(np.int64) for c, _ in cols], axis=1) for g, cols in NS_GROUPS.items()
         }
-        ranges = {
-            "long": ("search_by_ts", np.zeros_like(batch["long_hi"]), batch["long_hi"]),
-            "search": ("search_by_cat", batch["search_lo"], batch["search_hi"]),
-            "feed": ("feed_by_cat", batch["feed_lo"], batch["feed_hi"]),
-        }
-        for name, (timeline, lo, hi) in ranges.items():
-            out[f"seq_{name}"], out[f"len_{name}"] = self.timelines[timeline].gather(users, lo, hi, ts, self.cfg.seq_len(name))
+        rows: dict[str, np.ndarray] = {}
+        for name in SEQUENCES:
+            key = None if name == "long" else batch["rel_key"].astype(np.int64)
+            stream = self.t.streams[SEQ_STREAM[name]]
+            rows[name], lens = stream.rows(users, batch[SEQ_POINTER[name]], self.cfg.seq_len(name), key)
+            out[f"len_{name}"] = lens
+        for s, stream in self.t.streams.items():
+            names = [n for n in SEQUENCES if SEQ_STREAM[n] == s]
+            if self.dedup:
+                out |= self._dedup(stream, {n: rows[n] for n in names}, ts, s)
+            else:
+                for n in names:
+                    valid = rows[n] >= 0
+                    vals = self._values(stream, np.where(valid, rows[n], 0), ts[:, None])
+                    out[f"seq_{n}"] = np.where(valid[..., None], vals, 0)
         out["label"] = batch["label"].astype(np.float32)
         out["request_id"] = batch["request_id"].astype(np.int64)
         p = batch.get("p_click")  # synthetic ground truth, for the oracle AUC only; NaN where the logs have none
         out["p_click"] = np.full(len(users), np.nan, np.float32) if p is None else p.astype(np.float32)
         return out
+
+    def _dedup(self, stream: Stream, rows: dict[str, np.ndarray], ts: np.ndarray, s: str) -> dict[str, np.ndarray]:
+        """One unique table for the stream's sequences: code = row * N_DT + dt + 1 (0 = padding)."""
+        codes = {}
+        for n, r in rows.items():
+            valid = r >= 0
+            dt = dt_bucket(ts[:, None], stream.ts[np.where(valid, r, 0)]) if len(stream.ts) else np.zeros(r.shape, np.int64)
+            codes[n] = np.where(valid, r * N_DT_BUCKETS + dt + 1, 0)
+        uniq = np.unique(np.concatenate([np.zeros(1, np.int64), *(c.ravel() for c in codes.values())]))  # uniq[0] = 0
+        r, d = (uniq[1:] - 1) // N_DT_BUCKETS, (uniq[1:] - 1) % N_DT_BUCKETS
+        cols = [d if i is None else stream.fields[r, i].astype(np.int64) for i in self.fidx]
+        table = np.zeros((len(uniq), len(self.fidx)), np.int64)
+        if len(r):
+            table[1:] = np.stack(cols, axis=1)
+        out = {f"uniq_{s}": table}
+        for n, c in codes.items():
+            out[f"inv_{n}"] = np.searchsorted(uniq, c)  # (B, L) int64
+        return out
+
+
+def reconstruct(batch: dict) -> dict:
+    """Dedup tables -> ``seq_<s>`` (B, L, F), with one gather per sequence; works on numpy arrays and torch tensors."""
+    if not any(k.startswith("inv_") for k in batch):
+        return batch
+    out = {k: v for k, v in batch.items() if not k.startswith(("uniq_", "inv_"))}
+    for n in SEQUENCES:
+        out[f"seq_{n}"] = batch[f"uniq_{SEQ_STREAM[n]}"][batch[f"inv_{n}"]]
+    return out
+
+
+def unique_ratio(batch: dict[str, np.ndarray]) -> float:
+    """Rows in the dedup tables / non-padding tokens of the sequences (paper: ~25% of sequence ids are unique)."""
+    tokens = sum(int((batch[f"inv_{n}"] > 0).sum()) for n in SEQUENCES)
+    uniq = sum(len(batch[f"uniq_{s}"]) - 1 for s in STREAMS)
+    return uniq / max(tokens, 1)

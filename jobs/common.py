@@ -49,7 +49,3 @@ def quarantine_root(data_dir: str) -> str:
     from features.schema import SCHEMA_VERSION
 
     return f"{data_dir}/quarantine/v{SCHEMA_VERSION}"
-
-
-def features_root(data_dir: str, end_day: str) -> str:
-    return f"{data_dir}/features/v1/end={end_day}"

@@ -1,9 +1,12 @@
 """Train HyFormer with Ray Train on a built feature window; evaluate on its last day (held out).
 
-    python -m jobs.train --features /abs/data/features/v1/end=2026-11-22 --workers 1 --epochs 2
+    python -m jobs.train --features /abs/data/features/v2/<store>/window-2026-11-22-70d.json --workers 1 --epochs 2
 
-Data: the window's samples stream from Ray Data (Parquet -> ``MaterializeSequences`` expands sequence pointers into
-model arrays) into the workers; the last day is the evaluation set, every other day trains. Workers: ``--workers``
+Data (paper §3.8.1): the window's samples (ids + sequence ordinals, a few dozen bytes each) stream from Ray Data into
+the workers; the window's events are put once into the Ray object store and shared by the workers of a node. Each
+worker's collate step (in Ray Data's prefetch threads) turns a batch of ordinals into deduplicated ID tables
+(``uniq_<stream>`` + ``inv_<seq>``), which travel to the device, where ``reconstruct`` gathers the full (B, L, F)
+sequences. The last day is the evaluation set, every other day trains. Workers: ``--workers``
 TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Every epoch each worker
 reports (a barrier); rank 0 evaluates the held-out day and saves a checkpoint (``config.json`` + ``model.pt``).
 """
@@ -23,13 +26,14 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
-from ray.data.expressions import col
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from features.build import NS_GROUPS, SEQ_FIELDS, SEQUENCES
-from features.materialize import Materializer
+from features.build import NS_GROUPS, SEQUENCES
+from features.materialize import Materializer, Timelines, reconstruct
 from hyformer import HyFormer, HyFormerConfig
+from features.build import FeatureConfig
 from jobs.build_features import FeatureSet
 from jobs.common import absolute, init_ray, log, setup_logging
 from jobs.evaluate import mask_sequences, metrics, predict
@@ -58,34 +62,26 @@ def model_config(fs: FeatureSet, overrides: dict | None = None) -> HyFormerConfi
     return HyFormerConfig(
         id_spaces=tuple(sorted(fs.cfg.vocab.items())),
         ns_groups=tuple((g, tuple(space for _, space in cols)) for g, cols in NS_GROUPS.items()),
-        seq_fields=SEQ_FIELDS,
+        seq_fields=fs.cfg.seq_fields,
         sequences=tuple((s, fs.cfg.seq_len(s)) for s in SEQUENCES),
         **({"attn_impl": "sdpa"} | (overrides or {})),  # the fused kernel; tests hold it equal to "reference"
     )
 
 
-class MaterializeSequences(Materializer):
-    """Ray Data actor: loads the window's timelines once, then expands every batch of samples."""
+class MaterializeCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches`` collate: a batch of stored samples -> dedup ID tables as CPU tensors (device: Ray)."""
 
-    def __init__(self, root: str):
-        fs = FeatureSet.load(root)
-        super().__init__(fs.timelines(), fs.cfg)
+    def __init__(self, timelines: Timelines, cfg, dedup: bool = True):
+        self.materialize = Materializer(timelines, cfg, dedup=dedup)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in self.materialize(batch).items()}
 
 
-def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], batch_size: int, shuffle: bool) -> ray.data.Dataset:
-    """The samples of ``days``, expanded into model arrays by a ``MaterializeSequences`` actor."""
-    ds = ray.data.read_parquet(fs.sample_files(), partitioning=None).filter(expr=col("day").is_in(list(days)))
-    ds = ds.drop_columns(["day"])  # strings cannot become tensors
-    if shuffle:
-        ds = ds.randomize_block_order()
-    return ds.map_batches(
-        MaterializeSequences,
-        fn_constructor_kwargs={"root": fs.root},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.5,
-    )
+def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], shuffle: bool) -> ray.data.Dataset:
+    """The stored samples of ``days`` (one file per day and shard)."""
+    ds = ray.data.read_parquet(fs.sample_files(days), partitioning=None).drop_columns(["day"])  # strings: no tensors
+    return ds.randomize_block_order() if shuffle else ds
 
 
 # --- worker side --------------------------------------------------------------------------------------------------
@@ -96,6 +92,7 @@ def train_epoch(model, opt, batches, tc: TrainConfig, epoch: int, device) -> dic
     rank = ray.train.get_context().get_world_rank()
     losses, n, t0 = [], 0, time.perf_counter()
     for step, batch in enumerate(batches):
+        batch = reconstruct(batch)  # on the device: (B, L, F) sequences from the unique-event tables
         if tc.hide_sequences:
             batch = mask_sequences(batch)
         logits = model(batch)
@@ -124,16 +121,20 @@ def train_fn_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(HyFormer(mc))
     device = ray.train.torch.get_device()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    collate = MaterializeCollate(ray.get(config["timelines"]), FeatureConfig(**config["features"]))
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     raw = model.module if hasattr(model, "module") else model
     for epoch in range(tc.epochs):
-        batches = train_shard.iter_torch_batches(batch_size=tc.batch_size, device=device, local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch)
+        batches = train_shard.iter_torch_batches(
+            batch_size=tc.batch_size, collate_fn=collate, device=device,
+            local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch,
+        )
         m = {"epoch": epoch} | train_epoch(model, opt, batches, tc, epoch, device)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:  # eval is not split: rank 0 scores the whole held-out day
-                pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, device=device), hide_sequences=tc.hide_sequences)
+                pred = predict(raw, map(reconstruct, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device)), hide_sequences=tc.hide_sequences)
                 m |= metrics(pred)
                 raw.save(tmp)
                 np.savez(os.path.join(tmp, "eval_predictions.npz"), **pred)
@@ -160,12 +161,15 @@ def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str) -> 
         raise ValueError(f"need at least 2 days (train + held-out), the feature window has {len(fs.days)}")
     mc = model_config(fs, tc.model)
     datasets = {
-        "train": model_dataset(fs, fs.days[:-1], tc.batch_size, shuffle=True),
-        "eval": model_dataset(fs, fs.days[-1:], 1024, shuffle=False),
+        "train": model_dataset(fs, fs.days[:-1], shuffle=True),
+        "eval": model_dataset(fs, fs.days[-1:], shuffle=False),
     }
+    t0 = time.perf_counter()
+    timelines = fs.timelines()
+    log.info("train: window events loaded in %.1f s (%.1f MB), shared through the object store", time.perf_counter() - t0, timelines.nbytes() / 1e6)
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"train": tc.to_dict(), "model": mc.to_dict()},
+        train_loop_config={"train": tc.to_dict(), "model": mc.to_dict(), "features": fs.cfg.to_dict(), "timelines": ray.put(timelines)},
         torch_config=TorchConfig(backend="nccl" if tc.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=absolute(storage_path), checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -181,8 +185,8 @@ def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train HyFormer on a feature window with Ray Train; the last day is held out.")
-    p.add_argument("--features", required=True, help="feature window folder written by jobs.build_features")
-    p.add_argument("--storage", default=None, help="Ray Train storage path (default: <features>/../../train)")
+    p.add_argument("--features", required=True, help="window-*.json written by jobs.build_features")
+    p.add_argument("--storage", default=None, help="Ray Train storage path (default: <data>/train)")
     p.add_argument("--name", default=None, help="run name (default: train-<timestamp>)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="one worker per GPU, nccl")
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     init_ray()
     fs = FeatureSet.load(absolute(a.features))
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers, gpu=a.gpu, hide_sequences=a.hide_sequences, model=json.loads(a.model))
-    res = train(fs, tc, a.storage or f"{fs.root}/../../train", a.name or f"train-{int(time.time())}")
+    res = train(fs, tc, a.storage or os.path.normpath(f"{fs.root}/../../../train"), a.name or f"train-{int(time.time())}")
     print(json.dumps({"checkpoint": res.checkpoint_dir, **res.metrics}))
 
 

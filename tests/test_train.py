@@ -27,14 +27,14 @@ def trained(feature_set, tmp_path_factory):
 
 
 def eval_batch(fs) -> dict[str, torch.Tensor]:
-    samples = pl.read_parquet(fs.sample_files()).filter(pl.col("day") == fs.days[-1]).sort("request_id", "ns_item_id")
-    m = Materializer(fs.timelines(), fs.cfg)
+    samples = pl.read_parquet(fs.sample_files(fs.days[-1:])).sort("request_id", "ns_item_id")
+    m = Materializer(fs.timelines(), fs.cfg, dedup=False)
     return {k: torch.from_numpy(v) for k, v in m({c: samples[c].to_numpy() for c in samples.columns if c != "day"}).items()}
 
 
 def test_train_reports_every_metric_per_epoch(trained, feature_set):
     assert [h["epoch"] for h in trained.history] == [0, 1]
-    n_eval = pl.read_parquet(feature_set.sample_files()).filter(pl.col("day") == feature_set.days[-1]).height
+    n_eval = pl.read_parquet(feature_set.sample_files(feature_set.days[-1:])).height
     for h in trained.history:
         for k in ("train_loss", "eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc", "eval_oracle_query_auc"):
             assert math.isfinite(h[k]), k

@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD")
     p.add_argument("--days", type=int, default=70, help="window length in days, ending at --date (default 70)")
     p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (paper: 3000)")
+    p.add_argument("--side-info", type=int, default=7, choices=(3, 5, 7), help="side-info types per sequence event (paper Table 3: 3 or 7)")
+    p.add_argument("--relevance", default="category", choices=("category", "none", "keys"), help="relevance filter of the search/feed sequences")
+    p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key), for --relevance keys")
+    p.add_argument("--rebuild-features", action="store_true", help="rebuild every feature day of the window (default: only stale days)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -91,7 +95,8 @@ def run(a: argparse.Namespace) -> dict:
         stage("synthesize", generate, cfg, data_dir, date)
     day = date.strftime(DAY_FORMAT)
     counts = stage("ingest", ingest, data_dir, date, a.days)
-    fs = stage("features", build_features, data_dir, date, a.days, FeatureConfig(long_len=a.long_len))
+    fcfg = FeatureConfig(long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys)
+    fs = stage("features", build_features, data_dir, date, a.days, fcfg, force=a.rebuild_features)
     tc = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers, gpu=a.gpu,
         hide_sequences=a.hide_sequences, seed=a.seed, model=json.loads(a.model),
