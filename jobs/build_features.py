@@ -26,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import resource
 import shutil
 import uuid
 from dataclasses import dataclass, replace
@@ -122,7 +123,7 @@ def build_shard_days(batch: dict[str, np.ndarray], data_dir: str, root: str, tmp
     dims = {t: pl.scan_parquet(f"{clean_root(data_dir)}/{t}/*.parquet") for t in DIM_TABLES}
     state = {s: read_state(root, prev, s, shard) for s in STREAMS}
     name = f"shard-{shard:04d}.parquet"
-    stats = {"shard": [], "day": [], "samples": [], "events": []}
+    stats = {"shard": [], "day": [], "samples": [], "events": [], "peak_rss_mb": []}
     for day in days:
         res = build_day(
             scan_day(data_dir, "impressions", day).filter(mine),
@@ -139,6 +140,7 @@ def build_shard_days(batch: dict[str, np.ndarray], data_dir: str, root: str, tmp
         stats["day"].append(day)
         stats["samples"].append(res["samples"].height)
         stats["events"].append(sum(res[f"events/{s}"].height for s in STREAMS))
+        stats["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this worker, so far
     return {k: np.array(v) for k, v in stats.items()}
 
 
@@ -200,7 +202,7 @@ def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConf
             shards = ray.data.from_items([{"shard": k} for k in range(cfg.n_shards)], override_num_blocks=cfg.n_shards)
             kw = {"data_dir": data_dir, "root": root, "tmp": tmp, "days": todo, "prev": prev, "cfg": cfg}
             stats = pl.DataFrame(shards.map_batches(build_shard_days, batch_size=1, fn_kwargs=kw).take_all())
-            per_day = stats.group_by("day").agg(pl.col("samples").sum(), pl.col("events").sum(), pl.len().alias("shards"))
+            per_day = stats.group_by("day").agg(pl.col("samples").sum(), pl.col("events").sum(), pl.col("peak_rss_mb").max(), pl.len().alias("shards"))
             for row in per_day.sort("day").iter_rows(named=True):
                 d = row["day"]
                 n_imps = scan_day(data_dir, "impressions", d).select(pl.len()).collect().item()
