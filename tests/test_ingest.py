@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import json
 import shutil
 
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from features.schema import TABLES, day_start_ms
-from features.validate import validate
+from features.schema import TABLES, day_start_ms, window
+from features.validate import ContractError, validate
 from jobs.ingest import MissingPartitionError, ingest
 from tests.conftest import DAYS, END
 
@@ -29,6 +30,21 @@ def test_counts_reconcile_and_clean_data_is_typed(ingested):
         want = pl.from_arrow(TABLES[name].schema.empty_table()).schema
         assert {k: clean.schema[k] for k in want} == dict(want), name
     assert counts["impressions"].files == DAYS
+    with open(f"{data_dir}/clean/v1/_ingest.json") as f:
+        summary = json.load(f)
+    assert sorted(summary["partitions"]["impressions"]) == [str(d) for d in window(END, DAYS)]
+    for day in window(END, DAYS):  # each day partition carries the manifest that makes re-runs skip it
+        with open(f"{data_dir}/clean/v1/impressions/day={day}/_manifest.json") as f:
+            m = json.load(f)
+        assert m["day"] == str(day) and m["counts"]["read"] == m["counts"]["clean"] and len(m["files"]) == 1
+
+
+def test_rerun_skips_days_that_are_up_to_date(ingested):
+    data_dir, first = ingested
+    again = ingest(data_dir, END, DAYS)
+    for name, c in again.items():
+        assert (c.read, c.clean, c.quarantined) == (first[name].read, first[name].clean, first[name].quarantined)
+        assert c.skipped_days == (DAYS if TABLES[name].daily else 0), name
 
 
 def copy_logs(src: str, dst) -> str:
@@ -54,8 +70,11 @@ def test_invalid_rows_are_quarantined_with_reasons(synth_dir, tmp_path):
     assert "label: 3 outside [0, 1]" in reasons
     assert "user_id: null in required field" in reasons
     assert f"outside partition day={END}" in reasons
-    assert all(p.endswith(".parquet") and f"day={END}" in p for p in q["_file"])
+    assert all(p == f for p in q["_file"])  # every bad row came from the one rewritten file ...
+    assert sorted(q["_row"].to_list()) == [0, 1, 2]  # ... and is named by its row
+    assert q["day"].to_list() == [str(END)] * 3
     assert q["_raw"].str.contains('"label":3').any()
+    assert c.skipped_days == 0 and c.days == 2
 
 
 def test_missing_partition_is_named(synth_dir, tmp_path):
@@ -71,7 +90,7 @@ def test_corrupt_file_is_named(synth_dir, tmp_path):
     f = glob.glob(f"{data_dir}/logs/v1/search_events/day={END}/*.parquet")[0]
     with open(f, "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(ValueError, match=f"unreadable Parquet file {f}"):
+    with pytest.raises(ContractError, match=f"unreadable Parquet file {f}"):
         ingest(data_dir, END, 2)
 
 
