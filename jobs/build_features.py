@@ -56,6 +56,7 @@ class FeatureSet:
     cfg: FeatureConfig  # frozen vocab + this window's read-side choices (lengths, side info)
     days: tuple[str, ...]
     samples: int
+    built: tuple[str, ...] = ()  # days (re)built by the call that wrote this window
 
     def sample_files(self, days: list[str] | tuple[str, ...] | None = None) -> list[str]:
         return [f for d in (days or self.days) for f in sorted(glob.glob(f"{self.root}/day={d}/samples/*.parquet"))]
@@ -75,7 +76,7 @@ class FeatureSet:
         """From a ``window-*.json`` written by ``build_features``."""
         with open(path) as f:
             w = json.load(f)
-        return FeatureSet(os.path.dirname(os.path.abspath(path)), FeatureConfig(**w["config"]), tuple(w["days"]), w["samples"])
+        return FeatureSet(os.path.dirname(os.path.abspath(path)), FeatureConfig(**w["config"]), tuple(w["days"]), w["samples"], tuple(w.get("built", ())))
 
 
 def clean_day_files(data_dir: str, table: str, day: str) -> list[str]:
@@ -217,7 +218,7 @@ def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConf
     else:
         log.info("features: all %d days up to date in %s", len(day_list), root)
     n = sum(read_meta(root, d)["samples"] for d in day_list)
-    fs = FeatureSet(root, cfg, tuple(day_list), n)
+    fs = FeatureSet(root, cfg, tuple(day_list), n, tuple(todo))
     atomic_write_json(fs.path(), {"days": day_list, "samples": n, "built": todo, "config": cfg.to_dict()})
     log.info("features: window %s..%s = %d samples (%d day(s) built) -> %s", day_list[0], day_list[-1], n, len(todo), fs.path())
     return fs

@@ -51,8 +51,15 @@ def test_readme_main_command_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_stage_is_named_with_a_nonzero_exit(tmp_path):
-    proc = run_workflow(tmp_path / "data", "--model", '{"d_model": 30}')  # 30 is not divisible by the heads
+def test_rerun_reuses_ingest_and_features_and_a_failing_stage_is_named(tmp_path):
+    data = tmp_path / "data"
+    first = run_workflow(data, "--no-register")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # the same date again: every ingested day is skipped, no feature day is rebuilt; then training fails, named
+    proc = run_workflow(data, "--model", '{"d_model": 30}')  # 30 is not divisible by the heads
+    log = proc.stderr + proc.stdout
+    assert "features: all 4 days up to date" in log, log[-3000:]
+    assert "0 day partitions to validate, 12 up to date" in log, log[-3000:]  # 4 days x 3 daily tables
     assert proc.returncode == 1
     assert re.search(r"daily_train: stage 'train' failed: .*d_model", proc.stderr), proc.stderr[-2000:]
 

@@ -103,7 +103,7 @@ def run(a: argparse.Namespace) -> dict:
     )
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     res = stage("train", train, fs, tc, f"{data_dir}/train", run_name)
-    ingest_metrics = {f"ingest_{t}_{k}": float(getattr(c, k)) for t, c in counts.items() for k in ("read", "clean", "quarantined")}
+    ingest_metrics = {f"ingest_{t}_{k}": float(getattr(c, k)) for t, c in counts.items() for k in ("read", "clean", "quarantined", "skipped_days")}
     run_id, version = stage(
         "register",
         log_training_run,
@@ -112,7 +112,7 @@ def run(a: argparse.Namespace) -> dict:
         res.checkpoint_dir,
         res.history,
         {"train": tc.to_dict(), "model": res.model_config.to_dict(), "features": fs.cfg.to_dict()},
-        extra_metrics=ingest_metrics | {"feature_samples": float(fs.samples)},
+        extra_metrics=ingest_metrics | {"feature_samples": float(fs.samples), "feature_days_built": float(len(fs.built))},
         tags={"date": day, "window_days": str(a.days), "hide_sequences": str(a.hide_sequences)},
         register_as=None if a.no_register else "hyformer",
     )
