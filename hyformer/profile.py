@@ -1,0 +1,105 @@
+"""Parameters and training FLOPs of a model configuration (the "Params" and "FLOPs" columns of the paper's Table 1).
+
+    python -m hyformer.profile                       # the paper() preset, batch 2048
+    python -m hyformer.profile --preset tiny --batch 256
+    python -m hyformer.profile --set '{"n_layers": 2}'
+
+Method:
+
+- **Params**: *sparse* = the embedding tables (``nn.Embedding``), *dense* = every other parameter. The paper's
+  Params column counts dense parameters (embedding tables of billion-scale ids would dwarf it); we print both.
+- **FLOPs**: one training step (forward + backward) on ``batch`` samples with every sequence at its full length,
+  counted by ``torch.utils.flop_counter.FlopCounterMode`` on the *meta* device (shapes only: no memory, no compute).
+  It counts matrix products (2 FLOPs per multiply-add: linear layers, attention scores and values); element-wise ops,
+  softmax, norms and embedding lookups are not counted, the usual convention for model FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from hyformer.model import HyFormer, HyFormerConfig
+from hyformer.testing import make_batch
+
+
+@dataclass(frozen=True)
+class Profile:
+    dense_params: int
+    sparse_params: int
+    forward_flops: int  # one forward pass over the batch
+    train_flops: int  # forward + backward
+    batch: int
+
+    def row(self, name: str) -> str:
+        return (
+            f"| {name} | {self.dense_params / 1e6:.4g} | {self.sparse_params / 1e6:.4g} | "
+            f"{self.forward_flops / 1e12:.4g} | {self.train_flops / 1e12:.4g} |"
+        )
+
+
+HEADER = (
+    "| architecture | dense params (M) | sparse params (M) | forward TFLOPs | train TFLOPs (fwd+bwd) |\n"
+    "|---|---:|---:|---:|---:|"
+)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(dense, sparse): sparse = parameters of nn.Embedding modules."""
+    sparse_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in sparse_ids)
+    sparse = sum(p.numel() for p in model.parameters() if id(p) in sparse_ids)
+    return dense, sparse
+
+
+def profile(config: HyFormerConfig, batch: int = 2048) -> Profile:
+    """Params and FLOPs of ``config`` (see module doc); builds the model on the meta device."""
+    with torch.device("meta"):
+        model = HyFormer(config)
+    full = {s: L for s, L in config.sequences}
+    inputs = {k: v.to("meta") for k, v in make_batch(config, batch, lens=full).items()}
+    dense, sparse = count_params(model)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(inputs)
+    fwd = counter.get_total_flops()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(inputs).sum().backward()
+    return Profile(dense, sparse, fwd, counter.get_total_flops(), batch)
+
+
+# Named architectures of the Table-1 comparison, as HyFormerConfig overrides of a preset. Issue #4 adds the
+# baselines here as they land; every row is trainable by jobs/train.py with the same overrides.
+ARCHITECTURES: dict[str, dict] = {
+    "HyFormer": {},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Print dense/sparse parameters and training FLOPs per architecture.")
+    p.add_argument("--preset", default="paper", choices=("paper", "tiny"))
+    p.add_argument("--batch", type=int, default=2048, help="samples per training step (paper: 2048)")
+    p.add_argument("--set", default="{}", help="HyFormerConfig overrides for every row, as JSON")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    a = p.parse_args(argv)
+    preset = getattr(HyFormerConfig, a.preset)
+    rows = {}
+    for name, overrides in ARCHITECTURES.items():
+        rows[name] = profile(preset(**(json.loads(a.set) | overrides)), a.batch)
+    if a.json:
+        print(json.dumps({k: vars(v) for k, v in rows.items()}, indent=1))
+        return
+    print(f"preset {a.preset}, batch {a.batch}, every sequence at full length\n")
+    print(HEADER)
+    for name, prof in rows.items():
+        print(prof.row(name))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Params / FLOPs profiler (hyformer.profile): counts that follow from the shapes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hyformer.model import HyFormer, HyFormerConfig
+from hyformer.profile import count_params, main, profile
+
+
+def test_dense_plus_sparse_is_every_parameter_and_sparse_is_the_embedding_tables():
+    cfg = HyFormerConfig.tiny()
+    model = HyFormer(cfg)
+    dense, sparse = count_params(model)
+    assert dense + sparse == sum(p.numel() for p in model.parameters())
+    assert sparse == sum(vocab * cfg.emb_dim for _, vocab in cfg.id_spaces)
+    p = profile(cfg, batch=8)
+    assert (p.dense_params, p.sparse_params) == (dense, sparse)
+
+
+def test_flops_are_linear_in_batch_and_backward_costs_about_twice_forward():
+    cfg = HyFormerConfig.tiny()
+    a, b = profile(cfg, batch=8), profile(cfg, batch=16)
+    assert b.forward_flops == 2 * a.forward_flops and b.train_flops == 2 * a.train_flops
+    assert 2.5 * a.forward_flops < a.train_flops <= 3 * a.forward_flops
+
+
+def test_flops_of_a_single_linear_layer_match_the_formula():
+    """The counter's convention, pinned: 2 * B * d_in * d_out per forward of a linear layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        lin, x = nn.Linear(32, 16), torch.empty(8, 32)
+    with FlopCounterMode(display=False) as c:
+        lin(x)
+    assert c.get_total_flops() == 2 * 8 * 32 * 16
+
+
+def test_longer_sequences_cost_more_flops():
+    short = profile(HyFormerConfig.tiny(), batch=4)
+    long = profile(HyFormerConfig.tiny(sequences=(("long", 64), ("search", 8), ("feed", 8))), batch=4)
+    assert long.forward_flops > short.forward_flops and long.dense_params > short.dense_params  # + position table
+
+
+def test_cli_prints_a_table(capsys):
+    main(["--preset", "tiny", "--batch", "4"])
+    out = capsys.readouterr().out
+    assert "| HyFormer |" in out and "train TFLOPs" in out
