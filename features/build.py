@@ -55,6 +55,7 @@ SEQUENCES: tuple[str, ...] = ("long", "search", "feed")
 STREAMS: dict[str, str] = {"search": "search_events", "feed": "feed_events"}  # event stream -> clean table
 SEQ_STREAM: dict[str, str] = {"long": "search", "search": "search", "feed": "feed"}  # sequence -> its stream
 RELEVANCE = ("category", "none", "keys")
+BUILD_VERSION = 1  # bump when build_day's output changes for the same input: stored days then re-check as stale
 N_DT_BUCKETS = 24  # time-delta buckets: 1 + floor(log2(1 + minutes)), capped
 N_ACTION_BUCKETS = 64  # action id: watch-time bucket (0..15) * 4 + finish * 2 + like, + 1
 

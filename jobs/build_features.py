@@ -9,7 +9,7 @@ folder per built day::
     day=D/samples/shard-KKKK.parquet    non-sequential ids + ordinals (features.build)
     day=D/events/<stream>/shard-KKKK.parquet   the day's events, bucketised
     day=D/state/<stream>/shard-KKKK.parquet    cumulative (user, key) counts after day D
-    day=D/_meta.json                    fingerprint chain: fp = H(parent fp, input fp, store id), counts
+    day=D/_meta.json                    fingerprint chain: fp = H(parent fp, input fp, store id, BUILD_VERSION), counts
     window-<end>-<N>d.json              what training reads: days, sample count, read-side config
 
 Building a window builds only the days whose fingerprint is stale (new day, re-ingested input, rebuilt parent) —
@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 import ray
 
-from features.build import STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
+from features.build import BUILD_VERSION, STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
 from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, window
 from jobs.common import absolute, clean_root, init_ray, log, setup_logging
@@ -94,7 +94,7 @@ def input_fingerprint(data_dir: str, day: str) -> str:
 
 
 def chain_fp(parent: str | None, inputs: str, store_id: str) -> str:
-    return hashlib.sha1(f"{parent}|{inputs}|{store_id}".encode()).hexdigest()
+    return hashlib.sha1(f"{parent}|{inputs}|{store_id}|v{BUILD_VERSION}".encode()).hexdigest()
 
 
 def read_meta(root: str, day: str) -> dict | None:
