@@ -6,6 +6,9 @@ Read top to bottom, classes in dependency order:
     CrossAttention       queries attend to another token set (self-attention when both are the same)
     MLP                  two-layer feed-forward network
     TransformerEncoderLayer  Full Transformer sequence encoder layer, §3.4.1 (i)
+    LongerEncoderLayer   LONGER-style layer: the L_H most recent events attend over all events, §3.4.1 (ii)
+    SwiGLU               W_down(silu(W_gate x) * W_up x)
+    SwiGLUEncoderLayer   attention-free per-event sequence encoder layer, §3.4.1 (iii)
     TokenMixer           parameter-free RankMixer / MLP-Mixer token mixing, §3.5
     PerTokenFFN          one feed-forward network per token, batched in one einsum, §3.5
     QueryBoost           Q + PerTokenFFN(TokenMixer(norm(Q))), §3.5
@@ -20,6 +23,7 @@ Shape notation (used in the trailing comments):
     B  batch size
     S  number of behaviour sequences
     L  length of one sequence (L_s: its maximum)
+    L_H  events kept as queries by a LONGER-style encoder layer (longer_queries); L' = min(L, L_H)
     N  queries per sequence
     M  non-sequential (NS) tokens, one per semantic feature group
     T  = N*S + M tokens mixed by Query Boosting
@@ -49,9 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ATTN_IMPLS = ("reference", "sdpa")
-# Sequence encoders of §3.4.1. Only (i) the Full Transformer exists so far; (ii) "longer" (cross-attention from a
-# short recent sequence to the full one) and (iii) "swiglu" (attention-free) plug in at `make_seq_encoder` below.
-SEQ_ENCODERS = ("transformer",)
+# Sequence encoders of §3.4.1, built by `make_seq_encoder`: (i) "transformer" (full self-attention), (ii) "longer"
+# (cross-attention from the L_H most recent events to the full sequence), (iii) "swiglu" (attention-free).
+SEQ_ENCODERS = ("transformer", "longer", "swiglu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,6 +144,65 @@ class TransformerEncoderLayer(nn.Module):
         h = h + self.attn(x, x, mask)  # (B, L, D)
         h = h + self.mlp(self.norm2(h))  # (B, L, D)
         return h, mask
+
+
+class LongerEncoderLayer(TransformerEncoderLayer):
+    """§3.4.1 (ii) LONGER-style encoding, one layer: H_l = CrossAttn(S_short, S, S), then the FFN, pre-norm.
+
+    S_short is the L_H most recent events (positions 0..L_H-1: events are stored most recent first, padding last);
+    they are the queries, and every valid event of S is a key/value, so attention costs O(L_H * L), not O(L^2).
+    As in LONGER (arXiv 2505.04421), the layer's output is the L_H-long sequence: the next layer's keys, values and
+    queries are these L_H states, so only the first LONGER layer reads the full sequence and the later ones are
+    self-attention over L_H states. The mask is cut to the same L_H positions.
+
+    The weights and the per-position function are those of TransformerEncoderLayer (a query's output does not
+    depend on the other queries), so the output equals the Full Transformer layer's output at positions < L_H, and
+    with L_H >= L the two layers are the same function. Two differences from LONGER: no causal mask (bidirectional,
+    like our Full Transformer) and no global tokens inside the encoder (HyFormer's queries play that role, §3.4.2).
+    """
+
+    def __init__(self, config: HyFormerConfig) -> None:
+        c = config
+        super().__init__(c.d_model, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
+        self.n_recent = c.longer_queries  # L_H
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.norm1(h)  # (B, L, D)
+        h, short_mask = h[:, : self.n_recent], mask[:, : self.n_recent]  # (B, L', D), (B, L'); L' = min(L, L_H)
+        h = h + self.attn(x[:, : self.n_recent], x, mask)  # (B, L', D): L' queries over all L keys
+        h = h + self.mlp(self.norm2(h))  # (B, L', D)
+        return h, short_mask
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward network D -> hidden -> D: W_down(silu(W_gate x) * W_up x), without biases."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class SwiGLUEncoderLayer(nn.Module):
+    """§3.4.1 (iii) decoder-style lightweight encoding, one layer: H_l = H_{l-1} + SwiGLU_l(norm(H_{l-1})).
+
+    Attention-free: each event is transformed on its own, so padded events never reach valid ones and the mask
+    passes through unchanged. The paper writes H_l = SwiGLU_l(S); the pre-norm and residual are ours, as in every
+    other block. The hidden width is ffn_mult * D, like the other FFNs (the paper gives none).
+    """
+
+    def __init__(self, d_model: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.ffn = SwiGLU(d_model, ffn_mult * d_model, dropout)
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return h + self.ffn(self.norm(h)), mask  # (B, L, D), (B, L)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,33 +337,40 @@ class QueryGenerator(nn.Module):
         return self.ffn(g)  # (B, S*N, D)
 
 
-def make_seq_encoder(config: HyFormerConfig) -> nn.Module:
-    """One layer of the configured §3.4.1 sequence encoder: forward(h (B,L,D), mask (B,L)) -> (h, mask)."""
+def make_seq_encoder(config: HyFormerConfig, kind: str) -> nn.Module:
+    """One layer of the §3.4.1 sequence encoder `kind` (one of SEQ_ENCODERS).
+
+    Every encoder layer is forward(h (B, L, D), mask (B, L)) -> (h (B, L', D), mask (B, L')); only "longer"
+    shortens the sequence (L' = min(L, L_H)).
+    """
     c = config
-    if c.seq_encoder == "transformer":
+    if kind == "transformer":
         return TransformerEncoderLayer(c.d_model, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
-    # "longer" (§3.4.1 ii) and "swiglu" (§3.4.1 iii) go here.
-    raise ValueError(f"unknown seq_encoder {c.seq_encoder!r}; expected one of {SEQ_ENCODERS}")
+    if kind == "longer":
+        return LongerEncoderLayer(c)
+    if kind == "swiglu":
+        return SwiGLUEncoderLayer(c.d_model, c.ffn_mult, c.dropout)
+    raise ValueError(f"unknown seq_encoder {kind!r}; expected one of {SEQ_ENCODERS}")
 
 
 class QueryDecoder(nn.Module):
-    """§3.4 Query Decoding for one sequence at one layer.
+    """§3.4 Query Decoding for one sequence at one layer, with that sequence's encoder `kind` (§3.4.1).
 
     H_l = Enc_l(H_{l-1}), then the sequence's N queries attend over K_l, V_l (projected from H_l inside the
     cross-attention): Q~ = Q + CrossAttn(norm(Q), norm(H_l)). Padded events are masked; an empty sequence leaves
     the queries unchanged.
     """
 
-    def __init__(self, config: HyFormerConfig) -> None:
+    def __init__(self, config: HyFormerConfig, kind: str) -> None:
         super().__init__()
         c = config
-        self.encoder = make_seq_encoder(c)
+        self.encoder = make_seq_encoder(c, kind)
         self.norm_q = nn.LayerNorm(c.d_model)
         self.norm_kv = nn.LayerNorm(c.d_model)
         self.cross_attn = CrossAttention(c.d_model, c.n_heads, c.dropout, c.attn_impl)
 
     def forward(self, q: Tensor, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h, mask = self.encoder(h, mask)  # (B, L, D)
+        h, mask = self.encoder(h, mask)  # (B, L', D), (B, L')
         q = q + self.cross_attn(self.norm_q(q), self.norm_kv(h), mask)  # (B, N, D)
         return q, h, mask
 
@@ -312,7 +382,7 @@ class HyFormerLayer(nn.Module):
     def __init__(self, config: HyFormerConfig) -> None:
         super().__init__()
         self.n_queries = config.n_queries
-        self.decoders = nn.ModuleList(QueryDecoder(config) for _ in config.sequences)
+        self.decoders = nn.ModuleList(QueryDecoder(config, config.encoder_of(s)) for s, _ in config.sequences)
         self.boost = QueryBoost(config.n_tokens, config.d_model, config.ffn_mult, config.dropout)
 
     def forward(
@@ -320,7 +390,7 @@ class HyFormerLayer(nn.Module):
     ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
         decoded, next_seqs = [], []
         for decoder, q_s, (h, mask) in zip(self.decoders, q.split(self.n_queries, dim=1), seqs):
-            q_s, h, mask = decoder(q_s, h, mask)  # (B, N, D), (B, L_s, D), (B, L_s)
+            q_s, h, mask = decoder(q_s, h, mask)  # (B, N, D), (B, L', D), (B, L')
             decoded.append(q_s)
             next_seqs.append((h, mask))
         x = self.boost(torch.cat([*decoded, ns], dim=1))  # (B, T, D)
@@ -353,6 +423,7 @@ class HyFormerConfig:
             seq_fields=("item", "author", "action"),
             sequences={"long": 1000, "search": 50},
             d_model=64, n_heads=4,  # D must be divisible by n_heads and by T = n_queries * 2 + 2 = 4
+            seq_encoder={"long": "longer", "search": "transformer"},  # or one name for every sequence
         )
     """
 
@@ -367,12 +438,15 @@ class HyFormerConfig:
     n_queries: int = 1  # N, queries per sequence
     ffn_mult: int = 4  # hidden width of every FFN (encoder MLP, per-token FFN) as a multiple of D
     dropout: float = 0.0  # dropout after attention, FFNs and in the head
-    seq_encoder: str = "transformer"  # §3.4.1 sequence encoder, one of SEQ_ENCODERS
+    # §3.4.1 sequence encoder, one of SEQ_ENCODERS: one name for every sequence, or (sequence, name) pairs naming
+    # every sequence (a dict also works)
+    seq_encoder: str | tuple[tuple[str, str], ...] = "transformer"
+    longer_queries: int = 100  # L_H, most recent events kept as queries by each "longer" encoder layer
     attn_impl: str = "reference"  # attention kernel: "reference" (plain softmax) or "sdpa" (fused)
     head_hidden: tuple[int, ...] = (256,)  # hidden widths of the output MLP on the flattened T*D tokens
 
     def __post_init__(self) -> None:
-        for f in ("id_spaces", "ns_groups", "seq_fields", "sequences", "head_hidden"):
+        for f in ("id_spaces", "ns_groups", "seq_fields", "sequences", "head_hidden", "seq_encoder"):
             object.__setattr__(self, f, _freeze(getattr(self, f)))
         self._validate()
 
@@ -405,7 +479,7 @@ class HyFormerConfig:
         for name, max_len in self.sequences:
             if not (isinstance(max_len, int) and max_len >= 1):
                 fail(f"sequence {name!r} max length {max_len!r} must be an int >= 1")
-        for f in ("emb_dim", "d_model", "n_layers", "n_heads", "n_queries", "ffn_mult"):
+        for f in ("emb_dim", "d_model", "n_layers", "n_heads", "n_queries", "ffn_mult", "longer_queries"):
             if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1):
                 fail(f"{f}={getattr(self, f)!r} must be an int >= 1")
         if not all(isinstance(h, int) and h >= 1 for h in self.head_hidden):
@@ -421,8 +495,25 @@ class HyFormerConfig:
             )
         if self.attn_impl not in ATTN_IMPLS:
             fail(f"attn_impl={self.attn_impl!r} must be one of {ATTN_IMPLS}")
-        if self.seq_encoder not in SEQ_ENCODERS:
-            fail(f"seq_encoder={self.seq_encoder!r} must be one of {SEQ_ENCODERS}")
+        pairs = self.seq_encoder  # one name for every sequence, or (sequence, name) pairs
+        if isinstance(pairs, str):
+            pairs = tuple((s, pairs) for s, _ in self.sequences)
+        if not (isinstance(pairs, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in pairs)):
+            fail(f"seq_encoder={self.seq_encoder!r} must be a name or a mapping sequence -> name")
+        seq_names, named = [n for n, _ in self.sequences], [n for n, _ in pairs]
+        unknown, missing = [n for n in named if n not in seq_names], [n for n in seq_names if n not in named]
+        if unknown or missing or len(named) != len(set(named)):
+            fail(
+                f"seq_encoder must name each sequence of {seq_names} once; got {named} "
+                f"(unknown {unknown}, missing {missing})"
+            )
+        for seq, kind in pairs:
+            if kind not in SEQ_ENCODERS:
+                fail(f"seq_encoder {kind!r} (sequence {seq!r}) must be one of {SEQ_ENCODERS}")
+
+    def encoder_of(self, seq: str) -> str:
+        """The §3.4.1 encoder (one of SEQ_ENCODERS) of sequence `seq`."""
+        return self.seq_encoder if isinstance(self.seq_encoder, str) else dict(self.seq_encoder)[seq]
 
     @property
     def n_seq(self) -> int:
@@ -472,6 +563,7 @@ class HyFormerConfig:
             n_heads=2,
             n_queries=1,
             ffn_mult=2,
+            longer_queries=4,  # < every tiny sequence length, so "longer" really shortens them
             head_hidden=(32,),
         )
         return dataclasses.replace(config, **overrides)
@@ -482,9 +574,15 @@ class HyFormerConfig:
         global query per sequence -> T = 16 mixer tokens. The paper does not publish its feature list, widths or
         depth: the 13 groups follow its user / query / document / cross feature families, sequence events carry 3
         side-info types (§4.3.2), and D, depth and vocabularies are our guesses, picked so that the dense
-        (non-embedding) parameters, about 458M, are near the paper's 418M. A Full Transformer over 3000 events costs
-        far more than the paper's 3.9 TFLOPs per 2048-sample training step; that budget implies the "longer" encoder
-        (§3.4.1 ii), which is not implemented yet.
+        (non-embedding) parameters, about 458M, are near the paper's 418M.
+
+        Sequence encoders: the paper names the three options of §3.4.1 but not which one each sequence uses, nor L_H.
+        A Full Transformer over the 3000-event long sequence costs far more than the paper's 3.9 TFLOPs per
+        2048-sample training step (§4.1.3, Table 1), and §3.4.1 (ii) introduces LONGER-style encoding "for long
+        sequences", so the long sequence uses "longer" and the 50-event search and feed sequences the Full
+        Transformer. L_H = 100 is our guess (the paper only says L_H << L_S). `python -m hyformer.profile` counts
+        about 137 training TFLOPs for this preset against 1945 with the Full Transformer on every sequence; the rest
+        of the gap to 3.9 is our guessed widths (the K/V projection of 3000 events at D = 768 alone is 14.5 forward).
         """
         big, mid, small = 1 << 20, 1 << 16, 1 << 10
         config = cls(
@@ -516,6 +614,8 @@ class HyFormerConfig:
             n_heads=8,
             n_queries=1,
             ffn_mult=4,
+            seq_encoder=(("long", "longer"), ("search", "transformer"), ("feed", "transformer")),  # §3.4.1, see above
+            longer_queries=100,
             head_hidden=(1024, 256),
         )
         return dataclasses.replace(config, **overrides)

@@ -77,7 +77,9 @@ def profile(config: HyFormerConfig, batch: int = 2048) -> Profile:
 # Named architectures of the Table-1 comparison, as HyFormerConfig overrides of a preset. Issue #4 adds the
 # baselines here as they land; every row is trainable by jobs/train.py with the same overrides.
 ARCHITECTURES: dict[str, dict] = {
-    "HyFormer": {},
+    "HyFormer": {},  # the preset's encoders (paper(): LONGER-style on the long sequence)
+    "HyFormer, Full Transformer sequences": {"seq_encoder": "transformer"},
+    "HyFormer, SwiGLU sequences": {"seq_encoder": "swiglu"},
 }
 
 

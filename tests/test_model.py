@@ -1,6 +1,6 @@
 """Model tests on HyFormerConfig.tiny(), CPU: shapes and masks, gradients, reference-vs-sdpa equivalence, seeded
-golden values, config round trips. GPU-only cases are skipped without CUDA; the torch.compile smoke test runs only
-with HYFORMER_SLOW=1."""
+golden values, config round trips, each for every §3.4.1 sequence encoder. GPU-only cases are skipped without CUDA;
+the torch.compile smoke test runs only with HYFORMER_SLOW=1."""
 
 from __future__ import annotations
 
@@ -14,12 +14,29 @@ import torch
 from torch import Tensor
 
 from hyformer import HyFormer, HyFormerConfig
-from hyformer.model import PerTokenFFN, QueryDecoder, TokenMixer, attention
+from hyformer.model import (
+    CrossAttention,
+    LongerEncoderLayer,
+    PerTokenFFN,
+    QueryDecoder,
+    SwiGLUEncoderLayer,
+    TokenMixer,
+    TransformerEncoderLayer,
+    attention,
+)
 from hyformer.testing import make_batch
 
 CFG = HyFormerConfig.tiny()
 MAX_LEN = dict(CFG.sequences)
 IMPLS = ("reference", "sdpa")
+# §3.4.1 encoder settings: one name for every sequence, or one per sequence ("mixed").
+MIXED = {"long": "longer", "search": "transformer", "feed": "swiglu"}
+ENCODERS = {"transformer": "transformer", "longer": "longer", "swiglu": "swiglu", "mixed": MIXED}
+
+
+def enc_cfg(encoder: str, **overrides) -> HyFormerConfig:
+    """tiny() with the named ENCODERS setting (tiny's L_H = 4 is below every sequence length)."""
+    return dataclasses.replace(CFG, seq_encoder=ENCODERS[encoder], **overrides)
 
 
 def build(config: HyFormerConfig = CFG, seed: int = 0) -> HyFormer:
@@ -112,13 +129,87 @@ def test_per_token_ffn_matches_one_linear_stack_per_token() -> None:
         torch.testing.assert_close(out[:, t], expected)
 
 
+@pytest.mark.parametrize("kind", ["transformer", "longer", "swiglu"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_empty_sequence_leaves_queries_unchanged(impl: str) -> None:
+def test_empty_sequence_leaves_queries_unchanged(impl: str, kind: str) -> None:
     torch.manual_seed(0)
-    decoder = QueryDecoder(dataclasses.replace(CFG, attn_impl=impl))
+    decoder = QueryDecoder(dataclasses.replace(CFG, attn_impl=impl), kind)
     q, h = torch.randn(2, 1, CFG.d_model), torch.randn(2, 5, CFG.d_model)
-    out, _, _ = decoder(q, h, torch.zeros(2, 5, dtype=torch.bool))
+    out, h_out, mask_out = decoder(q, h, torch.zeros(2, 5, dtype=torch.bool))
     assert torch.equal(out, q)
+    assert torch.isfinite(h_out).all() and not mask_out.any()
+
+
+def layer_input(L: int, lens: list[int], seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Random sequence states (B, L, D) and the mask of rows with `lens` valid events (padding last)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(len(lens), L, CFG.d_model, generator=g)
+    return h, torch.arange(L)[None, :] < torch.tensor(lens)[:, None]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_recent", [1, 3, 8, 12])
+def test_longer_layer_is_the_transformer_layer_at_the_recent_positions(impl: str, n_recent: int) -> None:
+    """LONGER's L_H queries see every valid event, so with equal weights its output is the Full Transformer
+    layer's output at positions < L_H; L_H >= L gives the full layer, and the mask is cut to the same positions."""
+    config = dataclasses.replace(CFG, attn_impl=impl, longer_queries=n_recent)
+    longer = LongerEncoderLayer(config)
+    full = TransformerEncoderLayer(CFG.d_model, CFG.n_heads, CFG.ffn_mult, CFG.dropout, impl)
+    full.load_state_dict(longer.state_dict())
+    h, mask = layer_input(8, [0, 1, 3, 8])
+    out, out_mask = longer(h, mask)
+    ref, _ = full(h, mask)
+    short = min(8, n_recent)  # L'
+    assert out.shape == (4, short, CFG.d_model) and out_mask.shape == (4, short)
+    assert torch.equal(out_mask, mask[:, :short])
+    torch.testing.assert_close(out, ref[:, :short], rtol=0, atol=1e-6)
+    assert torch.isfinite(out).all()
+
+
+def test_longer_layer_reads_old_events_but_keeps_only_recent_ones() -> None:
+    torch.manual_seed(0)
+    longer = LongerEncoderLayer(CFG)  # L_H = 4
+    h, mask = layer_input(8, [8, 8])
+    changed = h.clone()
+    changed[0, 6] = torch.randn(CFG.d_model)  # an old event of row 0: a key/value only
+    out, changed_out = longer(h, mask)[0], longer(changed, mask)[0]
+    assert out.shape == (2, 4, CFG.d_model)
+    assert ((out[0] - changed_out[0]).abs().sum(-1) > 1e-4).all()  # every recent state of row 0 attends to it
+    torch.testing.assert_close(out[1], changed_out[1], rtol=0, atol=1e-6)
+
+
+def test_longer_layer_attention_cost_is_linear_in_sequence_length() -> None:
+    """O(L_H * L) for "longer" vs O(L^2) for the Full Transformer: second differences of the FLOPs in L."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(layer: torch.nn.Module, L: int) -> int:
+        h, mask = layer_input(L, [L])
+        with FlopCounterMode(display=False) as counter:
+            layer(h, mask)
+        return counter.get_total_flops()
+
+    longer = LongerEncoderLayer(CFG)
+    full = TransformerEncoderLayer(CFG.d_model, CFG.n_heads, CFG.ffn_mult, CFG.dropout, "reference")
+    for layer, quadratic in ((longer, False), (full, True)):
+        f = [flops(layer, L) for L in (16, 32, 48)]
+        assert (f[2] - 2 * f[1] + f[0] > 0) == quadratic
+
+
+def test_swiglu_layer_matches_its_formula_and_transforms_each_event_alone() -> None:
+    torch.manual_seed(0)
+    layer = SwiGLUEncoderLayer(CFG.d_model, CFG.ffn_mult, 0.0)
+    h, mask = layer_input(5, [0, 2, 5])
+    out, out_mask = layer(h, mask)
+    x = layer.norm(h)
+    expected = h + layer.ffn.down(torch.nn.functional.silu(layer.ffn.gate(x)) * layer.ffn.up(x))
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out_mask, mask)
+    changed = h.clone()
+    changed[1, 3] = torch.randn(CFG.d_model)  # a padded event: only its own state changes
+    diff = (layer(changed, mask)[0] - out).abs().sum(-1)  # (B, L)
+    assert diff[1, 3] > 1e-3
+    diff[1, 3] = 0.0
+    assert diff.max() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -126,10 +217,11 @@ def test_empty_sequence_leaves_queries_unchanged(impl: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", LEN_CASES)
-def test_logits_shape_and_finite_grads(impl: str, case: str) -> None:
-    model = build(dataclasses.replace(CFG, attn_impl=impl)).train()
+def test_logits_shape_and_finite_grads(impl: str, case: str, encoder: str) -> None:
+    model = build(enc_cfg(encoder, attn_impl=impl)).train()
     batch = make_batch(CFG, 6, lens=lens_for(case))
     logits = model(batch)
     assert logits.shape == (6,)
@@ -139,9 +231,10 @@ def test_logits_shape_and_finite_grads(impl: str, case: str) -> None:
         assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_padding_ids_do_not_change_output(impl: str) -> None:
-    model = build(dataclasses.replace(CFG, attn_impl=impl))
+def test_padding_ids_do_not_change_output(impl: str, encoder: str) -> None:
+    model = build(enc_cfg(encoder, attn_impl=impl))
     batch = make_batch(CFG, 6, lens=lens_for("mixed"))
     noisy = dict(batch)
     g = torch.Generator().manual_seed(1)
@@ -153,9 +246,10 @@ def test_padding_ids_do_not_change_output(impl: str) -> None:
     torch.testing.assert_close(model(noisy), model(batch), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("seq", [s for s, _ in CFG.sequences])
-def test_valid_events_change_only_their_row(seq: str) -> None:
-    model = build()
+def test_valid_events_change_only_their_row(seq: str, encoder: str) -> None:
+    model = build(enc_cfg(encoder))
     batch = make_batch(CFG, 4, lens={s: 3 for s, _ in CFG.sequences})
     changed = dict(batch)
     changed[f"seq_{seq}"] = batch[f"seq_{seq}"].clone()
@@ -189,8 +283,10 @@ def test_wrong_number_of_id_columns_is_a_clear_error() -> None:
         build()(batch)
 
 
-def test_every_parameter_gets_a_gradient() -> None:
-    model = build().train()
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_every_parameter_gets_a_gradient(encoder: str) -> None:
+    """No unused parameters (DDP needs none): every encoder layer's output is decoded in its own layer."""
+    model = build(enc_cfg(encoder)).train()
     batch = make_batch(CFG, 8, lens=lens_for("mixed", batch_size=8))
     torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"]).backward()
     for name, p in model.named_parameters():
@@ -198,6 +294,18 @@ def test_every_parameter_gets_a_gradient() -> None:
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
     for name, table in model.tokenizer.tables.items():
         assert torch.equal(table.weight.grad[0], torch.zeros_like(table.weight.grad[0])), f"padding row of {name}"
+
+
+def test_longer_with_every_position_a_query_is_the_full_transformer() -> None:
+    """L_H >= every L_s: the "longer" model is the "transformer" model (same parameters, same function)."""
+    full = build(enc_cfg("transformer"))
+    longer = build(enc_cfg("longer", longer_queries=max(MAX_LEN.values())))
+    longer.load_state_dict(full.state_dict())
+    batch = make_batch(CFG, 6, lens=lens_for("mixed"))
+    torch.testing.assert_close(longer(batch), full(batch), rtol=0, atol=1e-6)
+    short = build(enc_cfg("longer"))  # L_H = 4: the sequences are cut, a different function
+    short.load_state_dict(full.state_dict())
+    assert (short(batch) - full(batch)).abs().max() > 1e-4
 
 
 def test_model_can_overfit_a_small_batch() -> None:
@@ -224,11 +332,13 @@ def forward_backward(model: HyFormer, batch: dict[str, Tensor]) -> tuple[Tensor,
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("case", LEN_CASES)
-def test_reference_and_sdpa_agree_on_outputs_and_gradients(case: str) -> None:
-    ref = build().train()  # dropout is 0 in tiny(); train mode checks nothing depends on eval
+def test_reference_and_sdpa_agree_on_outputs_and_gradients(case: str, encoder: str) -> None:
+    ref = build(enc_cfg(encoder)).train()  # dropout is 0 in tiny(); train mode checks nothing depends on eval
     fast = copy.deepcopy(ref).set_attn_impl("sdpa")
     assert fast.config.attn_impl == "sdpa" and ref.config.attn_impl == "reference"
+    assert all(m.attn_impl == "sdpa" for m in fast.modules() if isinstance(m, CrossAttention))
     batch = make_batch(CFG, 6, lens=lens_for(case))
     out_ref, grads_ref = forward_backward(ref, batch)
     out_fast, grads_fast = forward_backward(fast, batch)
@@ -239,10 +349,11 @@ def test_reference_and_sdpa_agree_on_outputs_and_gradients(case: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("encoder", ["transformer", "mixed"])
 @pytest.mark.parametrize("case", LEN_CASES)
-def test_reference_and_sdpa_agree_on_gpu(case: str) -> None:
+def test_reference_and_sdpa_agree_on_gpu(case: str, encoder: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
-    ref = build().cuda().train()
+    ref = build(enc_cfg(encoder)).cuda().train()
     fast = copy.deepcopy(ref).set_attn_impl("sdpa")
     batch = {k: v.cuda() for k, v in make_batch(CFG, 6, lens=lens_for(case)).items()}
     out_ref, grads_ref = forward_backward(ref, batch)
@@ -255,9 +366,10 @@ def test_reference_and_sdpa_agree_on_gpu(case: str) -> None:
 
 
 @pytest.mark.skipif(not os.environ.get("HYFORMER_SLOW"), reason="slow; set HYFORMER_SLOW=1")
+@pytest.mark.parametrize("encoder", ["transformer", "mixed"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_torch_compile_matches_eager(impl: str) -> None:
-    model = build(dataclasses.replace(CFG, attn_impl=impl))
+def test_torch_compile_matches_eager(impl: str, encoder: str) -> None:
+    model = build(enc_cfg(encoder, attn_impl=impl))
     batch = make_batch(CFG, 6, lens=lens_for("mixed"))
     torch.testing.assert_close(torch.compile(model)(batch), model(batch), rtol=1e-4, atol=1e-5)
 
@@ -266,14 +378,21 @@ def test_torch_compile_matches_eager(impl: str) -> None:
 # Seeded golden values: update only for an intended change of the model's function or initialisation.
 # ---------------------------------------------------------------------------------------------------------------------
 
-GOLDEN = [0.30647984, -0.19842944, -0.12317865, -0.26798922]
+# Rows have 0, 1, L and L/2 events; "longer" (L_H = 4) equals "transformer" on the first two rows, as it should.
+GOLDEN = {
+    "transformer": [0.30647984, -0.19842944, -0.12317865, -0.26798922],
+    "longer": [0.30647984, -0.19842944, -0.14292067, -0.26155847],
+    "swiglu": [0.53337502, 0.09835497, 0.21506281, 0.64566839],
+    "mixed": [0.25995171, 0.45477197, -0.06602731, -0.18794167],
+}
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_golden_logits(impl: str) -> None:
-    model = build(dataclasses.replace(CFG, attn_impl=impl), seed=0)
+def test_golden_logits(impl: str, encoder: str) -> None:
+    model = build(enc_cfg(encoder, attn_impl=impl), seed=0)
     logits = model(make_batch(CFG, 4, lens=lens_for("mixed", batch_size=4), seed=0))
-    torch.testing.assert_close(logits, torch.tensor(GOLDEN), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, torch.tensor(GOLDEN[encoder]), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,6 +415,37 @@ def test_config_json_round_trip_and_dict_form() -> None:
         HyFormerConfig.from_dict({**d, "bogus": 1})
 
 
+def test_per_sequence_encoders_round_trip_through_dict_json_and_checkpoint(tmp_path) -> None:
+    config = enc_cfg("mixed")
+    assert config.seq_encoder == tuple(MIXED.items())  # stored frozen, like the other mapping fields
+    assert config == dataclasses.replace(CFG, seq_encoder=list(MIXED.items())) and hash(config)
+    assert [config.encoder_of(s) for s, _ in config.sequences] == ["longer", "transformer", "swiglu"]
+    d = json.loads(json.dumps(config.to_dict()))
+    assert HyFormerConfig.from_dict(d) == config
+    assert HyFormerConfig.from_dict({**d, "seq_encoder": MIXED}) == config  # a JSON object works too
+    model = build(config)
+    encoders = [type(dec.encoder) for dec in model.layers[0].decoders]
+    assert encoders == [LongerEncoderLayer, TransformerEncoderLayer, SwiGLUEncoderLayer]
+    model.save(tmp_path / "ckpt")
+    loaded = HyFormer.from_checkpoint(tmp_path / "ckpt").eval()
+    assert loaded.config == config
+    batch = make_batch(CFG, 5)
+    torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
+
+
+def test_config_saved_before_per_sequence_encoders_still_loads() -> None:
+    """A config.json written before `longer_queries` existed, with seq_encoder "transformer", builds the same model."""
+    old = CFG.to_dict()
+    del old["longer_queries"]
+    assert old["seq_encoder"] == "transformer"
+    config = HyFormerConfig.from_dict(json.loads(json.dumps(old)))
+    assert config.longer_queries == 100 and config.encoder_of("long") == "transformer"
+    model = build(config)
+    model.load_state_dict(build(CFG).state_dict())  # same parameter names and shapes
+    batch = make_batch(CFG, 4, lens=lens_for("mixed", batch_size=4), seed=0)
+    torch.testing.assert_close(model(batch), torch.tensor(GOLDEN["transformer"]), rtol=0, atol=1e-5)
+
+
 def test_save_and_from_checkpoint_give_identical_outputs(tmp_path) -> None:
     model = build()
     model.save(tmp_path / "ckpt")
@@ -313,7 +463,14 @@ def test_save_and_from_checkpoint_give_identical_outputs(tmp_path) -> None:
         (dict(d_model=36, n_heads=2), "divisible by T"),
         (dict(n_queries=2), "divisible by T"),  # T = 11
         (dict(attn_impl="flash"), "attn_impl"),
-        (dict(seq_encoder="longer"), "seq_encoder"),
+        (dict(seq_encoder="lstm"), "seq_encoder 'lstm'"),
+        (dict(seq_encoder={**MIXED, "feed": "lstm"}), r"seq_encoder 'lstm' \(sequence 'feed'\)"),
+        (dict(seq_encoder={"long": "longer"}), r"missing \['search', 'feed'\]"),
+        (dict(seq_encoder={**MIXED, "clicks": "longer"}), r"unknown \['clicks'\]"),
+        (dict(seq_encoder=(("long", "longer"), ("long", "swiglu"), ("search", "swiglu"), ("feed", "swiglu"))),
+         "once"),
+        (dict(seq_encoder=3), "must be a name or a mapping"),
+        (dict(longer_queries=0), "longer_queries"),
         (dict(dropout=1.0), "dropout"),
         (dict(n_layers=0), "n_layers"),
         (dict(head_hidden=(0,)), "head_hidden"),
@@ -335,6 +492,8 @@ def test_paper_preset_shapes() -> None:
     config = HyFormerConfig.paper()
     assert dict(config.sequences) == {"long": 3000, "search": 50, "feed": 50}
     assert (config.n_ns, config.n_seq, config.n_queries, config.n_tokens) == (13, 3, 1, 16)
+    assert [config.encoder_of(s) for s, _ in config.sequences] == ["longer", "transformer", "transformer"]
+    assert config.longer_queries == 100
     assert config.d_model % config.n_tokens == 0
     with torch.device("meta"):  # no memory: shapes only
         model = HyFormer(config)
