@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from features.build import EVENT_FIELDS, N_DT_BUCKETS, NS_GROUPS, SEQ_STREAM, SEQUENCES, STREAMS, FeatureConfig
+from features.schema import previous_day
 
 SEQ_POINTER = {"long": "long_hi", "search": "search_hi", "feed": "feed_hi"}
 
@@ -70,11 +71,11 @@ class Stream:
         keys = np.unique(ev["key"].to_numpy())
         uidx = np.repeat(np.arange(len(users)), count)
         kidx = np.searchsorted(keys, ev["key"].to_numpy())
-        code = uidx.astype(np.int64) * max(len(keys), 1) + kidx
+        n_keys = max(len(keys), 1)
+        code = uidx.astype(np.int64) * n_keys + kidx
         perm = np.argsort(code, kind="stable")
         g_code, g_start, g_count = np.unique(code[perm], return_index=True, return_counts=True)
-        g_user = users[g_code // max(len(keys), 1)] if len(keys) else users[:0]
-        g_key = keys[g_code % max(len(keys), 1)] if len(keys) else keys
+        g_user, g_key = users[g_code // n_keys], keys[g_code % n_keys]
         g_base = (
             pl.DataFrame({"user_id": g_user, "key": g_key})
             .join(state, on=["user_id", "key"], how="left", maintain_order="left")["n"]
@@ -104,6 +105,8 @@ class Stream:
 
         ``rel_key`` None: the user's whole stream (long sequence); else only events of that relevance key.
         """
+        if len(self.ts) == 0:  # no events in the window: every sequence is empty
+            return np.full((len(user_ids), length), -1, np.int64), np.zeros(len(user_ids), np.int64)
         ui, found = self._find(self.users, user_ids)
         if rel_key is None:
             first, avail_max, base = self.start[ui], self.count[ui], self.base[ui]
@@ -138,10 +141,7 @@ class Timelines:
     @staticmethod
     def load(store_root: str, days: list[str] | tuple[str, ...]) -> "Timelines":
         """Events of ``days`` (consecutive, oldest first) and the state of the day before the first, if stored."""
-        from features.schema import DAY_FORMAT, parse_day
-        import datetime as dt
-
-        prev = (parse_day(days[0]) - dt.timedelta(days=1)).strftime(DAY_FORMAT)
+        prev = previous_day(days[0])
         streams = {}
         for s in STREAMS:
             files = [f for d in days for f in sorted(glob.glob(f"{store_root}/day={d}/events/{s}/*.parquet"))]
@@ -164,6 +164,8 @@ class Materializer:
 
     def _values(self, stream: Stream, rows: np.ndarray, now_ts: np.ndarray) -> np.ndarray:
         """(…, F) side info of physical rows (>= 0) seen at ``now_ts`` (broadcast to rows' shape)."""
+        if len(stream.ts) == 0:  # no events: every row is padding
+            return np.zeros((*rows.shape, len(self.fidx)), np.int64)
         cols = [dt_bucket(now_ts, stream.ts[rows]) if i is None else stream.fields[rows, i].astype(np.int64) for i in self.fidx]
         return np.stack(cols, axis=-1) if cols else np.zeros((*rows.shape, 0), np.int64)
 

@@ -100,6 +100,16 @@ def test_materialize_hand_example():
     np.testing.assert_array_equal(b["ns_item"][:, 0], [11, 12, 13])
 
 
+def test_a_stream_without_events_gives_empty_sequences():
+    imps, search, feed, dims, cfg = hand_inputs()
+    out = build_day(imps.lazy(), {"search": search.lazy(), "feed": feed.head(0).lazy()}, {s: empty_state() for s in STREAMS}, {k: v.lazy() for k, v in dims.items()}, cfg)
+    naive, dedup = materialize_hand(out, cfg), materialize_hand(out, cfg, dedup=True)
+    np.testing.assert_array_equal(naive["len_feed"], [0, 0, 0])
+    assert (naive["seq_feed"] == 0).all() and naive["seq_feed"].shape == (3, 2, 7)
+    np.testing.assert_array_equal(reconstruct(dedup)["seq_feed"], naive["seq_feed"])
+    np.testing.assert_array_equal(naive["len_long"], [2, 2, 3])  # the other streams are unaffected
+
+
 def test_side_info_3_is_a_column_subset_of_7():
     out, cfg7 = build_hand()
     cfg3 = dataclasses.replace(cfg7, side_info=3)
@@ -179,11 +189,9 @@ def materialized(feature_set):
 def brute_force(data_dir: str, samples: pl.DataFrame, relevant: bool, table: str, vocab: dict) -> pl.DataFrame:
     """For every sample: the item buckets of the user's earlier events (relevant ones only if asked), newest first."""
     ev = clean(data_dir, table).select("user_id", pl.col("ts").alias("ev_ts"), "item_id", pl.col("category_id").alias("ev_cat"))
-    items = clean(data_dir, "items").select("item_id", pl.col("category_id").alias("qcat_of_item"))
     queries = clean(data_dir, "queries").select("query_id", pl.col("category_id").alias("qcat"))
     imps = clean(data_dir, "impressions").select("request_id", "item_id", "query_id").join(queries, on="query_id")
     imps = imps.with_columns((pl.col("item_id") % (vocab["item"] - 1) + 1).cast(pl.Int32).alias("ns_item_id"))
-    del items
     s = samples.select("request_id", "ns_item_id", "user_id", "ts").join(imps.select("request_id", "ns_item_id", "qcat"), on=["request_id", "ns_item_id"])
     j = s.join(ev, on="user_id", how="left").filter(pl.col("ev_ts") < pl.col("ts"))
     if relevant:
