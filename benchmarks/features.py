@@ -106,7 +106,7 @@ def daily_increment(fs) -> dict:
     return {"window_days": len(fs.days), "days_built": len(built), "wall_s": wall}
 
 
-def read_side(fs, lengths: list[int], n_batches: int) -> list[dict]:
+def read_side(fs, lengths: list[int], n_batches: int, stored_bytes_per_sample: float) -> list[dict]:
     samples = pl.read_parquet(fs.sample_files(fs.days[-7:])).head(BATCH * n_batches)  # late samples: long histories
     out = []
     for L in lengths:
@@ -133,7 +133,7 @@ def read_side(fs, lengths: list[int], n_batches: int) -> list[dict]:
             row[f"{key}_seq_bytes_per_sample"] = nbytes / (BATCH * n_batches)
             if dedup:
                 row["unique_ratio"] = float(np.mean(ratios))
-        row["stored_bytes_per_sample"] = None  # filled from the build (L-independent by construction)
+        row["stored_bytes_per_sample"] = stored_bytes_per_sample  # from the build: the store does not depend on L
         out.append(row)
     return out
 
@@ -186,9 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     for b in res["builds"]:
         b.pop("fs", None)
     res["increment"] = daily_increment(fs)
-    res["read_side"] = read_side(fs, [int(x) for x in a.lengths.split(",")], a.batches)
-    for r in res["read_side"]:
-        r["stored_bytes_per_sample"] = res["builds"][-1]["bytes_per_sample_samples"]
+    lengths = [int(x) for x in a.lengths.split(",")]
+    res["read_side"] = read_side(fs, lengths, a.batches, res["builds"][-1]["bytes_per_sample_samples"])
     res["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     os.makedirs(a.out, exist_ok=True)
     with open(f"{a.out}/features.json", "w") as f:

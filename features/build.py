@@ -186,7 +186,6 @@ def relevance_tables(cfg: FeatureConfig, dims: dict[str, pl.LazyFrame]) -> tuple
 # --- one day of one shard -----------------------------------------------------------------------------------------
 
 EVENT_COLUMNS = ("user_id", "ts", "key", *EVENT_FIELDS)
-STATE_COLUMNS = ("user_id", "key", "n")
 NO_KEY = -1  # relevance key of an event whose item has none (never equal to a query's key)
 
 
@@ -234,11 +233,6 @@ def ns_columns(vocab: dict[str, int]) -> list[pl.Expr]:
         bucket(pl.col("query_id") * 1_000_003 + pl.col("item_id"), vocab["query_item"]).alias("query_item"),
     ]
     return [e.name.prefix("ns_") for e in exprs]
-
-
-def ns_column_names() -> list[str]:
-    """Stored names of the non-sequential columns, in NS_GROUPS order."""
-    return [f"ns_{col}" for cols in NS_GROUPS.values() for col, _ in cols]
 
 
 def ordinal_before(samples: pl.LazyFrame, tokens: pl.LazyFrame, state: pl.LazyFrame, by_key: bool, name: str) -> pl.LazyFrame:

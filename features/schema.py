@@ -168,6 +168,11 @@ def parse_day(text: str) -> dt.date:
         raise ValueError(f"bad day {text!r}: expected YYYY-MM-DD") from e
 
 
+def previous_day(day: str) -> str:
+    """The ``YYYY-MM-DD`` day before ``day``."""
+    return (parse_day(day) - dt.timedelta(days=1)).strftime(DAY_FORMAT)
+
+
 def window(end: dt.date, days: int) -> list[dt.date]:
     """The ``days`` calendar days ending at ``end`` (inclusive), oldest first."""
     return [end - dt.timedelta(days=days - 1 - i) for i in range(days)]

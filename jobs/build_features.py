@@ -35,10 +35,10 @@ import numpy as np
 import polars as pl
 import ray
 
-from features.build import BUILD_VERSION, STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
+from features.build import BUILD_VERSION, RELEVANCE, SIDE_INFO, STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
 from features.materialize import Timelines
-from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, window
-from jobs.common import absolute, clean_root, init_ray, log, setup_logging
+from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
+from jobs.common import absolute, clean_root, init_ray, log, replace_dir, setup_logging
 
 STORE_VERSION = 2
 READ_SIDE = ("long_len", "search_len", "feed_len", "side_info")
@@ -167,22 +167,17 @@ def atomic_write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def swap_in(src: str, dst: str) -> None:
-    """Replace folder ``dst`` by ``src`` with renames (never a half-written ``dst``)."""
-    old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-    if os.path.exists(dst):
-        os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def stale_days(root: str, data_dir: str, day_list: list[str], store_id: str, force: bool) -> tuple[list[str], dict[str, dict]]:
+    """Days of the window to (re)build: from the first whose stored fingerprint differs from the expected one on.
 
-
-def stale_days(root: str, data_dir: str, day_list: list[str], store_id: str, force: bool) -> tuple[list[str], dict[str, str]]:
-    """Days of the window to (re)build: from the first whose stored fingerprint differs from the expected one on."""
-    prev = (parse_day(day_list[0]) - dt.timedelta(days=1)).strftime(DAY_FORMAT)
-    parent = (read_meta(root, prev) or {}).get("fp")
+    Also returns each day's expected ``{"fp", "inputs"}`` (what its ``_meta.json`` will hold once built).
+    """
+    parent = (read_meta(root, previous_day(day_list[0])) or {}).get("fp")
     expected, first_stale = {}, None
     for i, d in enumerate(day_list):
-        expected[d] = parent = chain_fp(parent, input_fingerprint(data_dir, d), store_id)
+        inputs = input_fingerprint(data_dir, d)
+        parent = chain_fp(parent, inputs, store_id)
+        expected[d] = {"fp": parent, "inputs": inputs}
         if first_stale is None and (force or (read_meta(root, d) or {}).get("fp") != parent):
             first_stale = i
     return ([] if first_stale is None else day_list[first_stale:]), expected
@@ -196,7 +191,7 @@ def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConf
     root, cfg = open_store(data_dir, cfg)
     todo, expected = stale_days(root, data_dir, day_list, cfg.store_id(), force)
     if todo:
-        prev = (parse_day(todo[0]) - dt.timedelta(days=1)).strftime(DAY_FORMAT)
+        prev = previous_day(todo[0])
         tmp = f"{root}/.tmp-{uuid.uuid4().hex[:8]}"
         log.info("features: building %d day(s) %s..%s in %d shards (store %s)", len(todo), todo[0], todo[-1], cfg.n_shards, root)
         try:
@@ -209,10 +204,10 @@ def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConf
                 n_imps = scan_day(data_dir, "impressions", d).select(pl.len()).collect().item()
                 if row["samples"] != n_imps or row["shards"] != cfg.n_shards:
                     raise RuntimeError(f"build_features day={d}: {row['samples']} samples for {n_imps} clean impressions")
-                meta = {"day": d, "fp": expected[d], "inputs": input_fingerprint(data_dir, d), **row}
+                meta = {"day": d, **expected[d], **row}
                 atomic_write_json(f"{tmp}/day={d}/_meta.json", meta)
             for d in todo:  # oldest first: an interrupted swap leaves a consistent prefix (later days re-check as stale)
-                swap_in(f"{tmp}/day={d}", f"{root}/day={d}")
+                replace_dir(f"{tmp}/day={d}", f"{root}/day={d}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -230,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--date", required=True, type=parse_day, help="last day of the window, YYYY-MM-DD")
     p.add_argument("--days", type=int, default=70, help="window length in days")
     p.add_argument("--long-len", type=int, default=3000, help="max long-term sequence length (paper: 3000); read side")
-    p.add_argument("--side-info", type=int, default=7, choices=(3, 5, 7), help="side-info types per event; read side")
-    p.add_argument("--relevance", default="category", choices=("category", "none", "keys"), help="search/feed relevance filter")
+    p.add_argument("--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per event; read side")
+    p.add_argument("--relevance", default="category", choices=RELEVANCE, help="search/feed relevance filter")
     p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key) for --relevance keys")
     p.add_argument("--shards", type=int, default=4, help="user shards = Ray tasks")
     p.add_argument("--force", action="store_true", help="rebuild every day of the window")

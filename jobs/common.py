@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import ray
@@ -49,3 +51,24 @@ def quarantine_root(data_dir: str) -> str:
     from features.schema import SCHEMA_VERSION
 
     return f"{data_dir}/quarantine/v{SCHEMA_VERSION}"
+
+
+def replace_dir(new: str | None, final: str, trash: str | None = None) -> None:
+    """Put folder ``new`` at ``final`` (``None``: remove ``final``): rename the old one away, the new one in, delete old.
+
+    Readers see the old folder or the new one, never a half-written one (between the two renames, none). The old one
+    goes into ``trash`` (default: a sibling ``<final>.old-<id>``) before it is deleted.
+    """
+    old = None
+    if os.path.lexists(final):
+        if trash is None:
+            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        else:
+            os.makedirs(trash, exist_ok=True)
+            old = f"{trash}/{uuid.uuid4().hex}"
+        os.rename(final, old)
+    if new is not None:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

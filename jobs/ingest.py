@@ -45,7 +45,7 @@ from features.validate import (
     DIM_KEY, FILE, RAW, REASON, REFERENCES, ROW, RULES_VERSION, ContractError, check_schema, read_log_file,
     validate_partition,
 )
-from jobs.common import absolute, clean_root, init_ray, log, quarantine_root, setup_logging
+from jobs.common import absolute, clean_root, init_ray, log, quarantine_root, replace_dir, setup_logging
 
 MANIFEST = "_manifest.json"
 PART_FILE = "part-0.parquet"
@@ -239,23 +239,6 @@ def up_to_date(data_dir: str, p: Partition, dims_fp: str) -> dict | None:
     same = m.get("rules_version") == RULES_VERSION and m.get("files") == p.file_stats
     has_quarantine = m.get("counts", {}).get("quarantined", 0) == 0 or os.path.isdir(f"{quarantine_root(data_dir)}/{p.rel}")
     return m if same and has_quarantine else None
-
-
-def replace_dir(new: str | None, final: str, trash: str) -> None:
-    """Put folder ``new`` at ``final`` (``None``: remove ``final``): rename the old one away, the new one in, delete old.
-
-    Readers see the old partition or the new one, never a half-written one (between the two renames, none).
-    """
-    old = None
-    if os.path.lexists(final):
-        os.makedirs(trash, exist_ok=True)
-        old = f"{trash}/{uuid.uuid4().hex}"
-        os.rename(final, old)
-    if new is not None:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def swap_in(data_dir: str, p: Partition, staging: str) -> None:

@@ -30,10 +30,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from features.build import NS_GROUPS, SEQUENCES
+from features.build import NS_GROUPS, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines, reconstruct
 from hyformer import HyFormer, HyFormerConfig
-from features.build import FeatureConfig
 from jobs.build_features import FeatureSet
 from jobs.common import absolute, init_ray, log, setup_logging
 from jobs.evaluate import mask_sequences, metrics, predict
@@ -71,8 +70,8 @@ def model_config(fs: FeatureSet, overrides: dict | None = None) -> HyFormerConfi
 class MaterializeCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate: a batch of stored samples -> dedup ID tables as CPU tensors (device: Ray)."""
 
-    def __init__(self, timelines: Timelines, cfg, dedup: bool = True):
-        self.materialize = Materializer(timelines, cfg, dedup=dedup)
+    def __init__(self, timelines: Timelines, cfg: FeatureConfig):
+        self.materialize = Materializer(timelines, cfg, dedup=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.materialize(batch).items()}

@@ -23,7 +23,7 @@ import glob  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from features.build import FeatureConfig  # noqa: E402
+from features.build import RELEVANCE, SIDE_INFO, FeatureConfig  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import build_features  # noqa: E402
@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD")
     p.add_argument("--days", type=int, default=70, help="window length in days, ending at --date (default 70)")
     p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (paper: 3000)")
-    p.add_argument("--side-info", type=int, default=7, choices=(3, 5, 7), help="side-info types per sequence event (paper Table 3: 3 or 7)")
-    p.add_argument("--relevance", default="category", choices=("category", "none", "keys"), help="relevance filter of the search/feed sequences")
+    p.add_argument("--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per sequence event (paper Table 3: 3 or 7)")
+    p.add_argument("--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences")
     p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key), for --relevance keys")
     p.add_argument("--rebuild-features", action="store_true", help="rebuild every feature day of the window (default: only stale days)")
     p.add_argument("--epochs", type=int, default=1)
