@@ -1,5 +1,6 @@
-"""HyFormer CTR model (arXiv 2601.12681) in pure PyTorch. See hyformer/model.py."""
+"""HyFormer CTR model (arXiv 2601.12681) and the paper's baselines in pure PyTorch. See hyformer/model.py."""
 
 from hyformer.model import HyFormer, HyFormerConfig
+from hyformer.zoo import ARCHITECTURES, build_model, load_model
 
-__all__ = ["HyFormer", "HyFormerConfig"]
+__all__ = ["ARCHITECTURES", "HyFormer", "HyFormerConfig", "build_model", "load_model"]

@@ -3,7 +3,8 @@
 Read top to bottom, classes in dependency order:
 
     attention            masked multi-head attention kernel: "reference" (plain softmax) or "sdpa"
-    CrossAttention       queries attend to another token set (self-attention when both are the same)
+    CrossAttention       queries attend to another token set (self-attention when both are the same); the K/V
+                         projection is separate so that K/V can be computed once and reused (KV reuse)
     MLP                  two-layer feed-forward network
     TransformerEncoderLayer  Full Transformer sequence encoder layer, §3.4.1 (i)
     LongerEncoderLayer   LONGER-style layer: the L_H most recent events attend over all events, §3.4.1 (ii)
@@ -11,24 +12,32 @@ Read top to bottom, classes in dependency order:
     SwiGLUEncoderLayer   attention-free per-event sequence encoder layer, §3.4.1 (iii)
     TokenMixer           parameter-free RankMixer / MLP-Mixer token mixing, §3.5
     PerTokenFFN          one feed-forward network per token, batched in one einsum, §3.5
-    QueryBoost           Q + PerTokenFFN(TokenMixer(norm(Q))), §3.5
-    Tokenizer            semantic NS tokens and per-event sequence tokens, §3.3.1
-    QueryGenerator       N queries per sequence from the Global Info, §3.3.2
-    QueryDecoder         one sequence's encoder layer + cross-attention of its queries, §3.4
+    QueryBoost           Q + PerTokenFFN(TokenMixer(norm(Q))), §3.5; also the RankMixer interaction block
+    TokenTransformer     self-attention + per-token FFN interaction block over the T tokens (Table 1's Transformer)
+    WukongLayer          Wukong interaction block: factorization machine + linear compression (Table 1)
+    Tokenizer            semantic NS tokens and per-event sequence tokens, §3.3.1; merge_sequences (Table 2)
+    QueryGenerator       N_s queries per sequence from the (selected, optionally compressed) Global Info, §3.3.2
+    QueryDecoder         one sequence's encoder layer (-> that layer's K/V) + cross-attention of its queries, §3.4
     HyFormerLayer        Query Decoding for every sequence, then Query Boosting, §3.6-3.7
     HyFormerConfig       frozen config with tiny() and paper() presets
-    HyFormer             tokenise -> generate queries -> n_layers x (decode, boost) -> MLP head -> logits
+    SequenceMemory       what the sequences contribute: pooled summaries + every layer's K/V (candidate-free)
+    HyFormer             tokenise -> encode sequences (layer-wise K/V) -> generate queries
+                         -> n_layers x (decode, boost) -> MLP head -> logits.
+                         arch="two_stage" is the paper's BaseArch on the same parts: n_layers x decode, then
+                         n_layers of RankMixer / Transformer / Wukong interaction (hyformer/baselines.py: MTGR)
 
 Shape notation (used in the trailing comments):
     B  batch size
     S  number of behaviour sequences
     L  length of one sequence (L_s: its maximum)
     L_H  events kept as queries by a LONGER-style encoder layer (longer_queries); L' = min(L, L_H)
-    N  queries per sequence
+    N  queries per sequence (N_s when sequences have different numbers); Q = sum of N_s over sequences
     M  non-sequential (NS) tokens, one per semantic feature group
-    T  = N*S + M tokens mixed by Query Boosting
-    D  model width (d_model)
+    T  = Q + M tokens mixed by Query Boosting
+    D  model width (d_model): NS tokens, queries, mixer
+    Ds sequence width (d_seq, default D): sequence tokens, sequence encoders, cross-attention inside
     H  attention heads
+    R  requests whose sequences are encoded once for m candidates each (KV reuse: B = R*m)
     E  embedding width (emb_dim)
     F  number of id columns (fields) of one NS group or of one sequence event
 
@@ -46,7 +55,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +65,11 @@ ATTN_IMPLS = ("reference", "sdpa")
 # Sequence encoders of §3.4.1, built by `make_seq_encoder`: (i) "transformer" (full self-attention), (ii) "longer"
 # (cross-attention from the L_H most recent events to the full sequence), (iii) "swiglu" (attention-free).
 SEQ_ENCODERS = ("transformer", "longer", "swiglu")
+# Architectures (config.arch): "hyformer" (§3), "two_stage" (Table 1's BaseArch: sequence modelling, then feature
+# interaction), "unified" (Table 1's MTGR/OneTrans, hyformer/baselines.py). Build any of them with build_model.
+ARCHS = ("hyformer", "two_stage", "unified")
+INTERACTIONS = ("rankmixer", "transformer", "wukong")  # feature interaction of "two_stage" (Table 1)
+QUERY_SOURCES = ("global", "ns", "target")  # Global Info of §3.3.2 / without pooling / candidate only (Table 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -87,29 +101,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, impl: str) -> T
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries `x` (B, Lq, D) over keys/values projected from `kv` (B, Lk, D).
+    """Multi-head attention of queries `x` (B, Lq, D_q) over keys/values projected from `kv` (B, Lk, D_kv).
 
     §3.4.1-3.4.2: K_l = H_l W^K_l, V_l = H_l W^V_l are computed here from the layer's sequence states, so they are
     recomputed at every layer. Self-attention is `attn(x, x, mask)`. Rows with no valid key return exactly zero.
+    The attention runs at width D_kv (the sequence width Ds when the queries are D wide) and projects back to D_q.
+
+    `project_kv` and `attend` are the two halves of `forward`, for KV reuse: K/V computed for R requests serve
+    B = R*m query rows (request-major: rows r*m .. r*m+m-1 belong to request r). The m candidates' queries of one
+    request are stacked along the query axis of one attention call, so K/V are never copied.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, attn_impl: str) -> None:
+    def __init__(self, d_q: int, d_kv: int, n_heads: int, dropout: float, attn_impl: str) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.attn_impl = attn_impl  # flipped in place by HyFormer.set_attn_impl
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)  # no bias: an empty sequence adds exactly 0
+        self.q_proj = nn.Linear(d_q, d_kv)
+        self.kv_proj = nn.Linear(d_kv, 2 * d_kv)
+        self.out_proj = nn.Linear(d_kv, d_q, bias=False)  # no bias: an empty sequence adds exactly 0
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, kv: Tensor, key_mask: Tensor) -> Tensor:
-        B, Lq, D = x.shape
-        Lk, H = kv.shape[1], self.n_heads
-        q = self.q_proj(x).view(B, Lq, H, D // H).transpose(1, 2)  # (B, H, Lq, D/H)
-        k, v = self.kv_proj(kv).view(B, Lk, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Lk, D/H)
-        out = attention(q, k, v, key_mask, self.attn_impl)  # (B, H, Lq, D/H)
-        out = out.transpose(1, 2).reshape(B, Lq, D)  # (B, Lq, D)
-        return self.dropout(self.out_proj(out))
+        return self.attend(x, *self.project_kv(kv), key_mask)  # (B, Lq, D_q)
+
+    def project_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """kv (R, Lk, D_kv) -> K, V, each (R, H, Lk, D_kv/H)."""
+        R, Lk, Dk = kv.shape
+        k, v = self.kv_proj(kv).view(R, Lk, 2, self.n_heads, Dk // self.n_heads).permute(2, 0, 3, 1, 4)
+        return k, v  # 2 x (R, H, Lk, D_kv/H)
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        """x (B, Lq, D_q) with B = R*m rows over K/V and key_mask of R rows -> (B, Lq, D_q)."""
+        B, Lq, _ = x.shape
+        R, H, _, dh = k.shape
+        q = self.q_proj(x).view(R, (B // R) * Lq, H, dh).transpose(1, 2)  # (R, H, m*Lq, D_kv/H)
+        out = attention(q, k, v, key_mask, self.attn_impl)  # (R, H, m*Lq, D_kv/H)
+        out = out.transpose(1, 2).reshape(B, Lq, H * dh)  # (B, Lq, D_kv)
+        return self.dropout(self.out_proj(out))  # (B, Lq, D_q)
 
 
 class MLP(nn.Module):
@@ -135,7 +163,7 @@ class TransformerEncoderLayer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, attn_impl: str) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = CrossAttention(d_model, n_heads, dropout, attn_impl)
+        self.attn = CrossAttention(d_model, d_model, n_heads, dropout, attn_impl)
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, ffn_mult * d_model, dropout)
 
@@ -163,7 +191,7 @@ class LongerEncoderLayer(TransformerEncoderLayer):
 
     def __init__(self, config: HyFormerConfig) -> None:
         c = config
-        super().__init__(c.d_model, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
+        super().__init__(c.seq_width, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
         self.n_recent = c.longer_queries  # L_H
 
     def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,6 +294,78 @@ class QueryBoost(nn.Module):
         return x + self.ffn(self.mix(self.norm(x)))  # (B, T, D)
 
 
+class TokenTransformer(nn.Module):
+    """Self-attention feature interaction over the T tokens (Table 1's "Full Transformer" interaction):
+    x = x + SelfAttn(norm(x)); x = x + PerTokenFFN(norm(x)).
+
+    The FFN is per token, as in RankMixer and Query Boosting, so this block differs from the RankMixer block only
+    in how tokens exchange information (attention instead of parameter-free token mixing) and has about as many
+    parameters (the paper reports 416M vs 386M for the two).
+    """
+
+    def __init__(self, n_tokens: int, d_model: int, n_heads: int, ffn_mult: int, dropout: float, attn_impl: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = CrossAttention(d_model, d_model, n_heads, dropout, attn_impl)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = PerTokenFFN(n_tokens, d_model, ffn_mult * d_model, d_model, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        everything = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # (B, T): no padding among tokens
+        y = self.norm1(x)  # (B, T, D)
+        x = x + self.attn(y, y, everything)  # (B, T, D)
+        return x + self.ffn(self.norm2(x))  # (B, T, D)
+
+
+class WukongLayer(nn.Module):
+    """One Wukong interaction layer (Zhang et al., arXiv 2403.02545) on T tokens, the third interaction of Table 1:
+
+        X' = LayerNorm(Concat(FMB(X), LCB(X)) + X)
+        FMB(X) = MLP(LayerNorm(flatten(X X^T Y)))  -> T_fm tokens   (factorization machine block, "optimized FM":
+                                                                     the T x T dot-product matrix projected by a
+                                                                     learned Y (T, k) to T x k)
+        LCB(X) = W X                               -> T - T_fm tokens (linear compression block)
+
+    T_fm = T // 2 and k = min(T, 16) are our choices (Wukong tunes them per model). The MLP's hidden width is set
+    so that the block has about the parameters of a RankMixer block with the same T, D and ffn_mult (T per-token
+    FFNs of 2 * ffn_mult * D^2): the paper compares the interactions at about equal parameters (385M vs 386M).
+    The output keeps T tokens so blocks stack and the head is unchanged.
+    """
+
+    def __init__(self, n_tokens: int, d_model: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        T, k = n_tokens, min(n_tokens, 16)
+        self.n_fm = max(1, T // 2)
+        self.y = nn.Parameter(torch.randn(T, k) / math.sqrt(T))
+        self.fm_norm = nn.LayerNorm(T * k)
+        hidden = max(1, round(T * 2 * ffn_mult * d_model**2 / (T * k + self.n_fm * d_model)))
+        self.fm_mlp = nn.Sequential(nn.Linear(T * k, hidden), nn.GELU(), nn.Linear(hidden, self.n_fm * d_model))
+        self.lcb = nn.Linear(T, T - self.n_fm, bias=False) if T > self.n_fm else None
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        fm = x @ (x.transpose(1, 2) @ self.y)  # (B, T, k) = X X^T Y without forming the (T, T) matrix
+        fm = self.fm_mlp(self.fm_norm(fm.flatten(1))).view(B, self.n_fm, D)  # (B, T_fm, D)
+        parts = [fm]
+        if self.lcb is not None:
+            parts.append(self.lcb(x.transpose(1, 2)).transpose(1, 2))  # (B, T - T_fm, D)
+        return self.norm(x + self.dropout(torch.cat(parts, dim=1)))  # (B, T, D)
+
+
+def make_interaction(config: HyFormerConfig) -> nn.Module:
+    """One feature-interaction block over the T tokens for arch="two_stage" (config.interaction, Table 1)."""
+    c = config
+    if c.interaction == "rankmixer":  # RankMixer's block is token mixing + per-token FFN, i.e. Query Boosting
+        return QueryBoost(c.n_tokens, c.d_model, c.ffn_mult, c.dropout)
+    if c.interaction == "transformer":
+        return TokenTransformer(c.n_tokens, c.d_model, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
+    if c.interaction == "wukong":
+        return WukongLayer(c.n_tokens, c.d_model, c.ffn_mult, c.dropout)
+    raise ValueError(f"unknown interaction {c.interaction!r}; expected one of {INTERACTIONS}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenisation, Query Generation and Query Decoding (§3.3-3.4)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -283,7 +383,7 @@ class Tokenizer(nn.Module):
     One embedding table (E wide, padding_idx 0) per id space, shared by every column that uses that space (the
     candidate item and the items in the sequences use one "item" table). NS group g -> concat of its F_g field
     embeddings -> Linear -> one D-wide token. Sequence s -> per event, concat of its F_e side-info embeddings ->
-    Linear -> D, plus a learned embedding of the event's position (recency rank; the paper does not say how order
+    Linear -> Ds, plus a learned embedding of the event's position (recency rank; the paper does not say how order
     is encoded, LONGER feeds position as side information).
     """
 
@@ -292,10 +392,13 @@ class Tokenizer(nn.Module):
         c = config
         self.ns_spaces = dict(c.ns_groups)
         self.seq_fields = c.seq_fields
+        self.merge = c.merge_sequences
         self.tables = nn.ModuleDict({n: nn.Embedding(vocab, c.emb_dim, padding_idx=0) for n, vocab in c.id_spaces})
         self.ns_proj = nn.ModuleDict({g: nn.Linear(len(sp) * c.emb_dim, c.d_model) for g, sp in c.ns_groups})
-        self.seq_proj = nn.ModuleDict({s: nn.Linear(len(c.seq_fields) * c.emb_dim, c.d_model) for s, _ in c.sequences})
-        self.seq_pos = nn.ParameterDict({s: nn.Parameter(torch.randn(L, c.d_model) * 0.02) for s, L in c.sequences})
+        self.seq_proj = nn.ModuleDict(
+            {s: nn.Linear(len(c.seq_fields) * c.emb_dim, c.seq_width) for s, _ in c.sequences}
+        )
+        self.seq_pos = nn.ParameterDict({s: nn.Parameter(torch.randn(L, c.seq_width) * 0.02) for s, L in c.sequences})
 
     def embed(self, ids: Tensor, spaces: tuple[str, ...]) -> Tensor:
         """ids (..., F) -> concatenated field embeddings (..., F*E); column j is looked up in table spaces[j]."""
@@ -303,62 +406,105 @@ class Tokenizer(nn.Module):
             raise ValueError(f"expected {len(spaces)} id columns {spaces}, got shape {tuple(ids.shape)}")
         return torch.cat([self.tables[sp](ids[..., j]) for j, sp in enumerate(spaces)], dim=-1)  # (..., F*E)
 
-    def forward(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        ns = torch.stack(
+    def ns_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """One D-wide token per NS group: (B, M, D)."""
+        return torch.stack(
             [proj(self.embed(batch[f"ns_{g}"], self.ns_spaces[g])) for g, proj in self.ns_proj.items()], dim=1
         )  # (B, M, D)
+
+    def seq_tokens(self, batch: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Per sequence (h (B, L_s, Ds), valid mask (B, L_s)); one merged sequence with merge_sequences."""
         seqs = []
         for s, proj in self.seq_proj.items():
             ids = batch[f"seq_{s}"]  # (B, L, F_e)
             L = ids.shape[1]
-            h = proj(self.embed(ids, self.seq_fields)) + self.seq_pos[s][:L]  # (B, L, D)
+            h = proj(self.embed(ids, self.seq_fields)) + self.seq_pos[s][:L]  # (B, L, Ds)
             mask = torch.arange(L, device=ids.device) < batch[f"len_{s}"][:, None]  # (B, L)
             seqs.append((h, mask))
-        return ns, seqs
+        return [merge_sequences(seqs)] if self.merge else seqs
+
+
+def merge_sequences(seqs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Table 2's "Merge Seq": the sequences (already aligned to width Ds) as one, each row's valid events packed to
+    the front in sequence order (first sequence's events first, each most recent first), padding last.
+    Returns (B, sum L_s, Ds), (B, sum L_s)."""
+    h = torch.cat([h for h, _ in seqs], dim=1)  # (B, L, Ds)
+    mask = torch.cat([m for _, m in seqs], dim=1)  # (B, L)
+    order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)  # (B, L): valid first, order kept
+    return h.gather(1, order[..., None].expand_as(h)), mask.gather(1, order)
+
+
+def masked_mean(h: Tensor, mask: Tensor) -> Tensor:
+    """Mean of h (B, L, D) over valid positions mask (B, L); zeros where a row has none. Returns (B, D)."""
+    m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
+    return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, D)
 
 
 class QueryGenerator(nn.Module):
     """§3.3.2 Query Generation (first layer only; deeper layers reuse the boosted queries).
 
-    For each sequence s: Global Info G_s = Concat(F_1, ..., F_M, MeanPool(seq_s)) in R^{(M+1)D}, and
-    Q_s = [FFN_{s,1}(G_s), ..., FFN_{s,N}(G_s)] in R^{N x D}. The N*S separate FFNs run as one PerTokenFFN.
+    For each sequence s: Global Info G_s = Concat(F_1, ..., F_M, MeanPool(seq_s)) in R^{M*D + Ds}, and
+    Q_s = [FFN_{s,1}(G_s), ..., FFN_{s,N_s}(G_s)] in R^{N_s x D}. The Q = sum N_s separate FFNs run as one
+    PerTokenFFN. The options the paper names for serving efficiency (config fields):
+
+    - feature selection: `query_groups` picks which NS tokens enter G_s (default all);
+    - query_source "ns" drops MeanPool(seq_s) and "target" keeps only the candidate's groups (`target_groups`),
+      the two query ablations of Table 2 ("target" is also the query of the two-stage baselines);
+    - query compression: `query_compress` > 0 first maps G_s through one shared Linear to that width, so the
+      Q FFNs read a small vector instead of (M+1) tokens (our reading of "optional query compression");
+    - per-sequence N_s (`n_queries` as a mapping): "adaptive allocation of more global tokens to more important
+      sequences" (§4.2.2).
     """
 
-    def __init__(self, n_seq: int, n_queries: int, n_ns: int, d_model: int, dropout: float) -> None:
+    def __init__(self, config: HyFormerConfig) -> None:
         super().__init__()
-        self.n_queries = n_queries
-        self.ffn = PerTokenFFN(n_seq * n_queries, (n_ns + 1) * d_model, d_model, d_model, dropout)
+        c = config
+        groups = [g for g, _ in c.ns_groups]
+        self.register_buffer("ns_index", torch.tensor([groups.index(g) for g in c.query_ns_groups]), persistent=False)
+        self.pool = c.query_source == "global"
+        d_info = len(c.query_ns_groups) * c.d_model + (c.seq_width if self.pool else 0)
+        self.compress = nn.Linear(d_info, c.query_compress) if c.query_compress else None
+        counts = [n for _, _, n, _ in c.seq_plan]
+        # query j reads the Global Info of sequence source[j] (sequence-major, N_s queries each)
+        source = torch.tensor([s for s, n in enumerate(counts) for _ in range(n)])
+        self.register_buffer("source", source, persistent=False)
+        self.ffn = PerTokenFFN(sum(counts), c.query_compress or d_info, c.d_model, c.d_model, c.dropout)
 
-    def forward(self, ns: Tensor, seqs: list[tuple[Tensor, Tensor]]) -> Tensor:
-        pooled = torch.stack([masked_mean(h, mask) for h, mask in seqs], dim=1)  # (B, S, D)
-        B, S, _ = pooled.shape
-        g = torch.cat([ns.flatten(1).unsqueeze(1).expand(B, S, -1), pooled], dim=-1)  # (B, S, (M+1)*D)
-        g = g.repeat_interleave(self.n_queries, dim=1)  # (B, S*N, (M+1)*D), sequence-major
-        return self.ffn(g)  # (B, S*N, D)
+    def forward(self, ns: Tensor, pooled: Tensor) -> Tensor:
+        """ns (B, M, D); pooled (R, S, Ds) sequence means, R = B / m requests (KV reuse) -> queries (B, Q, D)."""
+        B, S = ns.shape[0], pooled.shape[1]
+        g = ns[:, self.ns_index].flatten(1).unsqueeze(1).expand(B, S, -1)  # (B, S, M'*D)
+        if self.pool:
+            pooled = pooled.repeat_interleave(B // pooled.shape[0], dim=0)  # (B, S, Ds): a request's m candidates
+            g = torch.cat([g, pooled], dim=-1)  # (B, S, M'*D + Ds)
+        if self.compress is not None:
+            g = self.compress(g)  # (B, S, query_compress)
+        return self.ffn(g[:, self.source])  # (B, Q, D)
 
 
 def make_seq_encoder(config: HyFormerConfig, kind: str) -> nn.Module:
-    """One layer of the §3.4.1 sequence encoder `kind` (one of SEQ_ENCODERS).
+    """One layer of the §3.4.1 sequence encoder `kind` (one of SEQ_ENCODERS), at the sequence width Ds.
 
-    Every encoder layer is forward(h (B, L, D), mask (B, L)) -> (h (B, L', D), mask (B, L')); only "longer"
+    Every encoder layer is forward(h (B, L, Ds), mask (B, L)) -> (h (B, L', Ds), mask (B, L')); only "longer"
     shortens the sequence (L' = min(L, L_H)).
     """
     c = config
     if kind == "transformer":
-        return TransformerEncoderLayer(c.d_model, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
+        return TransformerEncoderLayer(c.seq_width, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
     if kind == "longer":
         return LongerEncoderLayer(c)
     if kind == "swiglu":
-        return SwiGLUEncoderLayer(c.d_model, c.ffn_mult, c.dropout)
+        return SwiGLUEncoderLayer(c.seq_width, c.ffn_mult, c.dropout)
     raise ValueError(f"unknown seq_encoder {kind!r}; expected one of {SEQ_ENCODERS}")
 
 
 class QueryDecoder(nn.Module):
     """§3.4 Query Decoding for one sequence at one layer, with that sequence's encoder `kind` (§3.4.1).
 
-    H_l = Enc_l(H_{l-1}), then the sequence's N queries attend over K_l, V_l (projected from H_l inside the
-    cross-attention): Q~ = Q + CrossAttn(norm(Q), norm(H_l)). Padded events are masked; an empty sequence leaves
-    the queries unchanged.
+    encode: H_l = Enc_l(H_{l-1}) and the layer's K_l, V_l (projected from norm(H_l) by the cross-attention);
+    decode: the sequence's N queries attend over them, Q~ = Q + CrossAttn(norm(Q), K_l, V_l).
+    Encoding never sees the queries, so it depends on the user and request only, not on the candidate: K/V can be
+    computed once per request (KV reuse). Padded events are masked; an empty sequence leaves the queries unchanged.
     """
 
     def __init__(self, config: HyFormerConfig, kind: str) -> None:
@@ -366,36 +512,59 @@ class QueryDecoder(nn.Module):
         c = config
         self.encoder = make_seq_encoder(c, kind)
         self.norm_q = nn.LayerNorm(c.d_model)
-        self.norm_kv = nn.LayerNorm(c.d_model)
-        self.cross_attn = CrossAttention(c.d_model, c.n_heads, c.dropout, c.attn_impl)
+        self.norm_kv = nn.LayerNorm(c.seq_width)
+        self.cross_attn = CrossAttention(c.d_model, c.seq_width, c.n_heads, c.dropout, c.attn_impl)
 
     def forward(self, q: Tensor, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h, mask = self.encoder(h, mask)  # (B, L', D), (B, L')
-        q = q + self.cross_attn(self.norm_q(q), self.norm_kv(h), mask)  # (B, N, D)
-        return q, h, mask
+        """Both halves for one layer: (decoded queries (B, N, D), next states (B, L', Ds), their mask (B, L'))."""
+        h, mask, k, v = self.encode(h, mask)
+        return self.decode(q, k, v, mask), h, mask
+
+    def encode(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        h, mask = self.encoder(h, mask)  # (R, L', Ds), (R, L')
+        k, v = self.cross_attn.project_kv(self.norm_kv(h))  # 2 x (R, H, L', Ds/H)
+        return h, mask, k, v
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return q + self.cross_attn.attend(self.norm_q(q), k, v, mask)  # (B, N, D)
+
+
+LayerKV = list[tuple[Tensor, Tensor, Tensor]]  # per sequence: K (R, H, L', Ds/H), V (same), key mask (R, L')
 
 
 class HyFormerLayer(nn.Module):
     """§3.6-3.7 one HyFormer layer: Query Decoding of each sequence with its own queries and weights, then Query
-    Boosting over Concat(decoded queries of all sequences, NS tokens), split back into queries and NS tokens."""
+    Boosting over Concat(decoded queries of all sequences, NS tokens), split back into queries and NS tokens.
 
-    def __init__(self, config: HyFormerConfig) -> None:
+    With boost=False (arch="two_stage") the layer only decodes: the queries of different sequences and the NS
+    tokens do not meet until the interaction stack after the last layer.
+    """
+
+    def __init__(self, config: HyFormerConfig, boost: bool = True) -> None:
         super().__init__()
-        self.n_queries = config.n_queries
-        self.decoders = nn.ModuleList(QueryDecoder(config, config.encoder_of(s)) for s, _ in config.sequences)
-        self.boost = QueryBoost(config.n_tokens, config.d_model, config.ffn_mult, config.dropout)
+        self.n_queries = [n for _, _, n, _ in config.seq_plan]
+        self.decoders = nn.ModuleList(QueryDecoder(config, kind) for _, _, _, kind in config.seq_plan)
+        self.boost = QueryBoost(config.n_tokens, config.d_model, config.ffn_mult, config.dropout) if boost else None
 
-    def forward(
-        self, q: Tensor, ns: Tensor, seqs: list[tuple[Tensor, Tensor]]
-    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
-        decoded, next_seqs = [], []
-        for decoder, q_s, (h, mask) in zip(self.decoders, q.split(self.n_queries, dim=1), seqs):
-            q_s, h, mask = decoder(q_s, h, mask)  # (B, N, D), (B, L', D), (B, L')
-            decoded.append(q_s)
+    def encode(self, seqs: list[tuple[Tensor, Tensor]]) -> tuple[list[tuple[Tensor, Tensor]], LayerKV]:
+        """This layer's sequence encoding: next layer's sequence states and this layer's K/V per sequence."""
+        next_seqs, kv = [], []
+        for decoder, (h, mask) in zip(self.decoders, seqs):
+            h, mask, k, v = decoder.encode(h, mask)  # (R, L', Ds), (R, L'), 2 x (R, H, L', Ds/H)
             next_seqs.append((h, mask))
-        x = self.boost(torch.cat([*decoded, ns], dim=1))  # (B, T, D)
-        n_q = q.shape[1]
-        return x[:, :n_q], x[:, n_q:], next_seqs  # (B, S*N, D), (B, M, D)
+            kv.append((k, v, mask))
+        return next_seqs, kv
+
+    def forward(self, q: Tensor, ns: Tensor, kv: LayerKV) -> tuple[Tensor, Tensor]:
+        decoded = [
+            decoder.decode(q_s, k, v, mask)  # (B, N_s, D)
+            for decoder, q_s, (k, v, mask) in zip(self.decoders, q.split(self.n_queries, dim=1), kv)
+        ]
+        q = torch.cat(decoded, dim=1)  # (B, Q, D)
+        if self.boost is None:
+            return q, ns
+        x = self.boost(torch.cat([q, ns], dim=1))  # (B, T, D)
+        return x[:, : q.shape[1]], x[:, q.shape[1] :]  # (B, Q, D), (B, M, D)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -435,7 +604,9 @@ class HyFormerConfig:
     d_model: int = 64  # D, width of all tokens
     n_layers: int = 2  # HyFormer layers (each: sequence encoder layer + Query Decoding + Query Boosting)
     n_heads: int = 4  # H, heads of the cross-attention and of the sequence self-attention
-    n_queries: int = 1  # N, queries per sequence
+    # N, queries per sequence: one number for every sequence, or (sequence, N_s) pairs naming every sequence
+    # ("adaptive allocation", §4.2.2)
+    n_queries: int | tuple[tuple[str, int], ...] = 1
     ffn_mult: int = 4  # hidden width of every FFN (encoder MLP, per-token FFN) as a multiple of D
     dropout: float = 0.0  # dropout after attention, FFNs and in the head
     # §3.4.1 sequence encoder, one of SEQ_ENCODERS: one name for every sequence, or (sequence, name) pairs naming
@@ -444,9 +615,24 @@ class HyFormerConfig:
     longer_queries: int = 100  # L_H, most recent events kept as queries by each "longer" encoder layer
     attn_impl: str = "reference"  # attention kernel: "reference" (plain softmax) or "sdpa" (fused)
     head_hidden: tuple[int, ...] = (256,)  # hidden widths of the output MLP on the flattened T*D tokens
+    d_seq: int = 0  # Ds, width of sequence tokens, encoders and cross-attention; 0 = d_model (§4.2.1: sequence
+    #                 and interaction widths scale independently)
+    # §3.3.2 query generation: Global Info from "global" (selected NS tokens + the sequence's mean pool), "ns" (no
+    # pool) or "target" (only target_groups, no pool); query_groups selects NS groups (() = all); query_compress > 0
+    # maps the Global Info to that width with one shared Linear before the per-query FFNs
+    query_source: str = "global"
+    query_groups: tuple[str, ...] = ()
+    target_groups: tuple[str, ...] = ()  # NS groups that describe the candidate item (query_source="target")
+    query_compress: int = 0
+    merge_sequences: bool = False  # Table 2 "Merge Seq": one merged sequence decoded by all Q queries together
+    arch: str = "hyformer"  # one of ARCHS
+    interaction: str = "rankmixer"  # one of INTERACTIONS: the feature-interaction blocks of arch="two_stage"
 
     def __post_init__(self) -> None:
-        for f in ("id_spaces", "ns_groups", "seq_fields", "sequences", "head_hidden", "seq_encoder"):
+        for f in (
+            "id_spaces", "ns_groups", "seq_fields", "sequences", "head_hidden", "seq_encoder", "n_queries",
+            "query_groups", "target_groups",
+        ):
             object.__setattr__(self, f, _freeze(getattr(self, f)))
         self._validate()
 
@@ -479,41 +665,95 @@ class HyFormerConfig:
         for name, max_len in self.sequences:
             if not (isinstance(max_len, int) and max_len >= 1):
                 fail(f"sequence {name!r} max length {max_len!r} must be an int >= 1")
-        for f in ("emb_dim", "d_model", "n_layers", "n_heads", "n_queries", "ffn_mult", "longer_queries"):
+        for f in ("emb_dim", "d_model", "n_layers", "n_heads", "ffn_mult", "longer_queries"):
             if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1):
                 fail(f"{f}={getattr(self, f)!r} must be an int >= 1")
+        for f in ("d_seq", "query_compress"):
+            if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 0):
+                fail(f"{f}={getattr(self, f)!r} must be an int >= 0 (0 = off)")
         if not all(isinstance(h, int) and h >= 1 for h in self.head_hidden):
             fail(f"head_hidden={self.head_hidden!r} must be ints >= 1")
         if not 0.0 <= self.dropout < 1.0:
             fail(f"dropout={self.dropout} must be in [0, 1)")
-        if self.d_model % self.n_heads:
-            fail(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.d_model % self.n_tokens:
+        for what, value, allowed in (
+            ("attn_impl", self.attn_impl, ATTN_IMPLS), ("arch", self.arch, ARCHS),
+            ("interaction", self.interaction, INTERACTIONS), ("query_source", self.query_source, QUERY_SOURCES),
+        ):
+            if value not in allowed:
+                fail(f"{what}={value!r} must be one of {allowed}")
+        for w in ("d_model", "seq_width"):
+            if getattr(self, w) % self.n_heads:
+                fail(f"{w}={getattr(self, w)} must be divisible by n_heads={self.n_heads}")
+        groups = [g for g, _ in self.ns_groups]
+        for f in ("query_groups", "target_groups"):
+            unknown = [g for g in getattr(self, f) if g not in groups]
+            if unknown or len(set(getattr(self, f))) != len(getattr(self, f)):
+                fail(f"{f}={getattr(self, f)!r} must name distinct NS groups of {groups}")
+        if self.query_source == "target" and not self.target_groups:
+            fail('query_source="target" needs target_groups, the NS groups of the candidate item')
+        encoders = self._per_sequence("seq_encoder", fail)
+        for seq, kind in encoders:
+            if kind not in SEQ_ENCODERS:
+                fail(f"seq_encoder {kind!r} (sequence {seq!r}) must be one of {SEQ_ENCODERS}")
+        for seq, n in self._per_sequence("n_queries", fail):
+            if not (isinstance(n, int) and n >= 1):
+                fail(f"n_queries {n!r} (sequence {seq!r}) must be an int >= 1")
+        if self.arch == "unified" and self.seq_encoder not in ("longer", "transformer"):
             fail(
-                f"d_model={self.d_model} must be divisible by T = n_queries*S + M = "
-                f"{self.n_queries}*{self.n_seq} + {self.n_ns} = {self.n_tokens} (token mixing splits D into T parts)"
+                f'arch="unified" takes seq_encoder "longer" (cross-attention only) or "transformer" (full '
+                f"self-attention) for all sequences, got {self.seq_encoder!r}"
             )
-        if self.attn_impl not in ATTN_IMPLS:
-            fail(f"attn_impl={self.attn_impl!r} must be one of {ATTN_IMPLS}")
-        pairs = self.seq_encoder  # one name for every sequence, or (sequence, name) pairs
-        if isinstance(pairs, str):
-            pairs = tuple((s, pairs) for s, _ in self.sequences)
-        if not (isinstance(pairs, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in pairs)):
-            fail(f"seq_encoder={self.seq_encoder!r} must be a name or a mapping sequence -> name")
-        seq_names, named = [n for n, _ in self.sequences], [n for n, _ in pairs]
+        mixes = self.arch == "hyformer" or (self.arch == "two_stage" and self.interaction == "rankmixer")
+        if mixes and self.d_model % self.n_tokens:
+            fail(
+                f"d_model={self.d_model} must be divisible by T = Q + M = {self.n_tokens - self.n_ns} + "
+                f"{self.n_ns} = {self.n_tokens} (token mixing splits D into T parts)"
+            )
+
+    def _per_sequence(self, field: str, fail: Any) -> tuple[tuple[str, Any], ...]:
+        """A field that is one value for every sequence or (sequence, value) pairs naming each sequence once."""
+        value, seq_names = getattr(self, field), [n for n, _ in self.sequences]
+        if not isinstance(value, tuple):
+            return tuple((s, value) for s in seq_names)
+        if not all(isinstance(p, tuple) and len(p) == 2 for p in value):
+            fail(f"{field}={value!r} must be one value or a mapping sequence -> value")
+        named = [n for n, _ in value]
         unknown, missing = [n for n in named if n not in seq_names], [n for n in seq_names if n not in named]
         if unknown or missing or len(named) != len(set(named)):
             fail(
-                f"seq_encoder must name each sequence of {seq_names} once; got {named} "
+                f"{field} must name each sequence of {seq_names} once; got {named} "
                 f"(unknown {unknown}, missing {missing})"
             )
-        for seq, kind in pairs:
-            if kind not in SEQ_ENCODERS:
-                fail(f"seq_encoder {kind!r} (sequence {seq!r}) must be one of {SEQ_ENCODERS}")
+        return value
 
     def encoder_of(self, seq: str) -> str:
         """The §3.4.1 encoder (one of SEQ_ENCODERS) of sequence `seq`."""
         return self.seq_encoder if isinstance(self.seq_encoder, str) else dict(self.seq_encoder)[seq]
+
+    def queries_of(self, seq: str) -> int:
+        """N_s, the queries of sequence `seq`."""
+        return self.n_queries if isinstance(self.n_queries, int) else dict(self.n_queries)[seq]
+
+    @property
+    def seq_plan(self) -> tuple[tuple[str, int, int, str], ...]:
+        """(name, max length, queries, encoder) of each sequence the layers decode. With merge_sequences one
+        "merged" sequence of the summed lengths, decoded by all queries, with the first sequence's encoder."""
+        plan = tuple((s, L, self.queries_of(s), self.encoder_of(s)) for s, L in self.sequences)
+        if self.merge_sequences:
+            return (("merged", sum(p[1] for p in plan), sum(p[2] for p in plan), plan[0][3]),)
+        return plan
+
+    @property
+    def seq_width(self) -> int:
+        """Ds: d_seq, or d_model when d_seq is 0."""
+        return self.d_seq or self.d_model
+
+    @property
+    def query_ns_groups(self) -> tuple[str, ...]:
+        """The NS groups that enter the Global Info of query generation (feature selection)."""
+        if self.query_source == "target":
+            return self.target_groups
+        return self.query_groups or tuple(g for g, _ in self.ns_groups)
 
     @property
     def n_seq(self) -> int:
@@ -527,8 +767,10 @@ class HyFormerConfig:
 
     @property
     def n_tokens(self) -> int:
-        """T = N*S + M, tokens mixed by Query Boosting."""
-        return self.n_queries * self.n_seq + self.n_ns
+        """T = Q + M tokens that reach the head (mixed by Query Boosting); M for arch="unified" (no queries)."""
+        if self.arch == "unified":
+            return self.n_ns
+        return sum(p[2] for p in self.seq_plan) + self.n_ns
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; tuples become lists, and from_dict turns them back."""
@@ -565,6 +807,7 @@ class HyFormerConfig:
             ffn_mult=2,
             longer_queries=4,  # < every tiny sequence length, so "longer" really shortens them
             head_hidden=(32,),
+            target_groups=("item",),
         )
         return dataclasses.replace(config, **overrides)
 
@@ -573,16 +816,18 @@ class HyFormerConfig:
         """The shapes the paper gives (§4.1): sequences long/search/feed of 3000/50/50 events, 13 NS tokens and one
         global query per sequence -> T = 16 mixer tokens. The paper does not publish its feature list, widths or
         depth: the 13 groups follow its user / query / document / cross feature families, sequence events carry 3
-        side-info types (§4.3.2), and D, depth and vocabularies are our guesses, picked so that the dense
-        (non-embedding) parameters, about 458M, are near the paper's 418M.
+        side-info types (§4.3.2), and the widths, depth and vocabularies are our guesses.
 
-        Sequence encoders: the paper names the three options of §3.4.1 but not which one each sequence uses, nor L_H.
-        A Full Transformer over the 3000-event long sequence costs far more than the paper's 3.9 TFLOPs per
-        2048-sample training step (§4.1.3, Table 1), and §3.4.1 (ii) introduces LONGER-style encoding "for long
-        sequences", so the long sequence uses "longer" and the 50-event search and feed sequences the Full
-        Transformer. L_H = 100 is our guess (the paper only says L_H << L_S). `python -m hyformer.profile` counts
-        about 137 training TFLOPs for this preset against 1945 with the Full Transformer on every sequence; the rest
-        of the gap to 3.9 is our guessed widths (the K/V projection of 3000 events at D = 768 alone is 14.5 forward).
+        Widths: D = 832 for the tokens, queries and mixer and Ds = 128 for the sequence side (§4.2.1: HyFormer
+        "allows independent adjustment of ... sequence modeling layers and dimensions"). With them HyFormer has
+        404M dense parameters (paper 418M) and LONGER + RankMixer 381M (paper 386M), and HyFormer's forward pass
+        over a batch of 2048 costs 3.3 TFLOPs (`python -m hyformer.profile`; docs/architectures.md compares every
+        row with the paper).
+
+        Sequence encoders: the paper names the three options of §3.4.1 but not which one each sequence uses, nor
+        L_H. §3.4.1 (ii) introduces LONGER-style encoding "for long sequences", so the long sequence uses "longer"
+        with L_H = 100 (our guess; the paper says L_H << L_S) and the 50-event search and feed sequences the Full
+        Transformer.
         """
         big, mid, small = 1 << 20, 1 << 16, 1 << 10
         config = cls(
@@ -609,7 +854,8 @@ class HyFormerConfig:
             seq_fields=("item", "author", "action"),
             sequences=(("long", 3000), ("search", 50), ("feed", 50)),
             emb_dim=32,
-            d_model=768,  # divisible by T = 16 and by n_heads
+            d_model=832,  # divisible by T = 16 and by n_heads
+            d_seq=128,
             n_layers=4,
             n_heads=8,
             n_queries=1,
@@ -617,6 +863,7 @@ class HyFormerConfig:
             seq_encoder=(("long", "longer"), ("search", "transformer"), ("feed", "transformer")),  # §3.4.1, see above
             longer_queries=100,
             head_hidden=(1024, 256),
+            target_groups=("item_id", "item_content"),
         )
         return dataclasses.replace(config, **overrides)
 
@@ -626,38 +873,26 @@ class HyFormerConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class HyFormer(nn.Module):
-    """HyFormer (Figure 1): tokenise -> generate queries -> n_layers x (Query Decoding, Query Boosting) -> MLP head.
+def head_mlp(config: HyFormerConfig) -> nn.Sequential:
+    """The output MLP: flattened T*D tokens -> head_hidden widths (GELU, dropout) -> one logit."""
+    widths = (config.n_tokens * config.d_model, *config.head_hidden)
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(d_in, d_out), nn.GELU(), nn.Dropout(config.dropout)]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], 1))
 
-    forward(batch) returns logits (B,); apply sigmoid for probabilities. Loss and metrics live outside the model.
-    """
 
-    def __init__(self, config: HyFormerConfig) -> None:
-        super().__init__()
-        c = self.config = config
-        self.tokenizer = Tokenizer(c)
-        self.query_gen = QueryGenerator(c.n_seq, c.n_queries, c.n_ns, c.d_model, c.dropout)
-        self.layers = nn.ModuleList(HyFormerLayer(c) for _ in range(c.n_layers))
-        self.norm_out = nn.LayerNorm(c.d_model)
-        widths = (c.n_tokens * c.d_model, *c.head_hidden)
-        head: list[nn.Module] = []
-        for d_in, d_out in zip(widths[:-1], widths[1:]):
-            head += [nn.Linear(d_in, d_out), nn.GELU(), nn.Dropout(c.dropout)]
-        self.head = nn.Sequential(*head, nn.Linear(widths[-1], 1))
+class RankingModel(nn.Module):
+    """What every architecture here shares: a frozen `config`, forward(batch) -> logits (B,), the attention switch
+    and config.json + model.pt checkpoints (hyformer.zoo.load_model rebuilds any architecture from one)."""
 
-    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        ns, seqs = self.tokenizer(batch)  # (B, M, D), S x ((B, L_s, D), (B, L_s))
-        q = self.query_gen(ns, seqs)  # (B, S*N, D)
-        for layer in self.layers:
-            q, ns, seqs = layer(q, ns, seqs)  # (B, S*N, D), (B, M, D)
-        x = self.norm_out(torch.cat([q, ns], dim=1))  # (B, T, D)
-        return self.head(x.flatten(1)).squeeze(-1)  # (B,)
+    config: HyFormerConfig
 
-    def set_attn_impl(self, impl: str) -> HyFormer:
+    def set_attn_impl(self, impl: str) -> RankingModel:
         """Switch every attention between "reference" and "sdpa" in place (the weights do not change)."""
         self.config = dataclasses.replace(self.config, attn_impl=impl)
         for m in self.modules():
-            if isinstance(m, CrossAttention):
+            if hasattr(m, "attn_impl"):  # CrossAttention and the baselines' attention modules
                 m.attn_impl = impl
         return self
 
@@ -669,9 +904,77 @@ class HyFormer(nn.Module):
         torch.save(self.state_dict(), path / "model.pt")
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> HyFormer:
+    def from_checkpoint(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> RankingModel:
         """Rebuild a model saved by `save`."""
         path = Path(directory)
         model = cls(HyFormerConfig.from_dict(json.loads((path / "config.json").read_text())))
         model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
         return model
+
+
+class SequenceMemory(NamedTuple):
+    """What the behaviour sequences contribute to the queries, for R requests: the Global Info's mean pools and
+    every layer's K/V. Nothing in it depends on the candidate, so one request's memory serves all its candidates."""
+
+    pooled: Tensor  # (R, S, Ds) masked mean of each sequence's tokens (Query Generation's MeanPool(Seq))
+    kv: list[LayerKV]  # per layer, per sequence: K, V (R, H, L', Ds/H) and key mask (R, L')
+
+
+class HyFormer(RankingModel):
+    """HyFormer (Figure 1): tokenise -> generate queries -> n_layers x (Query Decoding, Query Boosting) -> MLP head.
+
+    forward(batch) returns logits (B,); apply sigmoid for probabilities. Loss and metrics live outside the model.
+
+    The sequence side of every layer (encoder -> K_l, V_l) never reads the queries, so forward runs it first for
+    all layers (`encode_sequences`) and then the query side (`decode`); that is the same function as interleaving
+    them, and it is what KV reuse needs: `score(candidates, model.encode_sequences(requests))` encodes each
+    request's sequences once for its m candidates.
+
+    arch="two_stage" (Table 1's BaseArch) uses the same parts without boosting inside the layers: the queries
+    decode their own sequence at every layer, and only then meet each other and the NS tokens in n_layers
+    interaction blocks (config.interaction: RankMixer, Transformer or Wukong).
+    """
+
+    def __init__(self, config: HyFormerConfig) -> None:
+        super().__init__()
+        if config.arch not in ("hyformer", "two_stage"):
+            raise ValueError(f"HyFormer builds arch 'hyformer' or 'two_stage', not {config.arch!r}: use build_model")
+        c = self.config = config
+        self.tokenizer = Tokenizer(c)
+        self.query_gen = QueryGenerator(c)
+        self.layers = nn.ModuleList(HyFormerLayer(c, boost=c.arch == "hyformer") for _ in range(c.n_layers))
+        self.norm_out = nn.LayerNorm(c.d_model)
+        self.head = head_mlp(c)
+        n_blocks = c.n_layers if c.arch == "two_stage" else 0
+        self.interaction = nn.ModuleList(make_interaction(c) for _ in range(n_blocks))
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        ns = self.tokenizer.ns_tokens(batch)  # (B, M, D)
+        memory = self.encode_sequences(batch)  # sequence side of every layer: pooled (B, S, Ds), K/V per layer
+        return self.decode(ns, memory)  # (B,)
+
+    def encode_sequences(self, batch: Mapping[str, Tensor]) -> SequenceMemory:
+        """Sequence tokens -> each layer's encoder -> that layer's K/V (§3.4.1-3.4.2), for the rows of `batch`
+        (only its seq_*/len_* keys are read)."""
+        seqs = self.tokenizer.seq_tokens(batch)  # S x ((R, L_s, Ds), (R, L_s))
+        pooled = torch.stack([masked_mean(h, mask) for h, mask in seqs], dim=1)  # (R, S, Ds)
+        kv = []
+        for layer in self.layers:
+            seqs, kv_l = layer.encode(seqs)
+            kv.append(kv_l)
+        return SequenceMemory(pooled, kv)
+
+    def decode(self, ns: Tensor, memory: SequenceMemory) -> Tensor:
+        """NS tokens (B, M, D) of B = R*m candidates, request-major, + the memory of their R requests -> logits."""
+        q = self.query_gen(ns, memory.pooled)  # (B, Q, D), §3.3.2
+        for layer, kv in zip(self.layers, memory.kv):
+            q, ns = layer(q, ns, kv)  # (B, Q, D), (B, M, D): Query Decoding, then Query Boosting
+        x = torch.cat([q, ns], dim=1)  # (B, T, D)
+        for block in self.interaction:  # two_stage only: feature interaction after sequence modelling
+            x = block(x)  # (B, T, D)
+        return self.head(self.norm_out(x).flatten(1)).squeeze(-1)  # (B,)
+
+    def score(self, batch: Mapping[str, Tensor], memory: SequenceMemory) -> Tensor:
+        """KV reuse: logits of B = R*m candidates (the ns_* keys of `batch`, request-major) given the memory of
+        their R requests; equal to forward on the same rows with each request's sequences repeated m times."""
+        return self.decode(self.tokenizer.ns_tokens(batch), memory)  # (B,)

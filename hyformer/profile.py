@@ -1,8 +1,8 @@
 """Parameters and training FLOPs of a model configuration (the "Params" and "FLOPs" columns of the paper's Table 1).
 
-    python -m hyformer.profile                       # the paper() preset, batch 2048
+    python -m hyformer.profile                       # every architecture of hyformer.zoo at paper(), batch 2048
     python -m hyformer.profile --preset tiny --batch 256
-    python -m hyformer.profile --set '{"n_layers": 2}'
+    python -m hyformer.profile --set '{"n_layers": 2}' --only hyformer longer-rankmixer
 
 Method:
 
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hyformer.model import HyFormer, HyFormerConfig
+from hyformer.model import HyFormerConfig
 from hyformer.testing import make_batch
+from hyformer.zoo import ARCHITECTURES, build_model
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,17 @@ class Profile:
     train_flops: int  # forward + backward
     batch: int
 
-    def row(self, name: str) -> str:
+    def row(self, name: str, paper: tuple[float, float] | None = None) -> str:
+        reported = f"{paper[0]:g} | {paper[1]:g}" if paper else "- | -"
         return (
-            f"| {name} | {self.dense_params / 1e6:.4g} | {self.sparse_params / 1e6:.4g} | "
-            f"{self.forward_flops / 1e12:.4g} | {self.train_flops / 1e12:.4g} |"
+            f"| {name} | {self.dense_params / 1e6:.4g} | {reported.split(' | ')[0]} | {self.sparse_params / 1e6:.4g} | "
+            f"{self.forward_flops / 1e12:.4g} | {self.train_flops / 1e12:.4g} | {reported.split(' | ')[1]} |"
         )
 
 
 HEADER = (
-    "| architecture | dense params (M) | sparse params (M) | forward TFLOPs | train TFLOPs (fwd+bwd) |\n"
-    "|---|---:|---:|---:|---:|"
+    "| architecture | dense params (M) | paper (M) | sparse params (M) | forward TFLOPs | train TFLOPs (fwd+bwd) "
+    "| paper TFLOPs |\n|---|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -60,7 +62,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def profile(config: HyFormerConfig, batch: int = 2048) -> Profile:
     """Params and FLOPs of ``config`` (see module doc); builds the model on the meta device."""
     with torch.device("meta"):
-        model = HyFormer(config)
+        model = build_model(config)
     full = {s: L for s, L in config.sequences}
     inputs = {k: v.to("meta") for k, v in make_batch(config, batch, lens=full).items()}
     dense, sparse = count_params(model)
@@ -74,33 +76,24 @@ def profile(config: HyFormerConfig, batch: int = 2048) -> Profile:
     return Profile(dense, sparse, fwd, counter.get_total_flops(), batch)
 
 
-# Named architectures of the Table-1 comparison, as HyFormerConfig overrides of a preset. Issue #4 adds the
-# baselines here as they land; every row is trainable by jobs/train.py with the same overrides.
-ARCHITECTURES: dict[str, dict] = {
-    "HyFormer": {},  # the preset's encoders (paper(): LONGER-style on the long sequence)
-    "HyFormer, Full Transformer sequences": {"seq_encoder": "transformer"},
-    "HyFormer, SwiGLU sequences": {"seq_encoder": "swiglu"},
-}
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Print dense/sparse parameters and training FLOPs per architecture.")
     p.add_argument("--preset", default="paper", choices=("paper", "tiny"))
     p.add_argument("--batch", type=int, default=2048, help="samples per training step (paper: 2048)")
     p.add_argument("--set", default="{}", help="HyFormerConfig overrides for every row, as JSON")
+    p.add_argument("--only", nargs="*", choices=sorted(ARCHITECTURES), help="these architectures (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     a = p.parse_args(argv)
-    preset = getattr(HyFormerConfig, a.preset)
-    rows = {}
-    for name, overrides in ARCHITECTURES.items():
-        rows[name] = profile(preset(**(json.loads(a.set) | overrides)), a.batch)
+    base = getattr(HyFormerConfig, a.preset)(**json.loads(a.set))
+    rows = {name: profile(ARCHITECTURES[name].config(base), a.batch) for name in (a.only or ARCHITECTURES)}
     if a.json:
         print(json.dumps({k: vars(v) for k, v in rows.items()}, indent=1))
         return
-    print(f"preset {a.preset}, batch {a.batch}, every sequence at full length\n")
+    print(f"preset {a.preset}, batch {a.batch}, every sequence at full length; paper = Tables 1-2 of the paper\n")
     print(HEADER)
     for name, prof in rows.items():
-        print(prof.row(name))
+        arch = ARCHITECTURES[name]
+        print(prof.row(f"{arch.label} (`{name}`)", arch.paper if a.preset == "paper" else None))
 
 
 if __name__ == "__main__":

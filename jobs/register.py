@@ -19,7 +19,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 import hyformer
-from hyformer import HyFormer
+from hyformer import load_model
 from jobs.common import log
 from jobs.evaluate import plots
 
@@ -80,7 +80,7 @@ def log_training_run(
             if len(history) > 1:
                 for p in loss_curve(history, f"{tmp}/"):
                     mlflow.log_artifact(p, "plots")
-        model = HyFormer.from_checkpoint(checkpoint_dir)
+        model = load_model(checkpoint_dir)
         info = mlflow.pytorch.log_model(
             model,
             name="model",

@@ -32,7 +32,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from features.build import NS_GROUPS, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines, reconstruct
-from hyformer import HyFormer, HyFormerConfig
+from hyformer import ARCHITECTURES, HyFormerConfig, build_model
+from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import absolute, init_ray, log, setup_logging
 from jobs.evaluate import mask_sequences, metrics, predict
@@ -50,21 +51,25 @@ class TrainConfig:
     hide_sequences: bool = False  # ablation: every sequence length set to 0 (train and eval)
     seed: int = 0  # model init and data shuffling
     log_every: int = 50  # progress line every N steps (rank 0)
+    arch: str = "hyformer"  # a name of hyformer.zoo.ARCHITECTURES: HyFormer or a baseline/ablation of Tables 1-2
     model: dict = field(default_factory=dict)  # HyFormerConfig overrides (d_model, n_layers, n_queries, ...)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def model_config(fs: FeatureSet, overrides: dict | None = None) -> HyFormerConfig:
-    """The HyFormer config whose inputs match a feature set (id spaces, groups, sequences and their lengths)."""
-    return HyFormerConfig(
+def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyformer") -> HyFormerConfig:
+    """The config of architecture ``arch`` whose inputs match a feature set (id spaces, groups, sequences and their
+    lengths), then ``overrides`` (which win over the architecture's own settings)."""
+    base = HyFormerConfig(
         id_spaces=tuple(sorted(fs.cfg.vocab.items())),
         ns_groups=tuple((g, tuple(space for _, space in cols)) for g, cols in NS_GROUPS.items()),
         seq_fields=fs.cfg.seq_fields,
         sequences=tuple((s, fs.cfg.seq_len(s)) for s in SEQUENCES),
-        **({"attn_impl": "sdpa"} | (overrides or {})),  # the fused kernel; tests hold it equal to "reference"
+        target_groups=("item",),  # the candidate's features: queries of query_source="target"
+        attn_impl="sdpa",  # the fused kernel; tests hold it equal to "reference"
     )
+    return HyFormerConfig.from_dict(architecture(arch).config(base).to_dict() | (overrides or {}))
 
 
 class MaterializeCollate(NumpyBatchCollateFn):
@@ -117,7 +122,7 @@ def train_fn_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    model = ray.train.torch.prepare_model(HyFormer(mc))
+    model = ray.train.torch.prepare_model(build_model(mc))
     device = ray.train.torch.get_device()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     collate = MaterializeCollate(ray.get(config["timelines"]), FeatureConfig(**config["features"]))
@@ -158,7 +163,7 @@ def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str) -> 
     """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused names)."""
     if len(fs.days) < 2:
         raise ValueError(f"need at least 2 days (train + held-out), the feature window has {len(fs.days)}")
-    mc = model_config(fs, tc.model)
+    mc = model_config(fs, tc.model, tc.arch)
     datasets = {
         "train": model_dataset(fs, fs.days[:-1], shuffle=True),
         "eval": model_dataset(fs, fs.days[-1:], shuffle=False),
@@ -193,12 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--hide-sequences", action="store_true", help="ablation: mask every behaviour sequence out")
+    p.add_argument("--arch", default="hyformer", choices=sorted(ARCHITECTURES), help="HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py)")
     p.add_argument("--model", default="{}", help='HyFormerConfig overrides as JSON, e.g. \'{"d_model": 64}\'')
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
     fs = FeatureSet.load(absolute(a.features))
-    tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers, gpu=a.gpu, hide_sequences=a.hide_sequences, model=json.loads(a.model))
+    tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers, gpu=a.gpu, hide_sequences=a.hide_sequences, arch=a.arch, model=json.loads(a.model))
     res = train(fs, tc, a.storage or os.path.normpath(f"{fs.root}/../../../train"), a.name or f"train-{int(time.time())}")
     print(json.dumps({"checkpoint": res.checkpoint_dir, **res.metrics}))
 

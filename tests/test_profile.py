@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hyformer import ARCHITECTURES
 from hyformer.model import HyFormer, HyFormerConfig
 from hyformer.profile import count_params, main, profile
 
@@ -43,7 +44,16 @@ def test_longer_sequences_cost_more_flops():
     assert long.forward_flops > short.forward_flops and long.dense_params > short.dense_params  # + position table
 
 
-def test_cli_prints_a_table(capsys):
+def test_cli_prints_a_row_per_architecture(capsys):
     main(["--preset", "tiny", "--batch", "4"])
     out = capsys.readouterr().out
-    assert "| HyFormer |" in out and "train TFLOPs" in out
+    assert "train TFLOPs" in out
+    for name, arch in ARCHITECTURES.items():
+        assert f"| {arch.label} (`{name}`) |" in out
+
+
+def test_paper_preset_lands_near_the_papers_parameter_counts():
+    """paper(): dense parameters within 10% of Table 1 for HyFormer (418M) and LONGER + RankMixer (386M)."""
+    for name in ("hyformer", "longer-rankmixer"):
+        prof = profile(ARCHITECTURES[name].config(HyFormerConfig.paper()), batch=2)
+        assert abs(prof.dense_params / 1e6 - ARCHITECTURES[name].paper[0]) < 0.1 * ARCHITECTURES[name].paper[0], name

@@ -30,7 +30,7 @@ from jobs.build_features import build_features  # noqa: E402
 from jobs.common import DEFAULT_DATA_DIR, absolute, init_ray, log, setup_logging  # noqa: E402
 from jobs.ingest import ingest  # noqa: E402
 from jobs.register import log_training_run  # noqa: E402
-from jobs.train import TrainConfig, train  # noqa: E402
+from jobs.train import ARCHITECTURES, TrainConfig, train  # noqa: E402
 
 # The small synthetic default: a few minutes end to end on 2 CPU cores.
 DEMO_SYNTH = dict(users=1000, items=3000, authors=200, queries=400, requests_per_day=120, search_events_per_day=1500, feed_events_per_day=2500)
@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--gpu", action="store_true", help="one worker per GPU (nccl) instead of CPU/gloo")
+    p.add_argument("--arch", default="hyformer", choices=sorted(ARCHITECTURES), help="HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py); registered under this name")
     p.add_argument("--model", default=json.dumps(DEMO_MODEL), help="HyFormerConfig overrides as JSON")
     p.add_argument("--hide-sequences", action="store_true", help="ablation: train and evaluate with every sequence masked out")
     p.add_argument("--synth-scale", type=float, default=1.0, help="multiplies the demo's synthetic request/event counts")
@@ -99,7 +100,7 @@ def run(a: argparse.Namespace) -> dict:
     fs = stage("features", build_features, data_dir, date, a.days, fcfg, force=a.rebuild_features)
     tc = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers, gpu=a.gpu,
-        hide_sequences=a.hide_sequences, seed=a.seed, model=json.loads(a.model),
+        hide_sequences=a.hide_sequences, seed=a.seed, arch=a.arch, model=json.loads(a.model),
     )
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     res = stage("train", train, fs, tc, f"{data_dir}/train", run_name)
@@ -113,8 +114,8 @@ def run(a: argparse.Namespace) -> dict:
         res.history,
         {"train": tc.to_dict(), "model": res.model_config.to_dict(), "features": fs.cfg.to_dict()},
         extra_metrics=ingest_metrics | {"feature_samples": float(fs.samples), "feature_days_built": float(len(fs.built))},
-        tags={"date": day, "window_days": str(a.days), "hide_sequences": str(a.hide_sequences)},
-        register_as=None if a.no_register else "hyformer",
+        tags={"date": day, "window_days": str(a.days), "hide_sequences": str(a.hide_sequences), "arch": a.arch},
+        register_as=None if a.no_register else a.arch,
     )
     return {"date": day, "run_id": run_id, "model_version": version, **{k: v for k, v in res.metrics.items() if k.startswith("eval_")}}
 

@@ -1,0 +1,94 @@
+"""Every architecture of the paper's Tables 1 and 2 by name, and one way to build or load any of them.
+
+    from hyformer.zoo import ARCHITECTURES, build_model, load_model
+    config = ARCHITECTURES["longer-rankmixer"].config(HyFormerConfig.tiny())
+    model = build_model(config)
+
+`jobs/train.py --arch NAME` (and the daily workflow's `--arch`) trains any row on the same data and training code;
+`python -m hyformer.profile` prints the rows' parameters and FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyformer.baselines import Unified
+from hyformer.model import HyFormer, HyFormerConfig, RankingModel
+
+
+@dataclass(frozen=True)
+class Architecture:
+    label: str  # the row's name in the paper
+    table: str  # where the paper reports it: "1", "2" or "" (ours)
+    overrides: dict[str, Any] = field(default_factory=dict)  # HyFormerConfig fields that turn the preset into it
+    paper: tuple[float, float] | None = None  # (dense params x10^6, training FLOPs x10^12 at batch 2048) reported
+
+    def config(self, base: HyFormerConfig) -> HyFormerConfig:
+        """`base` (a preset or a config matched to a feature set) turned into this architecture."""
+        return dataclasses.replace(base, **self.overrides)
+
+
+def _two_stage(seq: str, interaction: str) -> dict[str, Any]:
+    # BaseArch: sequence modelling with target-item queries ("w/o Global Tokens", Table 2), then interaction
+    return {"arch": "two_stage", "seq_encoder": seq, "interaction": interaction, "query_source": "target"}
+
+
+A = Architecture
+# paper=(dense params x10^6, training TFLOPs) as Tables 1 and 2 report them
+ARCHITECTURES: dict[str, Architecture] = {
+    # Table 1: HyFormer; BaseArch = {LONGER, Full Transformer} x {RankMixer, Transformer, Wukong}; UniArch (unified
+    # models merge all sequences into one token stream)
+    "hyformer": A("HyFormer", "1", {}, (418, 3.9)),  # the preset's encoders (paper(): LONGER-style on the long one)
+    "longer-rankmixer": A("LONGER + RankMixer", "1", _two_stage("longer", "rankmixer"), (386, 3.5)),
+    "longer-transformer": A("LONGER + Full Transformer", "1", _two_stage("longer", "transformer"), (416, 6.2)),
+    "longer-wukong": A("LONGER + Wukong", "1", _two_stage("longer", "wukong"), (385, 5.2)),
+    "transformer-rankmixer": A("Full Transformer + RankMixer", "1", _two_stage("transformer", "rankmixer"), (388, 6.6)),
+    "transformer-transformer": A(
+        "Full Transformer + Full Transformer", "1", _two_stage("transformer", "transformer"), (418, 9.3)
+    ),
+    "transformer-wukong": A("Full Transformer + Wukong", "1", _two_stage("transformer", "wukong"), (387, 8.3)),
+    "mtgr-longer": A("MTGR/OneTrans (w/ LONGER)", "1", {"arch": "unified", "seq_encoder": "longer"}, (406, 6.6)),
+    "mtgr-transformer": A(
+        "MTGR/OneTrans (w/ Full Transformer)", "1", {"arch": "unified", "seq_encoder": "transformer"}, (450, 21.9)
+    ),
+    # Table 2 (its "BaseArch w/o Global Tokens" row is longer-rankmixer)
+    "hyformer-no-seq-pool": A("Query w/o Seq Pooling Tokens", "2", {"query_source": "ns"}, (415, 3.9)),
+    "hyformer-target-query": A(
+        "Query w/o Nonseq and Seq Pooling Tokens (= HyFormer w/o Global Tokens)", "2", {"query_source": "target"},
+        (414, 3.8),
+    ),
+    "basearch-global-tokens": A(
+        "BaseArch w/ Global Tokens", "2", _two_stage("longer", "rankmixer") | {"query_source": "global"}, (505, 3.6)
+    ),
+    "hyformer-merge-seq": A("HyFormer + Merge Seq", "2", {"merge_sequences": True}, (397, 3.9)),
+    # §3.4.1 sequence-encoder options of HyFormer itself
+    "hyformer-transformer-seqs": A("HyFormer, Full Transformer on every sequence", "", {"seq_encoder": "transformer"}),
+    "hyformer-swiglu-seqs": A("HyFormer, SwiGLU on every sequence", "", {"seq_encoder": "swiglu"}),
+}
+del A
+
+
+def architecture(name: str) -> Architecture:
+    """The named architecture, or a clear error listing the names."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def build_model(config: HyFormerConfig) -> RankingModel:
+    """The model of `config.arch`: HyFormer ("hyformer", "two_stage") or Unified ("unified")."""
+    return Unified(config) if config.arch == "unified" else HyFormer(config)
+
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> RankingModel:
+    """Rebuild any architecture saved by `model.save(directory)` (config.json + model.pt)."""
+    path = Path(directory)
+    model = build_model(HyFormerConfig.from_dict(json.loads((path / "config.json").read_text())))
+    model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
+    return model

@@ -1,0 +1,350 @@
+"""Every architecture of hyformer.zoo (the paper's Tables 1 and 2) on tiny(): shapes, masks, gradients, checkpoints,
+attention kernels, seeded golden values; then the parts the baselines and ablations are made of (query options,
+merged sequences, two-stage information flow, unified blocks, Wukong, the sequence width) and KV reuse."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hyformer import ARCHITECTURES, HyFormer, HyFormerConfig, build_model, load_model
+from hyformer.baselines import Unified
+from hyformer.model import QueryGenerator, WukongLayer, merge_sequences
+from hyformer.testing import make_batch
+from hyformer.zoo import architecture
+
+CFG = HyFormerConfig.tiny()
+NAMES = list(ARCHITECTURES)
+
+
+def arch_cfg(name: str, **overrides) -> HyFormerConfig:
+    return dataclasses.replace(ARCHITECTURES[name].config(CFG), **overrides)
+
+
+def build(config: HyFormerConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(config).eval()
+
+
+def mixed_lens(config: HyFormerConfig, n: int) -> dict[str, list[int]]:
+    """Rows with 0, 1, L and L/2 events (repeating), per sequence."""
+    return {s: ([0, 1, L, L // 2] * n)[:n] for s, L in config.sequences}
+
+
+def loss_grads(model, batch) -> tuple[Tensor, dict[str, Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits = model(batch)
+    F.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every architecture
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_zoo_has_every_row_of_tables_1_and_2() -> None:
+    assert sum(a.table == "1" for a in ARCHITECTURES.values()) == 9  # 6 BaseArch + 2 UniArch + HyFormer
+    assert sum(a.table == "2" for a in ARCHITECTURES.values()) == 4  # + HyFormer and BaseArch rows of Table 1
+    assert all(a.paper for a in ARCHITECTURES.values() if a.table)
+    with pytest.raises(ValueError, match="unknown architecture 'nope'"):
+        architecture("nope")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_finite_and_every_parameter_gets_a_gradient(name: str) -> None:
+    """No unused parameters (DDP needs none), finite logits for empty, short and full sequences."""
+    config = arch_cfg(name)
+    model = build(config).train()
+    batch = make_batch(config, 8, lens=mixed_lens(config, 8))
+    logits, grads = loss_grads(model, batch)
+    assert logits.shape == (8,) and torch.isfinite(logits).all()
+    for n, p in model.named_parameters():
+        assert n in grads and torch.isfinite(grads[n]).all(), f"{name}: {n} has no finite gradient"
+        assert grads[n].abs().sum() > 0, f"{name}: {n} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_is_masked_and_rows_are_independent(name: str) -> None:
+    config = arch_cfg(name)
+    model = build(config)
+    batch = make_batch(config, 4, lens=mixed_lens(config, 4))
+    noisy = dict(batch)
+    for s, L in config.sequences:  # junk ids at padded positions
+        pad = torch.arange(L)[None, :] >= batch[f"len_{s}"][:, None]  # (B, L)
+        noisy[f"seq_{s}"] = torch.where(pad[..., None], torch.full_like(batch[f"seq_{s}"], 3), batch[f"seq_{s}"])
+    torch.testing.assert_close(model(noisy), model(batch), rtol=0, atol=1e-5)
+    changed = dict(batch, seq_long=batch["seq_long"].clone())
+    changed["seq_long"][2, 0] = torch.tensor([7, 8, 2])  # the most recent event of row 2 (which has L events)
+    before, after = model(batch), model(changed)
+    assert (before[2] - after[2]).abs() > 1e-6, "the long sequence must reach the logit"
+    torch.testing.assert_close(before[[0, 1, 3]], after[[0, 1, 3]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_round_trip_rebuilds_the_architecture(name: str, tmp_path) -> None:
+    model = build(arch_cfg(name))
+    model.save(tmp_path)
+    loaded = load_model(tmp_path).eval()
+    assert type(loaded) is type(model) and loaded.config == model.config
+    batch = make_batch(model.config, 5)
+    torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["mixed", "empty", "full"])
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_and_sdpa_agree_on_outputs_and_gradients(name: str, case: str) -> None:
+    config = arch_cfg(name, attn_impl="reference")
+    ref = build(config).train()
+    fast = copy.deepcopy(ref).set_attn_impl("sdpa")
+    assert fast.config.attn_impl == "sdpa"
+    lens = {"mixed": mixed_lens(config, 6), "empty": {s: 0 for s, _ in config.sequences},
+            "full": dict(config.sequences)}[case]
+    batch = make_batch(config, 6, lens=lens)
+    out_ref, g_ref = loss_grads(ref, batch)
+    out_fast, g_fast = loss_grads(fast, batch)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-5)
+    assert g_fast.keys() == g_ref.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_stays_close_to_float32(name: str) -> None:
+    """The mixed-precision path (bf16 autocast, as on GPU) runs on CPU too and stays near the fp32 logits."""
+    config = arch_cfg(name, attn_impl="sdpa")
+    model = build(config)
+    batch = make_batch(config, 6, lens=mixed_lens(config, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(batch)
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), model(batch), rtol=0, atol=0.1)
+
+
+# Seeded golden values (tiny(), seed 0, rows with 0, 1, L and L/2 events): update only for an intended change of an
+# architecture's function or initialisation (print them with the loop in this test's docstring).
+# "hyformer" and "hyformer-swiglu-seqs" equal test_model's GOLDEN for "transformer" and "swiglu" (tiny's default
+# encoder is the Full Transformer); LONGER rows equal their Full Transformer rows on the rows with 0 and 1 events.
+GOLDEN = {
+    "hyformer": [0.30647984, -0.19842944, -0.12317865, -0.26798922],
+    "longer-rankmixer": [-0.15187991, 0.10361962, -0.11213681, -0.12272675],
+    "longer-transformer": [-0.27775869, -0.02022781, 0.02533910, -0.08935375],
+    "longer-wukong": [-0.01643379, 0.13656241, 0.10291463, 0.02600984],
+    "transformer-rankmixer": [-0.15187991, 0.10361962, -0.09581877, -0.12910169],
+    "transformer-transformer": [-0.27775869, -0.02022781, 0.08852111, -0.09021872],
+    "transformer-wukong": [-0.01643379, 0.13656241, 0.14190671, 0.03694073],
+    "mtgr-longer": [0.19835901, 0.19059409, 0.27481958, 0.19243179],
+    "mtgr-transformer": [0.15496568, 0.18726327, 0.40990490, 0.08879903],
+    "hyformer-no-seq-pool": [0.08210149, -0.14748694, 0.06259932, 0.17322984],
+    "hyformer-target-query": [-0.16955622, -0.20884413, -0.09351956, -0.20960721],
+    "basearch-global-tokens": [-0.14182657, 0.21556523, 0.08242946, 0.06866483],
+    "hyformer-merge-seq": [0.31787118, 0.23236012, 0.11063213, 0.76514769],
+    "hyformer-transformer-seqs": [0.30647984, -0.19842944, -0.12317865, -0.26798922],
+    "hyformer-swiglu-seqs": [0.53337502, 0.09835497, 0.21506281, 0.64566839],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden_logits(name: str) -> None:
+    """To print them: for n in NAMES: c = arch_cfg(n); print(n, build(c)(make_batch(c, 4, lens=mixed_lens(c, 4))))"""
+    config = arch_cfg(name)
+    logits = build(config, seed=0)(make_batch(config, 4, lens=mixed_lens(config, 4), seed=0))
+    torch.testing.assert_close(logits, torch.tensor(GOLDEN[name]), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Query generation options (§3.3.2, Table 2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def queries(config: HyFormerConfig, batch: dict[str, Tensor], seed: int = 0) -> Tensor:
+    """The first layer's queries (B, Q, D) of a seeded model."""
+    model = build(config, seed)
+    memory = model.encode_sequences(batch)
+    return model.query_gen(model.tokenizer.ns_tokens(batch), memory.pooled)
+
+
+def with_new_ids(batch: dict[str, Tensor], key: str) -> dict[str, Tensor]:
+    return dict(batch, **{key: torch.where(batch[key] > 0, 1 + (batch[key] % 3), 2)})
+
+
+@pytest.mark.parametrize(
+    "source, changes, moves_queries",
+    [
+        ("global", "ns_user", True), ("global", "seq_feed", True),
+        ("ns", "ns_user", True), ("ns", "seq_feed", False),  # no sequence pooling
+        ("target", "ns_user", False), ("target", "seq_feed", False), ("target", "ns_item", True),  # candidate only
+    ],
+)
+def test_query_sources_read_exactly_their_inputs(source: str, changes: str, moves_queries: bool) -> None:
+    config = dataclasses.replace(CFG, query_source=source)
+    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    moved = (queries(config, batch) - queries(config, with_new_ids(batch, changes))).abs().amax()
+    assert (moved > 1e-6) == moves_queries, (source, changes, float(moved))
+
+
+def test_feature_selection_and_compression() -> None:
+    config = dataclasses.replace(CFG, query_groups=("query", "item"))
+    batch = make_batch(config, 4)
+    torch.testing.assert_close(queries(config, batch), queries(config, with_new_ids(batch, "ns_user")))
+    assert (queries(config, batch) - queries(config, with_new_ids(batch, "ns_query"))).abs().amax() > 1e-6
+    D, Ds, Q = CFG.d_model, CFG.seq_width, CFG.n_tokens - CFG.n_ns
+    d_info = 2 * D + Ds  # two selected NS tokens + the sequence pool
+    sizes = {c: sum(p.numel() for p in QueryGenerator(dataclasses.replace(config, query_compress=c)).parameters())
+             for c in (0, 8)}
+    ffn = lambda d_in: Q * (d_in * D + D + D * D + D)  # noqa: E731 (PerTokenFFN d_in -> D -> D per query)
+    assert sizes == {0: ffn(d_info), 8: d_info * 8 + 8 + ffn(8)}
+
+
+def test_queries_per_sequence_are_allocated_by_name() -> None:
+    config = dataclasses.replace(CFG, n_queries={"long": 3, "search": 1, "feed": 1}, d_model=40)  # T = 5 + 5
+    assert config.n_tokens == 10 and [p[2] for p in config.seq_plan] == [3, 1, 1]
+    model = build(config)
+    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    q = model.query_gen(model.tokenizer.ns_tokens(batch), model.encode_sequences(batch).pooled)
+    assert q.shape == (4, 5, 40)
+    assert model.layers[0].n_queries == [3, 1, 1] and model(batch).shape == (4,)
+    # the long sequence's 3 queries share its Global Info but have their own FFNs
+    assert (q[:, 0] - q[:, 1]).abs().amax() > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merged sequences, two-stage information flow, unified blocks, Wukong, sequence width
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_merge_sequences_packs_valid_events_first_in_sequence_order() -> None:
+    h1 = torch.tensor([[[1.0], [2.0], [0.0]]])  # (1, 3, 1): 2 valid events
+    h2 = torch.tensor([[[3.0], [0.0]]])  # 1 valid event
+    m1, m2 = torch.tensor([[True, True, False]]), torch.tensor([[True, False]])
+    h, mask = merge_sequences([(h1, m1), (h2, m2)])
+    assert h.squeeze(-1).tolist() == [[1.0, 2.0, 3.0, 0.0, 0.0]]
+    assert mask.tolist() == [[True, True, True, False, False]]
+
+
+def test_merged_model_decodes_one_sequence_with_all_queries() -> None:
+    config = arch_cfg("hyformer-merge-seq")
+    assert config.seq_plan == (("merged", 32, 3, "transformer"),) and config.n_tokens == CFG.n_tokens
+    model = build(config)
+    assert len(model.layers[0].decoders) == 1 and len(build(CFG).layers[0].decoders) == 3
+
+
+def first_layer_queries_of_long(model: HyFormer, batch: dict[str, Tensor]) -> Tensor:
+    """Queries of the long sequence after every layer but before any interaction block: (B, N, D)."""
+    ns = model.tokenizer.ns_tokens(batch)
+    memory = model.encode_sequences(batch)
+    q = model.query_gen(ns, memory.pooled)
+    for layer, kv in zip(model.layers, memory.kv):
+        q, ns = layer(q, ns, kv)
+    return q[:, : model.config.queries_of("long")]
+
+
+@pytest.mark.parametrize("arch, isolated", [("longer-rankmixer", True), ("hyformer-target-query", False)])
+def test_two_stage_keeps_each_sequence_apart_until_the_interaction(arch: str, isolated: bool) -> None:
+    """The paper's point (§4.2.1): in BaseArch a sequence's queries never see the other sequences or the NS tokens
+    before the interaction stage; in HyFormer, Query Boosting mixes them in every layer (same target-only query)."""
+    config = arch_cfg(arch)
+    model = build(config)
+    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    changed = with_new_ids(batch, "seq_feed")
+    moved = (first_layer_queries_of_long(model, batch) - first_layer_queries_of_long(model, changed)).abs().amax()
+    assert (moved < 1e-6) == isolated
+    assert (model(batch) - model(changed)).abs().amax() > 1e-6  # the feed sequence still reaches the logit
+
+
+@pytest.mark.parametrize("encoder, updates_sequence", [("longer", False), ("transformer", True)])
+def test_unified_blocks_cross_attend_or_self_attend(encoder: str, updates_sequence: bool) -> None:
+    config = arch_cfg(f"mtgr-{encoder}")
+    model = build(config)
+    assert isinstance(model, Unified) and config.n_tokens == CFG.n_ns
+    batch = make_batch(config, 3, lens={s: L for s, L in config.sequences})
+    x = model.tokenizer.ns_tokens(batch)
+    h, mask = merge_sequences(model.tokenizer.seq_tokens(batch))
+    _, h1 = model.blocks[0](x, h, mask)
+    assert (not torch.equal(h1, h)) == updates_sequence  # "w/ LONGER": no attention inside the sequence
+    _, h1_other_ns = model.blocks[0](x + 1.0, h, mask)
+    assert (not torch.allclose(h1, h1_other_ns)) == updates_sequence  # sequence tokens attend to NS tokens
+
+
+def test_wukong_factorization_machine_matches_the_explicit_dot_product_matrix() -> None:
+    torch.manual_seed(0)
+    layer = WukongLayer(n_tokens=6, d_model=8, ffn_mult=2, dropout=0.0)
+    x = torch.randn(2, 6, 8)
+    explicit = (x @ x.transpose(1, 2)) @ layer.y  # (B, T, T) @ (T, k)
+    fm = layer.fm_mlp(layer.fm_norm(explicit.flatten(1))).view(2, layer.n_fm, 8)
+    lc = torch.einsum("ot,btd->bod", layer.lcb.weight, x)
+    torch.testing.assert_close(layer(x), layer.norm(x + torch.cat([fm, lc], dim=1)))
+
+
+def test_sequence_width_is_independent_of_the_model_width() -> None:
+    narrow = dataclasses.replace(CFG, d_seq=16)
+    model = build(narrow)
+    assert model.tokenizer.seq_proj["long"].out_features == 16
+    assert model.layers[0].decoders[0].encoder.attn.q_proj.in_features == 16
+    assert model.layers[0].decoders[0].cross_attn.q_proj.in_features == CFG.d_model
+    batch = make_batch(narrow, 4)
+    assert model(batch).shape == (4,)
+    # d_seq = d_model builds the same model as the default (0 = d_model), parameter for parameter
+    same, default = build(dataclasses.replace(CFG, d_seq=CFG.d_model)), build(CFG)
+    torch.testing.assert_close(same(batch), default(batch), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KV reuse across candidates
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+@pytest.mark.parametrize("name", ["hyformer", "longer-rankmixer", "hyformer-merge-seq", "hyformer-target-query"])
+def test_kv_reuse_scores_equal_per_candidate_scoring(name: str, impl: str) -> None:
+    """R = 3 requests x m = 5 candidates: encoding each request's sequences once gives the logits of scoring every
+    candidate with its own copy of the sequences."""
+    config = arch_cfg(name, attn_impl=impl, seq_encoder={"long": "longer", "search": "transformer", "feed": "swiglu"})
+    model = build(config)
+    R, m = 3, 5
+    requests = make_batch(config, R, lens={s: [0, 1, L] for s, L in config.sequences}, seed=1)
+    candidates = make_batch(config, R * m, seed=2)  # its ns_* keys: one candidate per row, request-major
+    repeated = {k: v.repeat_interleave(m, dim=0) for k, v in requests.items() if k.startswith(("seq_", "len_"))}
+    per_candidate = model({**candidates, **repeated})
+    reused = model.score(candidates, model.encode_sequences(requests))
+    torch.testing.assert_close(reused, per_candidate, rtol=1e-5, atol=1e-5)
+    assert (per_candidate[:m] - per_candidate[m : 2 * m]).abs().amax() > 1e-6  # requests differ
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config errors for the new fields
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(arch="dlrm"), "arch='dlrm' must be one of"),
+        (dict(arch="two_stage", interaction="dcn"), "interaction='dcn'"),
+        (dict(query_source="all"), "query_source='all'"),
+        (dict(query_source="target", target_groups=()), "needs target_groups"),
+        (dict(query_groups=("user", "nope")), "query_groups"),
+        (dict(target_groups=("item", "item")), "target_groups"),
+        (dict(n_queries={"long": 2}), r"n_queries must name each sequence .* missing \['search', 'feed'\]"),
+        (dict(n_queries={"long": 0, "search": 1, "feed": 1}), "n_queries 0"),
+        (dict(n_queries={"long": 2, "search": 1, "feed": 1}), "divisible by T"),  # T = 4 + 5 = 9
+        (dict(d_seq=15), "seq_width=15 must be divisible by n_heads"),
+        (dict(query_compress=-1), "query_compress"),
+        (dict(arch="unified", seq_encoder="swiglu"), 'arch="unified" takes seq_encoder'),
+    ],
+)
+def test_invalid_architecture_configs_raise(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(CFG, **overrides)
+
+
+def test_models_refuse_the_wrong_arch() -> None:
+    with pytest.raises(ValueError, match="use build_model"):
+        HyFormer(arch_cfg("mtgr-longer"))
+    with pytest.raises(ValueError, match="use build_model"):
+        Unified(CFG)
