@@ -45,6 +45,12 @@ Input contract (produced by the data pipeline; extra keys are ignored):
     batch["ns_<group>"]  LongTensor (B, F_g)       ids in [0, vocab), 0 = missing
     batch["seq_<name>"]  LongTensor (B, L_s, F_e)  per-event side-info ids, most recent event first
     batch["len_<name>"]  LongTensor (B,)           number of valid events; positions >= len are padding
+  or, instead of seq_<name>, the deduplicated ID tables of §3.8.1 (what jobs/train.py feeds):
+    batch["uniq_<table>"] LongTensor (U, F_e)      the batch's unique events; row 0 = padding (all ids 0)
+    batch["inv_<name>"]   LongTensor (B, L_s)      row of uniq_<table> for each position; <table> is
+                                                   config.seq_table(name) (sequences may share one table)
+  Only the U unique rows are embedded and projected; the (B, L_s, Ds) tokens are then gathered on the device, and
+  autograd's backward of that gather sums each position's gradient into its unique row.
 """
 
 from __future__ import annotations
@@ -392,6 +398,7 @@ class Tokenizer(nn.Module):
         c = config
         self.ns_spaces = dict(c.ns_groups)
         self.seq_fields = c.seq_fields
+        self.seq_tables = {s: c.seq_table(s) for s, _ in c.sequences}
         self.merge = c.merge_sequences
         self.tables = nn.ModuleDict({n: nn.Embedding(vocab, c.emb_dim, padding_idx=0) for n, vocab in c.id_spaces})
         self.ns_proj = nn.ModuleDict({g: nn.Linear(len(sp) * c.emb_dim, c.d_model) for g, sp in c.ns_groups})
@@ -416,10 +423,15 @@ class Tokenizer(nn.Module):
         """Per sequence (h (B, L_s, Ds), valid mask (B, L_s)); one merged sequence with merge_sequences."""
         seqs = []
         for s, proj in self.seq_proj.items():
-            ids = batch[f"seq_{s}"]  # (B, L, F_e)
-            L = ids.shape[1]
-            h = proj(self.embed(ids, self.seq_fields)) + self.seq_pos[s][:L]  # (B, L, Ds)
-            mask = torch.arange(L, device=ids.device) < batch[f"len_{s}"][:, None]  # (B, L)
+            if f"inv_{s}" in batch:  # §3.8.1: look up and project the unique events only, then gather
+                inv = batch[f"inv_{s}"]  # (B, L)
+                unique = proj(self.embed(batch[f"uniq_{self.seq_tables[s]}"], self.seq_fields))  # (U, Ds)
+                h = unique[inv]  # (B, L, Ds)
+            else:
+                h = proj(self.embed(batch[f"seq_{s}"], self.seq_fields))  # (B, L, Ds)
+            L = h.shape[1]
+            h = h + self.seq_pos[s][:L]  # (B, L, Ds)
+            mask = torch.arange(L, device=h.device) < batch[f"len_{s}"][:, None]  # (B, L)
             seqs.append((h, mask))
         return [merge_sequences(seqs)] if self.merge else seqs
 
@@ -626,12 +638,15 @@ class HyFormerConfig:
     query_compress: int = 0
     merge_sequences: bool = False  # Table 2 "Merge Seq": one merged sequence decoded by all Q queries together
     arch: str = "hyformer"  # one of ARCHS
+    # (sequence, table): the uniq_<table> key a sequence's inv_<sequence> indexes when the batch carries
+    # deduplicated ID tables; a sequence not named uses uniq_<sequence>
+    seq_tables: tuple[tuple[str, str], ...] = ()
     interaction: str = "rankmixer"  # one of INTERACTIONS: the feature-interaction blocks of arch="two_stage"
 
     def __post_init__(self) -> None:
         for f in (
             "id_spaces", "ns_groups", "seq_fields", "sequences", "head_hidden", "seq_encoder", "n_queries",
-            "query_groups", "target_groups",
+            "query_groups", "target_groups", "seq_tables",
         ):
             object.__setattr__(self, f, _freeze(getattr(self, f)))
         self._validate()
@@ -689,6 +704,8 @@ class HyFormerConfig:
             unknown = [g for g in getattr(self, f) if g not in groups]
             if unknown or len(set(getattr(self, f))) != len(getattr(self, f)):
                 fail(f"{f}={getattr(self, f)!r} must name distinct NS groups of {groups}")
+        if any(seq not in dict(self.sequences) for seq, _ in self.seq_tables):
+            fail(f"seq_tables={self.seq_tables!r} names a sequence not in {[n for n, _ in self.sequences]}")
         if self.query_source == "target" and not self.target_groups:
             fail('query_source="target" needs target_groups, the NS groups of the candidate item')
         encoders = self._per_sequence("seq_encoder", fail)
@@ -729,6 +746,10 @@ class HyFormerConfig:
     def encoder_of(self, seq: str) -> str:
         """The §3.4.1 encoder (one of SEQ_ENCODERS) of sequence `seq`."""
         return self.seq_encoder if isinstance(self.seq_encoder, str) else dict(self.seq_encoder)[seq]
+
+    def seq_table(self, seq: str) -> str:
+        """The dedup table (uniq_<table>) that sequence `seq` indexes."""
+        return dict(self.seq_tables).get(seq, seq)
 
     def queries_of(self, seq: str) -> int:
         """N_s, the queries of sequence `seq`."""

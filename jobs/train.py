@@ -5,8 +5,8 @@
 Data (paper §3.8.1): the window's samples (ids + sequence ordinals, a few dozen bytes each) stream from Ray Data into
 the workers; the window's events are put once into the Ray object store and shared by the workers of a node. Each
 worker's collate step (in Ray Data's prefetch threads) turns a batch of ordinals into deduplicated ID tables
-(``uniq_<stream>`` + ``inv_<seq>``), which travel to the device, where ``reconstruct`` gathers the full (B, L, F)
-sequences. The last day is the evaluation set, every other day trains. Workers: ``--workers``
+(``uniq_<stream>`` + ``inv_<seq>``), which travel to the device. There the model embeds and projects only the
+unique events and gathers the (B, L, Ds) sequence tokens; backward sums the gradients into the unique rows. The last day is the evaluation set, every other day trains. Workers: ``--workers``
 TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Every epoch each worker
 reports (a barrier); rank 0 evaluates the held-out day and saves a checkpoint (``config.json`` + ``model.pt``).
 """
@@ -30,8 +30,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from features.build import NS_GROUPS, SEQUENCES, FeatureConfig
-from features.materialize import Materializer, Timelines, reconstruct
+from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
+from features.materialize import Materializer, Timelines
 from hyformer import ARCHITECTURES, HyFormerConfig, build_model
 from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
@@ -67,6 +67,7 @@ def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyf
         seq_fields=fs.cfg.seq_fields,
         sequences=tuple((s, fs.cfg.seq_len(s)) for s in SEQUENCES),
         target_groups=("item",),  # the candidate's features: queries of query_source="target"
+        seq_tables=tuple((s, SEQ_STREAM[s]) for s in SEQUENCES),  # long and search index the search-event table
         attn_impl="sdpa",  # the fused kernel; tests hold it equal to "reference"
     )
     return HyFormerConfig.from_dict(architecture(arch).config(base).to_dict() | (overrides or {}))
@@ -96,7 +97,6 @@ def train_epoch(model, opt, batches, tc: TrainConfig, epoch: int, device) -> dic
     rank = ray.train.get_context().get_world_rank()
     losses, n, t0 = [], 0, time.perf_counter()
     for step, batch in enumerate(batches):
-        batch = reconstruct(batch)  # on the device: (B, L, F) sequences from the unique-event tables
         if tc.hide_sequences:
             batch = mask_sequences(batch)
         logits = model(batch)
@@ -138,7 +138,7 @@ def train_fn_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:  # eval is not split: rank 0 scores the whole held-out day
-                pred = predict(raw, map(reconstruct, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device)), hide_sequences=tc.hide_sequences)
+                pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device), hide_sequences=tc.hide_sequences)
                 m |= metrics(pred)
                 raw.save(tmp)
                 np.savez(os.path.join(tmp, "eval_predictions.npz"), **pred)
