@@ -421,12 +421,13 @@ class Tokenizer(nn.Module):
 
     def seq_tokens(self, batch: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Per sequence (h (B, L_s, Ds), valid mask (B, L_s)); one merged sequence with merge_sequences."""
-        seqs = []
+        seqs, unique_emb = [], {}  # unique_emb: table -> (U, F*E), looked up once for the sequences sharing it
         for s, proj in self.seq_proj.items():
             if f"inv_{s}" in batch:  # §3.8.1: look up and project the unique events only, then gather
-                inv = batch[f"inv_{s}"]  # (B, L)
-                unique = proj(self.embed(batch[f"uniq_{self.seq_tables[s]}"], self.seq_fields))  # (U, Ds)
-                h = unique[inv]  # (B, L, Ds)
+                table = self.seq_tables[s]
+                if table not in unique_emb:
+                    unique_emb[table] = self.embed(batch[f"uniq_{table}"], self.seq_fields)  # (U, F*E)
+                h = proj(unique_emb[table])[batch[f"inv_{s}"]]  # (U, Ds) projected, then gathered: (B, L, Ds)
             else:
                 h = proj(self.embed(batch[f"seq_{s}"], self.seq_fields))  # (B, L, Ds)
             L = h.shape[1]
@@ -926,10 +927,13 @@ class RankingModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> RankingModel:
-        """Rebuild a model saved by `save`."""
-        path = Path(directory)
-        model = cls(HyFormerConfig.from_dict(json.loads((path / "config.json").read_text())))
-        model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
+        """Rebuild a model saved by `save` (hyformer.zoo.load_model, which picks the class from the config)."""
+        from hyformer.zoo import load_model  # noqa: PLC0415 (zoo imports this module)
+
+        model = load_model(directory, map_location)
+        if not isinstance(model, cls):
+            kind = f"{type(model).__name__} (arch {model.config.arch!r})"
+            raise TypeError(f"{directory} holds a {kind}, not a {cls.__name__}: use hyformer.load_model")
         return model
 
 

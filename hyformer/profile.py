@@ -39,10 +39,10 @@ class Profile:
     batch: int
 
     def row(self, name: str, paper: tuple[float, float] | None = None) -> str:
-        reported = f"{paper[0]:g} | {paper[1]:g}" if paper else "- | -"
+        paper_params, paper_flops = (f"{v:g}" for v in paper) if paper else ("-", "-")
         return (
-            f"| {name} | {self.dense_params / 1e6:.4g} | {reported.split(' | ')[0]} | {self.sparse_params / 1e6:.4g} | "
-            f"{self.forward_flops / 1e12:.4g} | {self.train_flops / 1e12:.4g} | {reported.split(' | ')[1]} |"
+            f"| {name} | {self.dense_params / 1e6:.4g} | {paper_params} | {self.sparse_params / 1e6:.4g} | "
+            f"{self.forward_flops / 1e12:.4g} | {self.train_flops / 1e12:.4g} | {paper_flops} |"
         )
 
 

@@ -6,8 +6,8 @@ Data (paper §3.8.1): the window's samples (ids + sequence ordinals, a few dozen
 the workers; the window's events are put once into the Ray object store and shared by the workers of a node. Each
 worker's collate step (in Ray Data's prefetch threads) turns a batch of ordinals into deduplicated ID tables
 (``uniq_<stream>`` + ``inv_<seq>``), which travel to the device. There the model embeds and projects only the
-unique events and gathers the (B, L, Ds) sequence tokens; backward sums the gradients into the unique rows. The last day is the evaluation set, every other day trains. Workers: ``--workers``
-TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Every epoch each worker
+unique events and gathers the (B, L, Ds) sequence tokens; backward sums the gradients into the unique rows. The last
+day is the evaluation set, every other day trains. Workers: ``--workers`` TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Every epoch each worker
 reports (a barrier); rank 0 evaluates the held-out day and saves a checkpoint (``config.json`` + ``model.pt``).
 """
 
@@ -70,7 +70,7 @@ def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyf
         seq_tables=tuple((s, SEQ_STREAM[s]) for s in SEQUENCES),  # long and search index the search-event table
         attn_impl="sdpa",  # the fused kernel; tests hold it equal to "reference"
     )
-    return HyFormerConfig.from_dict(architecture(arch).config(base).to_dict() | (overrides or {}))
+    return architecture(arch).config(base, overrides)
 
 
 class MaterializeCollate(NumpyBatchCollateFn):

@@ -386,3 +386,9 @@ def test_dedup_tables_give_the_values_and_gradients_of_the_full_sequences(name: 
     assert g_dedup.keys() == g_full.keys()
     for n in g_full:  # embedding rows and projections: the same gradients, summed per unique row first
         torch.testing.assert_close(g_dedup[n], g_full[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_from_checkpoint_of_the_wrong_class_is_a_clear_error(tmp_path) -> None:
+    build(arch_cfg("mtgr-longer")).save(tmp_path)
+    with pytest.raises(TypeError, match="holds a Unified .* not a HyFormer: use hyformer.load_model"):
+        HyFormer.from_checkpoint(tmp_path)
