@@ -34,13 +34,13 @@ def tracking_uri(data_dir: str) -> str:
 def use_tracking(data_dir: str, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     uri = tracking_uri(data_dir)
+    embedded = "MLFLOW_TRACKING_URI" not in os.environ  # read before set_tracking_uri, which sets that variable
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")), exist_ok=True)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         return mlflow.set_experiment(experiment).experiment_id
-    embedded = "MLFLOW_TRACKING_URI" not in os.environ
     location = Path(f"{data_dir}/mlflow/artifacts").as_uri() if embedded else None
     return mlflow.create_experiment(experiment, artifact_location=location)
 

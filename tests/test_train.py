@@ -69,6 +69,8 @@ def test_mlflow_run_holds_metrics_plots_and_a_loadable_registered_model(trained,
     assert version == "1"
     assert mlflow.get_tracking_uri() == f"sqlite:///{data_dir}/mlflow/mlflow.db"
     run = mlflow.get_run(run_id)
+    # artifacts (plots, the model) live in the data directory, not in ./mlruns of whatever the working directory is
+    assert run.info.artifact_uri.startswith(f"file://{data_dir}/mlflow/artifacts/"), run.info.artifact_uri
     for k in ("eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc"):
         assert k in run.data.metrics
     assert run.data.params["model.d_model"] == "16"
