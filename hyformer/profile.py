@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hyformer.model import HyFormerConfig
 from hyformer.testing import make_batch
+from hyformer.training import split_parameters
 from hyformer.zoo import ARCHITECTURES, build_model
 
 
@@ -53,11 +54,9 @@ HEADER = (
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(dense, sparse): sparse = parameters of nn.Embedding modules."""
-    sparse_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    dense = sum(p.numel() for p in model.parameters() if id(p) not in sparse_ids)
-    sparse = sum(p.numel() for p in model.parameters() if id(p) in sparse_ids)
-    return dense, sparse
+    """(dense, sparse) parameter counts: sparse = the embedding tables (hyformer.training.split_parameters)."""
+    dense, sparse = split_parameters(model)
+    return sum(p.numel() for p in dense), sum(p.numel() for p in sparse)
 
 
 def profile(config: HyFormerConfig, batch: int = 2048) -> Profile:

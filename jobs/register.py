@@ -93,6 +93,39 @@ def log_training_run(
     return run.info.run_id, version
 
 
+def log_failed_run(data_dir: str, run_name: str, error: BaseException, configs: Mapping[str, Mapping], tags: Mapping[str, str] = {}) -> str:
+    """Record a training that failed (e.g. a non-finite loss) as an MLflow run with status FAILED and the error."""
+    exp_id = use_tracking(data_dir)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags) | {"error": f"{type(error).__name__}: {error}"[:5000]}) as run:
+        for name, cfg in configs.items():
+            mlflow.log_params(flat_params(f"{name}.", {k: v for k, v in cfg.items() if k != "vocab"}))
+        mlflow.end_run(status="FAILED")
+    log.info("mlflow: run %s marked FAILED", run.info.run_id)
+    return run.info.run_id
+
+
+def registered_checkpoint(data_dir: str, spec: str, name: str, dest: str) -> str | None:
+    """A checkpoint directory (config.json + model.pt) to warm-start from, for ``spec``:
+
+    - ``"latest"``: the newest registered version of model ``name`` (None when there is none yet: a cold start);
+    - ``"models:/<model>/<version>"`` or ``"models:/<model>@<alias>"``: that registered version, written to ``dest``;
+    - anything else: a checkpoint directory, returned as it is.
+    """
+    if spec == "latest":
+        version = latest_version(data_dir, name)
+        if version is None:
+            log.info("warm start: no registered version of %s yet, training from scratch", name)
+            return None
+        spec = f"models:/{name}/{version}"
+    if not spec.startswith("models:/"):
+        return spec
+    use_tracking(data_dir)
+    model = mlflow.pytorch.load_model(spec, map_location="cpu")
+    model.save(dest)
+    log.info("warm start: %s written to %s", spec, dest)
+    return dest
+
+
 def loss_curve(history: list[dict[str, float]], path_prefix: str) -> list[str]:
     import matplotlib
 

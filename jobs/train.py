@@ -1,21 +1,27 @@
 """Train HyFormer with Ray Train on a built feature window; evaluate on its last day (held out).
 
-    python -m jobs.train --features /abs/data/features/v2/<store>/window-2026-11-22-70d.json --workers 1 --epochs 2
+    python -m jobs.train --features /abs/data/features/v2/<store>/window-2026-11-22-70d.json --workers 2 --grad-sync async
 
 Data (paper §3.8.1): the window's samples (ids + sequence ordinals, a few dozen bytes each) stream from Ray Data into
-the workers; the window's events are put once into the Ray object store and shared by the workers of a node. Each
-worker's collate step (in Ray Data's prefetch threads) turns a batch of ordinals into deduplicated ID tables
-(``uniq_<stream>`` + ``inv_<seq>``), which travel to the device. There the model embeds and projects only the
-unique events and gathers the (B, L, Ds) sequence tokens; backward sums the gradients into the unique rows. The last
-day is the evaluation set, every other day trains. Workers: ``--workers`` TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Every epoch each worker
-reports (a barrier); rank 0 evaluates the held-out day and saves a checkpoint (``config.json`` + ``model.pt``).
+the workers; the window's events are put once into the Ray object store. Each worker's collate step turns a batch
+into deduplicated ID tables (``uniq_<table>`` + ``inv_<seq>``), which travel to the device, where the model embeds
+the unique events only and gathers the sequences. The last day is the evaluation set, every other day trains.
+
+Workers: ``--workers`` TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Each
+runs a ``hyformer.training.Learner``: dense AdamW (warmup, clipping) + row-wise Adagrad on the embedding tables,
+``--grad-sync ddp`` or ``async`` (§3.8.2), bf16 autocast on GPU, a non-finite guard. Rank 0 logs progress, evaluates
+the held-out day at every epoch end and writes checkpoints (model, both optimisers, position; also every
+``--checkpoint-every`` steps); after a worker failure Ray Train restarts the group from the last one. See
+docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import math
 import os
 import tempfile
 import time
@@ -25,14 +31,15 @@ import numpy as np
 import ray
 import ray.train
 import torch
-import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines
 from hyformer import ARCHITECTURES, HyFormerConfig, build_model
+from hyformer.model import RankingModel
+from hyformer.training import Learner, NonFiniteError, OptimConfig, broadcast_parameters, warm_start
 from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import absolute, init_ray, log, setup_logging
@@ -43,16 +50,31 @@ from jobs.evaluate import mask_sequences, metrics, predict
 class TrainConfig:
     epochs: int = 2  # passes over the training days
     batch_size: int = 256  # per worker
-    lr: float = 2e-3  # AdamW learning rate
-    weight_decay: float = 1e-5  # AdamW weight decay (dense and embeddings alike, for now)
+    lr: float = 2e-3  # dense AdamW peak learning rate
+    weight_decay: float = 1e-5  # dense AdamW weight decay
+    warmup_steps: int = 100  # dense LR warmup (linear), in optimiser updates
+    clip_norm: float = 1.0  # dense gradient-norm clipping (0: off)
+    sparse_optimizer: str = "rowwise_adagrad"  # embedding tables: rowwise_adagrad | adagrad | adamw (with the dense)
+    sparse_lr: float = 0.05  # learning rate of the sparse optimiser
+    grad_sync: str = "ddp"  # "ddp" (synchronous) | "async" (paper §3.8.2: dense gradients applied one step late)
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
     workers: int = 1  # Ray Train workers (one per GPU with gpu=True)
     gpu: bool = False  # CUDA workers + nccl; else CPU workers + gloo
     cpus_per_worker: float = 2.0  # logical CPUs each worker reserves (= its torch threads)
+    checkpoint_every: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
+    max_failures: int = 2  # Ray Train restarts the workers from the last checkpoint this many times
+    init_from: str | None = None  # warm start: a checkpoint directory (config.json + model.pt) of the same architecture
     hide_sequences: bool = False  # ablation: every sequence length set to 0 (train and eval)
     seed: int = 0  # model init and data shuffling
     log_every: int = 50  # progress line every N steps (rank 0)
     arch: str = "hyformer"  # a name of hyformer.zoo.ARCHITECTURES: HyFormer or a baseline/ablation of Tables 1-2
     model: dict = field(default_factory=dict)  # HyFormerConfig overrides (d_model, n_layers, n_queries, ...)
+
+    def __post_init__(self):
+        self.optim()  # validates the optimiser fields
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimConfig)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,36 +105,84 @@ class MaterializeCollate(NumpyBatchCollateFn):
         return {k: torch.from_numpy(v) for k, v in self.materialize(batch).items()}
 
 
-def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], shuffle: bool) -> ray.data.Dataset:
-    """The stored samples of ``days`` (one file per day and shard)."""
+def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], shuffle: bool, seed: int = 0) -> ray.data.Dataset:
+    """The stored samples of ``days`` (one file per day and shard); ``shuffle``: files in a seeded random order."""
     ds = ray.data.read_parquet(fs.sample_files(days), partitioning=None).drop_columns(["day"])  # strings: no tensors
-    return ds.randomize_block_order() if shuffle else ds
+    return ds.randomize_block_order(seed=seed) if shuffle else ds
 
 
 # --- worker side --------------------------------------------------------------------------------------------------
 
 
-def train_epoch(model, opt, batches, tc: TrainConfig, epoch: int, device) -> dict[str, float]:
-    model.train()
-    rank = ray.train.get_context().get_world_rank()
+@dataclass
+class Position:
+    """Where training stands: ``batch`` batches of ``epoch`` are done (and ``step`` optimiser steps in all)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+def save_checkpoint(directory: str, model: RankingModel, learner: Learner, pos: Position, history: list[dict]) -> None:
+    """config.json + model.pt (what hyformer.load_model reads), train_state.pt (both optimisers, the async pending
+    gradient, the position: everything a restarted worker group needs to go on exactly) and history.json (the
+    metrics of every finished epoch; Ray keeps only the last checkpoints' metrics)."""
+    model.save(directory)
+    torch.save({"learner": learner.state_dict(), "position": dataclasses.asdict(pos)}, os.path.join(directory, "train_state.pt"))
+    with open(os.path.join(directory, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
+def restore_checkpoint(checkpoint: Checkpoint, model: RankingModel, learner: Learner) -> tuple[Position, list[dict]]:
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=learner.device, weights_only=True))
+        state = torch.load(os.path.join(d, "train_state.pt"), map_location=learner.device, weights_only=False)
+        with open(os.path.join(d, "history.json")) as f:
+            history = json.load(f)
+    learner.load_state_dict(state["learner"])
+    return Position(**state["position"]), history
+
+
+def report(metrics: dict, model: RankingModel, learner: Learner, pos: Position, history: list[dict], files: dict[str, dict] | None = None) -> None:
+    """ray.train.report on every worker (a barrier); rank 0 attaches a checkpoint of ``pos`` (+ npz ``files``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_checkpoint(tmp, model, learner, pos, history)
+            for name, arrays in (files or {}).items():
+                np.savez(os.path.join(tmp, name), **arrays)
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report({"epoch": pos.epoch, "step": pos.step} | metrics, checkpoint=checkpoint)
+
+
+def train_epoch(learner: Learner, model: RankingModel, batches, tc: TrainConfig, pos: Position, history: list[dict], steps_per_epoch: int) -> dict[str, float]:
+    """Train one epoch from ``pos`` (skipping its ``pos.batch`` batches done before a restart), advancing ``pos``.
+    Every ``tc.checkpoint_every`` steps all workers report a checkpoint."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if pos.batch:
+        log.info("rank %d: epoch %d resumes after batch %d (skipping the batches done before the restart)", rank, pos.epoch, pos.batch)
+        batches = itertools.islice(batches, pos.batch, None)
     losses, n, t0 = [], 0, time.perf_counter()
-    for step, batch in enumerate(batches):
+    for batch in batches:
         if tc.hide_sequences:
             batch = mask_sequences(batch)
-        logits = model(batch)
-        loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        stats = learner.step(batch)
+        losses.append(stats["loss"])
         n += len(batch["label"])
-        if rank == 0 and (step + 1) % tc.log_every == 0:
-            dt = time.perf_counter() - t0
-            log.info("epoch %d step %d: loss %.4f (last %d), %.0f samples/s/worker", epoch, step + 1, np.mean(losses[-tc.log_every :]), tc.log_every, n / dt)
+        pos.batch, pos.step = pos.batch + 1, pos.step + 1
+        if rank == 0 and pos.batch % tc.log_every == 0:
+            rate = n * world / (time.perf_counter() - t0)
+            left = max(0, steps_per_epoch - pos.batch) * tc.batch_size * world / rate
+            log.info(
+                "epoch %d/%d step %d/%d: loss %.4f (last %d), grad norm %.3g, lr %.2g, %.0f samples/s (%d workers), epoch ETA %.0f s",
+                pos.epoch + 1, tc.epochs, pos.batch, steps_per_epoch, np.mean(losses[-tc.log_every :]), tc.log_every,
+                stats["grad_norm"], stats["lr"], rate, world, left,
+            )
+        if tc.checkpoint_every and pos.step % tc.checkpoint_every == 0:
+            report({"train_loss_recent": float(np.mean(losses[-tc.checkpoint_every :]))}, model, learner, pos, history)
     dt = time.perf_counter() - t0
-    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_samples": float(n), "train_seconds": dt, "samples_per_s": n / max(dt, 1e-9)}
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_samples": float(n * world), "train_seconds": dt, "samples_per_s": n * world / max(dt, 1e-9)}
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -120,31 +190,52 @@ def train_fn_per_worker(config: dict) -> None:
     mc = HyFormerConfig.from_dict(config["model"])
     torch.manual_seed(tc.seed)
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    model = ray.train.torch.prepare_model(build_model(mc))
+    rank = ray.train.get_context().get_world_rank()
+    model = build_model(mc)
+    if config["init_state"] is not None:
+        adapted = warm_start(model, ray.get(config["init_state"]))
+        if rank == 0:
+            log.info("warm start from %s%s", tc.init_from, f" (grown tables: {'; '.join(adapted)})" if adapted else "")
+    raw = model
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if tc.grad_sync == "ddp" else None)
     device = ray.train.torch.get_device()
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.grad_sync == "async":
+        broadcast_parameters(model)  # what DDP does at construction
+    learner = Learner(model, tc.optim(), device)
+    pos, restored, history = Position(), -1, []
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        pos, history = restore_checkpoint(checkpoint, raw, learner)
+        restored = pos.step
+        if rank == 0:
+            log.info("restored from checkpoint at epoch %d batch %d (step %d)", pos.epoch, pos.batch, pos.step)
     collate = MaterializeCollate(ray.get(config["timelines"]), FeatureConfig(**config["features"]))
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
-    raw = model.module if hasattr(model, "module") else model
-    for epoch in range(tc.epochs):
+    steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * ray.train.get_context().get_world_size()))
+    while pos.epoch < tc.epochs:
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size, collate_fn=collate, device=device,
-            local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch,
+            local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + pos.epoch,
         )
-        m = {"epoch": epoch} | train_epoch(model, opt, batches, tc, epoch, device)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:  # eval is not split: rank 0 scores the whole held-out day
-                pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device), hide_sequences=tc.hide_sequences)
-                m |= metrics(pred)
-                raw.save(tmp)
-                np.savez(os.path.join(tmp, "eval_predictions.npz"), **pred)
-                checkpoint = Checkpoint.from_directory(tmp)
-                log.info("epoch %d: %s", epoch, json.dumps({k: round(v, 5) for k, v in m.items()}))
-            ray.train.report(m, checkpoint=checkpoint)
+        try:
+            m = train_epoch(learner, raw, batches, tc, pos, history, steps_per_epoch)
+        except NonFiniteError as e:  # on every worker at the same step: stop (no retry), and let the driver fail the run
+            log.error("rank %d: %s", rank, e)
+            # with a checkpoint (the parameters before the failing step), or the driver would not see these metrics
+            report({"nonfinite_step": float(pos.step)}, raw, learner, pos, history)
+            return
+        if pos.epoch == tc.epochs - 1:
+            learner.flush()  # async mode: apply the last averaged dense gradient
+        m = {"epoch": pos.epoch, "restored_step": float(restored), **m}
+        files = None
+        if rank == 0:  # eval is not split: rank 0 scores the whole held-out day
+            pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device), hide_sequences=tc.hide_sequences)
+            m |= metrics(pred)
+            files = {"eval_predictions.npz": pred}
+            log.info("epoch %d/%d: %s", pos.epoch + 1, tc.epochs, json.dumps({k: round(v, 5) for k, v in m.items()}))
+        history.append(m)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        report(m, raw, learner, pos, history, files)
 
 
 # --- driver side --------------------------------------------------------------------------------------------------
@@ -159,32 +250,98 @@ class TrainResult:
     train_config: TrainConfig
 
 
+def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tensor] | None:
+    """The warm-start weights of ``tc.init_from``, checked against the new model here (a clear error before any
+    worker starts): same architecture, embedding tables may have grown."""
+    if tc.init_from is None:
+        return None
+    path = absolute(tc.init_from)
+    if not os.path.exists(os.path.join(path, "model.pt")):
+        raise FileNotFoundError(f"init_from={tc.init_from!r}: no model.pt there (a checkpoint directory of jobs.train or hyformer's model.save)")
+    state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    try:
+        adapted = warm_start(build_model(mc), state)
+    except ValueError as e:
+        raise ValueError(f"init_from={tc.init_from!r}: {e}") from e
+    log.info("train: warm start from %s%s", path, f"; grown tables: {'; '.join(adapted)}" if adapted else "")
+    return state
+
+
 def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str) -> TrainResult:
-    """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused names)."""
+    """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused names).
+
+    Raises NonFiniteError when the loss or a gradient became NaN/inf (training stops on every worker at that step).
+    """
     if len(fs.days) < 2:
         raise ValueError(f"need at least 2 days (train + held-out), the feature window has {len(fs.days)}")
     mc = model_config(fs, tc.model, tc.arch)
+    init_state = load_init_state(tc, mc)
     datasets = {
-        "train": model_dataset(fs, fs.days[:-1], shuffle=True),
+        "train": model_dataset(fs, fs.days[:-1], shuffle=True, seed=tc.seed),
         "eval": model_dataset(fs, fs.days[-1:], shuffle=False),
     }
     t0 = time.perf_counter()
     timelines = fs.timelines()
     log.info("train: window events loaded in %.1f s (%.1f MB), shared through the object store", time.perf_counter() - t0, timelines.nbytes() / 1e6)
+    loop_config = {
+        "train": tc.to_dict(), "model": mc.to_dict(), "features": fs.cfg.to_dict(), "timelines": ray.put(timelines),
+        "init_state": None if init_state is None else ray.put(init_state), "train_rows": datasets["train"].count(),
+    }
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"train": tc.to_dict(), "model": mc.to_dict(), "features": fs.cfg.to_dict(), "timelines": ray.put(timelines)},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if tc.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=absolute(storage_path), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(
+            name=run_name, storage_path=absolute(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=tc.max_failures),
+        ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    log.info("train: %d workers (%s), days %s..%s, held out %s", tc.workers, "gpu/nccl" if tc.gpu else "cpu/gloo", fs.days[0], fs.days[-2], fs.days[-1])
+    log.info(
+        "train: %s, %d workers (%s, grad sync %s), %d training samples, days %s..%s, held out %s",
+        tc.arch, tc.workers, "gpu/nccl" if tc.gpu else "cpu/gloo", tc.grad_sync, loop_config["train_rows"], fs.days[0], fs.days[-2], fs.days[-1],
+    )
     result = trainer.fit()
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [result.metrics]
-    history = [{k: float(v) for k, v in h.items() if isinstance(v, (int, float, np.number))} for h in history]
-    return TrainResult(result.checkpoint.path, dict(history[-1]), history, mc, tc)
+    if "nonfinite_step" in (result.metrics or {}):
+        raise NonFiniteError(
+            f"training {run_name!r} stopped: non-finite loss or gradient at step {int(result.metrics['nonfinite_step'])} "
+            f"(epoch {int(result.metrics['epoch'])}); parameters and checkpoints before it are finite (lower the lr?)"
+        )
+    with open(os.path.join(result.checkpoint.path, "history.json")) as f:
+        history = [{k: float(v) for k, v in h.items()} for h in json.load(f)]
+    return TrainResult(result.checkpoint.path, history[-1] | {"step": float(result.metrics["step"])}, history, mc, tc)
+
+
+def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = TrainConfig()) -> None:
+    """The training flags shared by this job's CLI and the daily workflow (read back by `train_config`)."""
+    d = defaults
+    g = p.add_argument_group("training (jobs.train)")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker")
+    g.add_argument("--lr", type=float, default=d.lr, help="dense AdamW peak learning rate")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="dense LR linear warmup (updates)")
+    g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="dense gradient-norm clipping, 0: off")
+    g.add_argument("--sparse-optimizer", default=d.sparse_optimizer, choices=("rowwise_adagrad", "adagrad", "adamw"), help="optimiser of the embedding tables")
+    g.add_argument("--sparse-lr", type=float, default=d.sparse_lr)
+    g.add_argument("--grad-sync", default=d.grad_sync, choices=("ddp", "async"), help="ddp: synchronous; async: paper §3.8.2, dense gradients all-reduced during the next step and applied one step late")
+    g.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers")
+    g.add_argument("--gpu", action="store_true", help="one worker per GPU (nccl) instead of CPU/gloo")
+    g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker)
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="also checkpoint every N steps (0: epoch ends)")
+    g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint")
+    g.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES), help="HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py)")
+    g.add_argument("--model", default=json.dumps(d.model), help='HyFormerConfig overrides as JSON, e.g. \'{"d_model": 64}\'')
+    g.add_argument("--hide-sequences", action="store_true", help="ablation: mask every behaviour sequence out")
+    g.add_argument("--seed", type=int, default=d.seed)
+
+
+def train_config(a: argparse.Namespace, **extra) -> TrainConfig:
+    """The TrainConfig of flags added by `add_train_arguments` (+ ``extra`` fields)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    return TrainConfig(**({k: v for k, v in vars(a).items() if k in names} | {"model": json.loads(a.model)} | extra))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,19 +349,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--features", required=True, help="window-*.json written by jobs.build_features")
     p.add_argument("--storage", default=None, help="Ray Train storage path (default: <data>/train)")
     p.add_argument("--name", default=None, help="run name (default: train-<timestamp>)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--gpu", action="store_true", help="one worker per GPU, nccl")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--hide-sequences", action="store_true", help="ablation: mask every behaviour sequence out")
-    p.add_argument("--arch", default="hyformer", choices=sorted(ARCHITECTURES), help="HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py)")
-    p.add_argument("--model", default="{}", help='HyFormerConfig overrides as JSON, e.g. \'{"d_model": 64}\'')
+    p.add_argument("--init-from", default=None, help="warm start: a checkpoint directory of the same architecture")
+    add_train_arguments(p)
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
     fs = FeatureSet.load(absolute(a.features))
-    tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers, gpu=a.gpu, hide_sequences=a.hide_sequences, arch=a.arch, model=json.loads(a.model))
+    tc = train_config(a)
     res = train(fs, tc, a.storage or os.path.normpath(f"{fs.root}/../../../train"), a.name or f"train-{int(time.time())}")
     print(json.dumps({"checkpoint": res.checkpoint_dir, **res.metrics}))
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -55,10 +60,41 @@ def test_checkpoint_reproduces_the_reported_eval_predictions(trained, feature_se
     assert set(saved["request_id"]) == set(batch["request_id"].numpy())
 
 
-def test_two_gloo_workers_train(feature_set, tmp_path):
-    tc = TrainConfig(epochs=1, batch_size=64, workers=2, cpus_per_worker=1, model=TINY_MODEL)
-    res = train(feature_set, tc, str(tmp_path), "test-two-workers")
-    assert math.isfinite(res.metrics["eval_query_auc"]) and res.metrics["train_samples"] > 0
+def kill_a_worker_after_the_first_checkpoint(run_dir: Path, stop: threading.Event, killed: list[int]) -> None:
+    """Wait until the run has checkpoints, then SIGKILL one Ray Train worker process (once)."""
+    from ray.util.state import list_actors
+
+    while not stop.is_set():
+        # two checkpoints on disk: the first is registered with the run (a new one is not at once)
+        if len(list(run_dir.glob("checkpoint_*"))) >= 2:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+        time.sleep(0.1)
+
+
+def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_set, tmp_path):
+    """Paper §3.8.2 mode on 2 gloo workers, checkpointing every 4 steps; a worker is SIGKILLed after the second
+    checkpoint. Ray Train restarts the group, which resumes from the last checkpoint: every step of both epochs is
+    trained once and the run finishes."""
+    tc = TrainConfig(epochs=2, batch_size=16, workers=2, cpus_per_worker=1, grad_sync="async", checkpoint_every=4, max_failures=1, model=TINY_MODEL)
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(tmp_path / "test-kill", stop, killed), daemon=True)
+    watcher.start()
+    try:
+        res = train(feature_set, tc, str(tmp_path), "test-kill")
+    finally:
+        stop.set()
+    assert killed, "no worker was killed: the run ended before its second checkpoint"
+    rows = pl.read_parquet(feature_set.sample_files(feature_set.days[:-1])).height
+    steps_per_epoch = math.ceil(rows // 2 / tc.batch_size)  # equal shards: an odd row is left out
+    assert [h["epoch"] for h in res.history] == [0, 1]
+    assert res.metrics["restored_step"] >= tc.checkpoint_every  # the restarted workers began from a checkpoint
+    assert res.metrics["step"] == 2 * steps_per_epoch  # and no step was lost or repeated
+    assert math.isfinite(res.metrics["eval_query_auc"])
+    assert load_model(res.checkpoint_dir) is not None
 
 
 def test_mlflow_run_holds_metrics_plots_and_a_loadable_registered_model(trained, feature_set, tmp_path, monkeypatch):

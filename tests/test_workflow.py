@@ -51,17 +51,27 @@ def test_readme_main_command_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_rerun_reuses_ingest_and_features_and_a_failing_stage_is_named(tmp_path):
+def test_rerun_reuses_ingest_and_features_warm_starts_and_a_diverging_run_is_marked_failed(tmp_path):
     data = tmp_path / "data"
-    first = run_workflow(data, "--no-register")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    # the same date again: every ingested day is skipped, no feature day is rebuilt; then training fails, named
-    proc = run_workflow(data, "--model", '{"d_model": 30}')  # 30 is not divisible by the heads
+    # day 1: two workers with the paper's asynchronous all-reduce
+    first = run_workflow(data, "--workers", "2", "--cpus-per-worker", "1", "--grad-sync", "async")
+    log = first.stderr + first.stdout
+    assert first.returncode == 0, log[-3000:]
+    assert "2 workers (cpu/gloo, grad sync async)" in log
+    # the same date again: every ingested day is skipped, no feature day is rebuilt; training warm-starts from the
+    # registered version, diverges (lr 1e30) and stops with a clear error; the MLflow run is marked FAILED
+    proc = run_workflow(data, "--init-from", "latest", "--lr", "1e30", "--sparse-lr", "1e30")
     log = proc.stderr + proc.stdout
     assert "features: all 4 days up to date" in log, log[-3000:]
     assert "0 day partitions to validate, 12 up to date" in log, log[-3000:]  # 4 days x 3 daily tables
+    assert "warm start: models:/hyformer/1 written to" in log and "train: warm start from" in log, log[-3000:]
     assert proc.returncode == 1
-    assert re.search(r"daily_train: stage 'train' failed: .*d_model", proc.stderr), proc.stderr[-2000:]
+    assert re.search(r"daily_train: stage 'train' failed: NonFiniteError: .*non-finite loss or gradient at step \d+", proc.stderr), proc.stderr[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{data}/mlflow/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["hyformer-daily"], output_format="list")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    failed = next(r for r in runs if r.info.status == "FAILED")
+    assert failed.data.tags["error"].startswith("NonFiniteError") and failed.data.params["train.lr"] == "1e+30"
 
 
 def free_port() -> int:
@@ -90,7 +100,7 @@ def test_ray_job_submit_runs_the_workflow(ray_head, tmp_path):
     data_dir = tmp_path / "data"
     cmd = [
         ray_bin, "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
-        "python", "workflows/daily_train.py", "--data-dir", str(data_dir), *SMALL,
+        "python", "workflows/daily_train.py", "--data-dir", str(data_dir), *SMALL, "--workers", "2", "--cpus-per-worker", "1",
     ]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=600)
@@ -98,5 +108,6 @@ def test_ray_job_submit_runs_the_workflow(ray_head, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-2000:]
     assert "daily_train: done" in out
+    assert "2 workers (cpu/gloo, grad sync ddp)" in out
     assert_run_logged(data_dir)
     assert time.time() - t0 < 600

@@ -29,8 +29,8 @@ from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import build_features  # noqa: E402
 from jobs.common import DEFAULT_DATA_DIR, absolute, init_ray, log, setup_logging  # noqa: E402
 from jobs.ingest import ingest  # noqa: E402
-from jobs.register import log_training_run  # noqa: E402
-from jobs.train import ARCHITECTURES, TrainConfig, train  # noqa: E402
+from jobs.register import log_failed_run, log_training_run, registered_checkpoint  # noqa: E402
+from jobs.train import TrainConfig, add_train_arguments, train, train_config  # noqa: E402
 
 # The small synthetic default: a few minutes end to end on 2 CPU cores.
 DEMO_SYNTH = dict(users=1000, items=3000, authors=200, queries=400, requests_per_day=120, search_events_per_day=1500, feed_events_per_day=2500)
@@ -71,17 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences")
     p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key), for --relevance keys")
     p.add_argument("--rebuild-features", action="store_true", help="rebuild every feature day of the window (default: only stale days)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
-    p.add_argument("--gpu", action="store_true", help="one worker per GPU (nccl) instead of CPU/gloo")
-    p.add_argument("--arch", default="hyformer", choices=sorted(ARCHITECTURES), help="HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py); registered under this name")
-    p.add_argument("--model", default=json.dumps(DEMO_MODEL), help="HyFormerConfig overrides as JSON")
-    p.add_argument("--hide-sequences", action="store_true", help="ablation: train and evaluate with every sequence masked out")
     p.add_argument("--synth-scale", type=float, default=1.0, help="multiplies the demo's synthetic request/event counts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default=None, help="warm start: 'latest' (newest registered version of --arch), models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint directory")
     p.add_argument("--no-register", action="store_true", help="log the MLflow run but do not register the model")
+    add_train_arguments(p, TrainConfig(epochs=1, model=DEMO_MODEL))
     return p.parse_args(argv)
 
 
@@ -98,12 +91,16 @@ def run(a: argparse.Namespace) -> dict:
     counts = stage("ingest", ingest, data_dir, date, a.days)
     fcfg = FeatureConfig(long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys)
     fs = stage("features", build_features, data_dir, date, a.days, fcfg, force=a.rebuild_features)
-    tc = TrainConfig(
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers, gpu=a.gpu,
-        hide_sequences=a.hide_sequences, seed=a.seed, arch=a.arch, model=json.loads(a.model),
-    )
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
-    res = stage("train", train, fs, tc, f"{data_dir}/train", run_name)
+    init_from = a.init_from and stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{data_dir}/train/warm-start/{run_name}")
+    tc = train_config(a, init_from=init_from)
+    configs = {"train": tc.to_dict(), "features": fs.cfg.to_dict()}
+    tags = {"date": day, "window_days": str(a.days), "hide_sequences": str(a.hide_sequences), "arch": a.arch}
+    try:
+        res = stage("train", train, fs, tc, f"{data_dir}/train", run_name)
+    except StageFailed as e:
+        stage("log failure", log_failed_run, data_dir, run_name, e.__cause__, configs, tags)
+        raise
     ingest_metrics = {f"ingest_{t}_{k}": float(getattr(c, k)) for t, c in counts.items() for k in ("read", "clean", "quarantined", "skipped_days")}
     run_id, version = stage(
         "register",
@@ -112,9 +109,9 @@ def run(a: argparse.Namespace) -> dict:
         run_name,
         res.checkpoint_dir,
         res.history,
-        {"train": tc.to_dict(), "model": res.model_config.to_dict(), "features": fs.cfg.to_dict()},
+        configs | {"model": res.model_config.to_dict()},
         extra_metrics=ingest_metrics | {"feature_samples": float(fs.samples), "feature_days_built": float(len(fs.built))},
-        tags={"date": day, "window_days": str(a.days), "hide_sequences": str(a.hide_sequences), "arch": a.arch},
+        tags=tags,
         register_as=None if a.no_register else a.arch,
     )
     return {"date": day, "run_id": run_id, "model_version": version, **{k: v for k, v in res.metrics.items() if k.startswith("eval_")}}
