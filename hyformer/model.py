@@ -427,7 +427,9 @@ class Tokenizer(nn.Module):
                 table = self.seq_tables[s]
                 if table not in unique_emb:
                     unique_emb[table] = self.embed(batch[f"uniq_{table}"], self.seq_fields)  # (U, F*E)
-                h = proj(unique_emb[table])[batch[f"inv_{s}"]]  # (U, Ds) projected, then gathered: (B, L, Ds)
+                # (U, Ds) projected, then gathered: (B, L, Ds). F.embedding, not indexing: the same gather, but its
+                # backward (a segment sum into the U rows) is ~5x faster on CPU than indexing's index_put
+                h = F.embedding(batch[f"inv_{s}"], proj(unique_emb[table]))
             else:
                 h = proj(self.embed(batch[f"seq_{s}"], self.seq_fields))  # (B, L, Ds)
             L = h.shape[1]
