@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 import ray
 
+from benchmarks.common import write_results
 from features.build import FeatureConfig
 from features.materialize import Materializer, unique_ratio
 from features.synth import SynthConfig, generate
@@ -58,7 +59,8 @@ def synth_and_ingest(work: str, scale: float) -> dict:
     cfg = dataclasses.replace(SynthConfig(), days=70, **sizes)
     data = f"{work}/data"
     marker = f"{data}/synth.json"
-    if not (os.path.exists(marker) and json.load(open(marker)) == dataclasses.asdict(cfg)):
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as it reads back from JSON (tuples become lists)
+    if not (os.path.exists(marker) and json.load(open(marker)) == wanted):
         shutil.rmtree(data, ignore_errors=True)
         t0 = time.perf_counter()
         generate(cfg, data, END)
@@ -189,13 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     res["read_side"] = read_side(fs, lengths, a.batches, res["builds"][-1]["bytes_per_sample_samples"])
     res["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    os.makedirs(a.out, exist_ok=True)
-    with open(f"{a.out}/features.json", "w") as f:
-        json.dump(res, f, indent=1)
-    md = table(res)
-    with open(f"{a.out}/features.md", "w") as f:
-        f.write(md)
-    print(md)
+    write_results(a.out, "features", res, table(res))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import write_results
 from hyformer.model import HyFormer, HyFormerConfig
 from hyformer.profile import count_params
 from hyformer.testing import make_batch
@@ -270,13 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run_benchmark(
         a.preset, [int(x) for x in a.ms.split(",")], a.device, a.warmup, a.repeats, json.loads(a.set), a.seed
     )
-    os.makedirs(a.out, exist_ok=True)
-    with open(f"{a.out}/{a.name}.json", "w") as f:
-        json.dump(res, f, indent=1)
-    md = table(res)
-    with open(f"{a.out}/{a.name}.md", "w") as f:
-        f.write(md)
-    print(md)
+    write_results(a.out, a.name, res, table(res))
 
 
 if __name__ == "__main__":

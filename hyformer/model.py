@@ -449,12 +449,6 @@ def merge_sequences(seqs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return h.gather(1, order[..., None].expand_as(h)), mask.gather(1, order)
 
 
-def masked_mean(h: Tensor, mask: Tensor) -> Tensor:
-    """Mean of h (B, L, D) over valid positions mask (B, L); zeros where a row has none. Returns (B, D)."""
-    m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
-    return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, D)
-
-
 class QueryGenerator(nn.Module):
     """§3.3.2 Query Generation (first layer only; deeper layers reuse the boosted queries).
 

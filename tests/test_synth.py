@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
