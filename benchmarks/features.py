@@ -31,10 +31,10 @@ import numpy as np
 import polars as pl
 import ray
 
-from benchmarks.common import write_results
+from benchmarks.common import synthesize_cached, write_results
 from features.build import FeatureConfig
 from features.materialize import Materializer, unique_ratio
-from features.synth import SynthConfig, generate
+from features.synth import SynthConfig
 from jobs.build_features import build_features, store_root
 from jobs.common import init_ray, log, setup_logging
 from jobs.ingest import ingest
@@ -58,14 +58,9 @@ def synth_and_ingest(work: str, scale: float) -> dict:
     sizes = {k: (max(1, int(v * scale)) if k.endswith("_per_day") else v) for k, v in FULL.items()}
     cfg = dataclasses.replace(SynthConfig(), days=70, **sizes)
     data = f"{work}/data"
-    marker = f"{data}/synth.json"
-    wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as it reads back from JSON (tuples become lists)
-    if not (os.path.exists(marker) and json.load(open(marker)) == wanted):
-        shutil.rmtree(data, ignore_errors=True)
-        t0 = time.perf_counter()
-        generate(cfg, data, END)
+    t0 = time.perf_counter()
+    if synthesize_cached(cfg, data, END):
         log.info("bench: synthesised in %.1f s", time.perf_counter() - t0)
-        json.dump(dataclasses.asdict(cfg), open(marker, "w"))
     t0 = time.perf_counter()
     counts = ingest(data, END, 70)
     return {"data": data, "synth": sizes, "ingest_seconds": time.perf_counter() - t0, "rows": {t: c.clean for t, c in counts.items()}}

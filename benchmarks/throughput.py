@@ -57,7 +57,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -65,9 +64,9 @@ import torch
 
 from benchmarks.features import END
 from benchmarks.kv_reuse import machine_info
-from benchmarks.common import write_results
+from benchmarks.common import synthesize_cached, write_results
 from features.build import FeatureConfig
-from features.synth import SynthConfig, generate
+from features.synth import SynthConfig
 from hyformer.model import HyFormerConfig
 from hyformer.profile import profile
 from hyformer.testing import make_batch
@@ -194,11 +193,7 @@ def build_window(work: str, scale: float, days: int) -> tuple[FeatureSet, dict[s
     sizes = {k: (max(1, int(v * scale)) if k.endswith("_per_day") else v) for k, v in WORKERS_SYNTH.items()}
     cfg = dataclasses.replace(SynthConfig(), days=days, **sizes)
     data = f"{work}/data"
-    marker = f"{data}/synth.json"
-    if not (os.path.exists(marker) and json.loads(Path(marker).read_text()) == dataclasses.asdict(cfg)):
-        shutil.rmtree(data, ignore_errors=True)
-        generate(cfg, data, END)
-        Path(marker).write_text(json.dumps(dataclasses.asdict(cfg)))
+    synthesize_cached(cfg, data, END)
     t0 = time.perf_counter()
     ingest(data, END, days)
     fs = build_features(data, END, days, WORKERS_FEATURES)
