@@ -155,12 +155,18 @@ class Timelines:
         return sum(s.nbytes() for s in self.streams.values())
 
 
+ID_KEYS = ("ns_", "seq_", "uniq_", "inv_")  # the model inputs that hold ids or indices
+
+
 class Materializer:
     """Samples (ordinals) -> model inputs. Callable on a dict of numpy columns (a Ray Data / iter_batches batch)."""
 
     def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True):
         self.t, self.cfg, self.dedup = timelines, cfg, dedup
         self.fidx = _field_index(cfg)
+        # ids and table indices travel as int32, half the bytes of int64, when every id space fits (it does unless an
+        # id space has 2^31 ids or more); a batch's table index is < B x sum(L) and always fits
+        self.id_dtype = np.int32 if max(cfg.vocab.values(), default=0) < 2**31 else np.int64
 
     def _values(self, stream: Stream, rows: np.ndarray, now_ts: np.ndarray) -> np.ndarray:
         """(…, F) side info of physical rows (>= 0) seen at ``now_ts`` (broadcast to rows' shape)."""
@@ -189,6 +195,7 @@ class Materializer:
                     valid = rows[n] >= 0
                     vals = self._values(stream, np.where(valid, rows[n], 0), ts[:, None])
                     out[f"seq_{n}"] = np.where(valid[..., None], vals, 0)
+        out = {k: (v.astype(self.id_dtype) if k.startswith(ID_KEYS) else v) for k, v in out.items()}
         out["label"] = batch["label"].astype(np.float32)
         out["request_id"] = batch["request_id"].astype(np.int64)
         p = batch.get("p_click")  # synthetic ground truth, for the oracle AUC only; NaN where the logs have none

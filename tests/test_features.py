@@ -237,6 +237,11 @@ def test_dedup_tables_reconstruct_the_naive_sequences_exactly(feature_set, mater
             np.testing.assert_array_equal(dd[f"len_{s}"], nv[f"len_{s}"])
         assert (dd["uniq_search"][0] == 0).all() and dd["inv_long"].shape == nv["seq_long"].shape[:2]
     assert 0 < unique_ratio(dd) < 0.5  # candidates of a request share their events
+    # ids and indices travel as int32 (every id space of the store has < 2^31 ids)
+    assert {k: v.dtype for k, v in dd.items() if k.startswith(("ns_", "uniq_", "inv_"))} == dict.fromkeys(
+        [k for k in dd if k.startswith(("ns_", "uniq_", "inv_"))], np.dtype(np.int32)
+    )
+    assert naive["seq_long"].dtype == np.int32
 
 
 def test_stored_bytes_do_not_depend_on_sequence_length(feature_set):
