@@ -64,13 +64,13 @@ from benchmarks.features import END, synth_and_ingest
 from benchmarks.kv_reuse import machine_info
 from benchmarks.common import write_results
 from features.build import FeatureConfig
-from features.materialize import Materializer, Timelines, unique_ratio
+from features.materialize import Timelines, unique_ratio
 from hyformer import build_model
 from hyformer.model import RankingModel
 from hyformer.profile import count_params
 from jobs.build_features import FeatureSet, build_features
 from jobs.common import init_ray, setup_logging
-from jobs.train import model_config
+from jobs.train import MaterializeCollate, model_config
 
 Batch = dict[str, Tensor]
 FORMATS = ("naive", "dedup")
@@ -118,11 +118,6 @@ def timed(sync: Callable[[], None], fn: Callable[..., Any], *args: Any) -> tuple
     out = fn(*args)
     sync()
     return out, 1000 * (time.perf_counter() - t0)
-
-
-def collate(materialize: Materializer, samples: dict[str, np.ndarray]) -> Batch:
-    """What ``jobs.train.MaterializeCollate`` runs: stored samples -> model inputs as CPU tensors."""
-    return {k: torch.from_numpy(v) for k, v in materialize(samples).items()}
 
 
 def pin(batch: Batch) -> Batch:
@@ -181,14 +176,14 @@ def measure_length(
     model = build_model(config).to(device).train()
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    materialize = {fmt: Materializer(timelines, f.cfg, dedup=fmt == "dedup") for fmt in FORMATS}
+    collate = {fmt: MaterializeCollate(timelines, f.cfg, dedup=fmt == "dedup") for fmt in FORMATS}  # as jobs.train
     keys = ("bytes", "seq_bytes", "collate_ms", "pin_ms", "h2d_ms", "fwd_bwd_ms")
     per: dict[str, dict[str, list[float]]] = {fmt: {k: [] for k in keys} for fmt in FORMATS}
     fills, ratios, check = [], [], {}
     for i, samples in enumerate(batches):
         on_device: dict[str, Batch] = {}
         for fmt in FORMATS:
-            host, collate_ms = timed(sync, collate, materialize[fmt], samples)
+            host, collate_ms = timed(sync, collate[fmt], samples)
             if cuda:
                 pinned, pin_ms = timed(sync, pin, host)
                 on_device[fmt], h2d_ms = timed(sync, to_device, pinned, device)

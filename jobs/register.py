@@ -45,6 +45,12 @@ def use_tracking(data_dir: str, experiment: str = EXPERIMENT) -> str:
     return mlflow.create_experiment(experiment, artifact_location=location)
 
 
+def log_configs(configs: Mapping[str, Mapping]) -> None:
+    """Each config as flat MLflow params ``<name>.<field>`` (the vocab sizes left out: too many)."""
+    for name, cfg in configs.items():
+        mlflow.log_params(flat_params(f"{name}.", {k: v for k, v in cfg.items() if k != "vocab"}))
+
+
 def flat_params(prefix: str, d: Mapping) -> dict[str, str]:
     """Config dict -> MLflow params (nested values as JSON, long values truncated by MLflow's 6000-char limit)."""
     return {f"{prefix}{k}": (json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))[:6000] for k, v in d.items()}
@@ -63,8 +69,8 @@ def log_training_run(
     """Log one training run and register its model; returns (run_id, model version or None)."""
     exp_id = use_tracking(data_dir)
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags)) as run:
+        log_configs(configs)
         for name, cfg in configs.items():
-            mlflow.log_params(flat_params(f"{name}.", {k: v for k, v in cfg.items() if k != "vocab"}))
             mlflow.log_dict(dict(cfg), f"config/{name}.json")
         for h in history:
             step = int(h.get("epoch", 0))
@@ -97,8 +103,7 @@ def log_failed_run(data_dir: str, run_name: str, error: BaseException, configs: 
     """Record a training that failed (e.g. a non-finite loss) as an MLflow run with status FAILED and the error."""
     exp_id = use_tracking(data_dir)
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags) | {"error": f"{type(error).__name__}: {error}"[:5000]}) as run:
-        for name, cfg in configs.items():
-            mlflow.log_params(flat_params(f"{name}.", {k: v for k, v in cfg.items() if k != "vocab"}))
+        log_configs(configs)
         mlflow.end_run(status="FAILED")
     log.info("mlflow: run %s marked FAILED", run.info.run_id)
     return run.info.run_id

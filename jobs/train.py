@@ -96,10 +96,11 @@ def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyf
 
 
 class MaterializeCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate: a batch of stored samples -> dedup ID tables as CPU tensors (device: Ray)."""
+    """``iter_torch_batches`` collate: a batch of stored samples -> dedup ID tables (``dedup=False``: full sequences)
+    as CPU tensors (device: Ray)."""
 
-    def __init__(self, timelines: Timelines, cfg: FeatureConfig):
-        self.materialize = Materializer(timelines, cfg, dedup=True)
+    def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True):
+        self.materialize = Materializer(timelines, cfg, dedup=dedup)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.materialize(batch).items()}
@@ -192,10 +193,8 @@ def train_fn_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
     model = build_model(mc)
-    if config["init_state"] is not None:
-        adapted = warm_start(model, ray.get(config["init_state"]))
-        if rank == 0:
-            log.info("warm start from %s%s", tc.init_from, f" (grown tables: {'; '.join(adapted)})" if adapted else "")
+    if config["init_state"] is not None:  # merged on the driver (load_init_state)
+        model.load_state_dict(ray.get(config["init_state"]))
     raw = model
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if tc.grad_sync == "ddp" else None)
     device = ray.train.torch.get_device()
@@ -251,20 +250,24 @@ class TrainResult:
 
 
 def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tensor] | None:
-    """The warm-start weights of ``tc.init_from``, checked against the new model here (a clear error before any
-    worker starts): same architecture, embedding tables may have grown."""
+    """The initial weights of a warm start from ``tc.init_from``: merged here, once, into the model a worker would
+    build (same seed), so a wrong architecture fails before any worker starts and grown tables get the rows a worker
+    would have initialised."""
     if tc.init_from is None:
         return None
     path = absolute(tc.init_from)
     if not os.path.exists(os.path.join(path, "model.pt")):
         raise FileNotFoundError(f"init_from={tc.init_from!r}: no model.pt there (a checkpoint directory of jobs.train or hyformer's model.save)")
     state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(tc.seed)  # as train_fn_per_worker
+        model = build_model(mc)
     try:
-        adapted = warm_start(build_model(mc), state)
+        adapted = warm_start(model, state)
     except ValueError as e:
         raise ValueError(f"init_from={tc.init_from!r}: {e}") from e
     log.info("train: warm start from %s%s", path, f"; grown tables: {'; '.join(adapted)}" if adapted else "")
-    return state
+    return model.state_dict()
 
 
 def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str) -> TrainResult:
