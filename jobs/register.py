@@ -1,17 +1,25 @@
-"""MLflow at the edge: one run per training, with configs, per-epoch metrics, plots, the model, and its registration.
+"""MLflow at the edge: one run per training (configs, per-epoch metrics, plots, the model), its registration, and
+the champion/challenger bookkeeping of the daily workflow.
 
-Tracking store: ``MLFLOW_TRACKING_URI`` when set (e.g. a server started from ``infra/``), else an embedded SQLite
-store inside the project's data directory (``<data>/mlflow/mlflow.db``, artifacts in ``<data>/mlflow/artifacts``):
-no server needed. The model is logged with ``mlflow.pytorch`` (pickle format, with the ``hyformer`` package shipped as
-code) so ``mlflow.pytorch.load_model("models:/hyformer/<version>")`` rebuilds it anywhere.
+Tracking store: ``MLFLOW_TRACKING_URI`` when set (e.g. a server started with ``infra/mlflow_server.sh``), else an
+embedded SQLite store inside the project's data directory (``<data>/mlflow/mlflow.db``, artifacts in
+``<data>/mlflow/artifacts``): no server needed. The model is logged as an MLflow pyfunc (jobs/pyfunc.py, "models from
+code", with the ``hyformer`` package shipped as code): ``mlflow.pyfunc.load_model("models:/hyformer@champion")`` scores
+a DataFrame anywhere, and ``load_registered`` rebuilds the torch model with the feature config it was trained on.
+
+Registry conventions: one registered model per architecture (``--arch``), one version per daily training, the alias
+``champion`` on the version in production; each daily run and version carries tags ``date``, ``outcome``
+(promoted | kept | logged) and ``decision_reason``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,11 +28,13 @@ from mlflow.tracking import MlflowClient
 
 import hyformer
 from hyformer import load_model
+from hyformer.model import RankingModel
 from jobs.common import log
 from jobs.evaluate import plots
 
 EXPERIMENT = "hyformer-daily"
 MODEL_NAME = "hyformer"
+CHAMPION = "champion"  # the registry alias of the version in production
 
 
 def tracking_uri(data_dir: str) -> str:
@@ -34,6 +44,7 @@ def tracking_uri(data_dir: str) -> str:
 def use_tracking(data_dir: str, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     uri = tracking_uri(data_dir)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars garble job logs
     embedded = "MLFLOW_TRACKING_URI" not in os.environ  # read before set_tracking_uri, which sets that variable
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")), exist_ok=True)
@@ -86,17 +97,29 @@ def log_training_run(
             if len(history) > 1:
                 for p in loss_curve(history, f"{tmp}/"):
                     mlflow.log_artifact(p, "plots")
-        model = load_model(checkpoint_dir)
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            serialization_format="pickle",
-            code_paths=[str(Path(hyformer.__file__).parent)],
-            registered_model_name=register_as,
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc.py")),  # models from code: nothing pickled
+                artifacts={"checkpoint": model_artifact(checkpoint_dir, configs.get("features", {}), tags, tmp)},
+                code_paths=[str(Path(hyformer.__file__).parent)],
+                registered_model_name=register_as,
+            )
         version = str(info.registered_model_version) if register_as else None
     log.info("mlflow: run %s logged to %s%s", run.info.run_id, mlflow.get_tracking_uri(), f", registered {register_as} v{version}" if version else "")
     return run.info.run_id, version
+
+
+def model_artifact(checkpoint_dir: str, features: Mapping, tags: Mapping[str, str], tmp: str) -> str:
+    """The registered model's artifact: the weights and config (no optimiser state) + the feature config it reads."""
+    out = Path(tmp) / "checkpoint"
+    out.mkdir()
+    for f in ("config.json", "model.pt", "history.json"):
+        if (Path(checkpoint_dir) / f).exists():
+            shutil.copy(Path(checkpoint_dir) / f, out / f)
+    (out / "features.json").write_text(json.dumps(dict(features), indent=1))
+    (out / "window.json").write_text(json.dumps({k: tags[k] for k in ("date", "window_days") if k in tags}))
+    return str(out)
 
 
 def log_failed_run(data_dir: str, run_name: str, error: BaseException, configs: Mapping[str, Mapping], tags: Mapping[str, str] = {}) -> str:
@@ -109,26 +132,78 @@ def log_failed_run(data_dir: str, run_name: str, error: BaseException, configs: 
     return run.info.run_id
 
 
-def registered_checkpoint(data_dir: str, spec: str, name: str, dest: str) -> str | None:
+@dataclass
+class RegisteredModel:
+    """A registered model version, downloaded: the model and the feature config it was trained on."""
+
+    name: str
+    version: str
+    run_id: str
+    model: RankingModel
+    checkpoint_dir: str  # config.json + model.pt (+ features.json, window.json)
+    features: dict  # the FeatureConfig (dict) of its training: store, vocabularies, lengths, side info
+    window_days: int | None  # days of its training window (None when unknown)
+    tags: dict[str, str]
+
+
+def resolve_version(uri: str):
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> MLflow ModelVersion (clear error otherwise)."""
+    client = MlflowClient()
+    ref = uri.removeprefix("models:/")
+    if not uri.startswith("models:/") or not ref:
+        raise ValueError(f"not a registered model URI: {uri!r} (models:/<name>@<alias> or models:/<name>/<version>)")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = ref.partition("/")
+    return client.get_model_version(name, version)
+
+
+def load_registered(data_dir: str, uri: str, dest: str) -> RegisteredModel:
+    """Download a registered version (see ``resolve_version``) into ``dest`` and rebuild its model on the CPU."""
+    use_tracking(data_dir)
+    mv = resolve_version(uri)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=dest)
+    ckpt = Path(path) / "artifacts" / "checkpoint"
+    if not (ckpt / "model.pt").exists():
+        raise FileNotFoundError(f"{uri} (version {mv.version}) has no artifacts/checkpoint/model.pt: not logged by jobs.register")
+    features = json.loads((ckpt / "features.json").read_text()) if (ckpt / "features.json").exists() else {}
+    window = json.loads((ckpt / "window.json").read_text()) if (ckpt / "window.json").exists() else {}
+    days = int(window["window_days"]) if "window_days" in window else None
+    return RegisteredModel(mv.name, str(mv.version), mv.run_id, load_model(ckpt), str(ckpt), features, days, dict(mv.tags))
+
+
+def champion(data_dir: str, name: str) -> str | None:
+    """The version the ``champion`` alias points to, or None."""
+    use_tracking(data_dir)
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException:  # no such model or no alias yet
+        return None
+
+
+def registered_checkpoint(data_dir: str, spec: str | None, name: str, dest: str) -> str | None:
     """A checkpoint directory (config.json + model.pt) to warm-start from, for ``spec``:
 
+    - ``"champion"``: the version the ``champion`` alias of model ``name`` points to (None when there is none yet);
     - ``"latest"``: the newest registered version of model ``name`` (None when there is none yet: a cold start);
-    - ``"models:/<model>/<version>"`` or ``"models:/<model>@<alias>"``: that registered version, written to ``dest``;
+    - ``"none"`` (or None): a cold start;
+    - ``"models:/<model>/<version>"`` or ``"models:/<model>@<alias>"``: that registered version, downloaded to ``dest``;
     - anything else: a checkpoint directory, returned as it is.
     """
-    if spec == "latest":
-        version = latest_version(data_dir, name)
+    if spec in (None, "none"):
+        return None
+    if spec in ("latest", CHAMPION):
+        version = latest_version(data_dir, name) if spec == "latest" else champion(data_dir, name)
         if version is None:
-            log.info("warm start: no registered version of %s yet, training from scratch", name)
+            log.info("warm start: no %s version of %s yet, training from scratch", spec, name)
             return None
         spec = f"models:/{name}/{version}"
     if not spec.startswith("models:/"):
         return spec
-    use_tracking(data_dir)
-    model = mlflow.pytorch.load_model(spec, map_location="cpu")
-    model.save(dest)
-    log.info("warm start: %s written to %s", spec, dest)
-    return dest
+    reg = load_registered(data_dir, spec, dest)
+    log.info("warm start: %s (version %s) downloaded to %s", spec, reg.version, reg.checkpoint_dir)
+    return reg.checkpoint_dir
 
 
 def loss_curve(history: list[dict[str, float]], path_prefix: str) -> list[str]:
@@ -154,3 +229,104 @@ def latest_version(data_dir: str, name: str = MODEL_NAME) -> str | None:
     use_tracking(data_dir)
     versions = MlflowClient().search_model_versions(f"name='{name}'")
     return max((v.version for v in versions), key=int, default=None)
+
+
+# --- champion / challenger bookkeeping (workflows/daily_train.py) ---------------------------------------------------
+
+DAILY_TAGS = ("date", "arch", "hide_sequences")  # what identifies one daily training: a re-run of it is a no-op
+
+
+def daily_record(data_dir: str, tags: Mapping[str, str]) -> dict | None:
+    """The committed daily run with these ``DAILY_TAGS`` (its tags, metrics and run id), or None.
+
+    A run counts once its decision is committed (tag ``outcome``); a run that failed or died before that does not."""
+    exp_id = use_tracking(data_dir)
+    query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in DAILY_TAGS) + " and attributes.status = 'FINISHED'"
+    runs = [r for r in mlflow.search_runs([exp_id], query, output_format="list", order_by=["attributes.start_time DESC"]) if "outcome" in r.data.tags]
+    if not runs:
+        return None
+    r = runs[0]
+    return {"run_id": r.info.run_id, **r.data.tags, "metrics": dict(r.data.metrics)}
+
+
+def commit_decision(
+    data_dir: str,
+    run_id: str,
+    name: str,
+    version: str | None,
+    decision: Mapping,
+    champion_version: str | None,
+    champion_metrics: Mapping[str, float] | None,
+) -> str:
+    """Record the champion/challenger decision of a daily run and apply it; returns the outcome.
+
+    Order matters: the champion's metrics and the decision go on the run and the new version, then the alias moves (if
+    promoted), then the per-day plot, and last the run's ``outcome`` tag, which is what makes the date count as done
+    (``daily_record``). A crash before that leaves a run that a re-run of the date does not skip."""
+    use_tracking(data_dir)
+    client = MlflowClient()
+    promote = bool(decision["promote"]) and version is not None
+    outcome = "promoted" if promote else ("kept" if version is not None else "logged")
+    if champion_metrics:
+        for k, v in champion_metrics.items():
+            if np.isfinite(v):
+                client.log_metric(run_id, f"champion_{k}", float(v))
+    tags = {"decision_reason": decision["reason"], "champion_version": str(champion_version or "")}
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    if version is not None:
+        for k, v in (tags | {"date": decision.get("date", ""), decision["metric"]: f"{decision['challenger']:.6f}", "outcome": outcome}).items():
+            client.set_model_version_tag(name, version, k, str(v))
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            log.info("registry: %s@%s -> version %s (was %s)", name, CHAMPION, version, champion_version or "none")
+    with tempfile.TemporaryDirectory() as tmp:
+        history = daily_history(data_dir, name) + [{"date": decision.get("date", ""), "outcome": outcome, "challenger": decision["challenger"], "champion": decision["champion"], "oracle": decision.get("oracle", float("nan"))}]
+        client.log_artifact(run_id, per_day_plot(history, f"{tmp}/per_day_auc.png"), "plots")
+    client.set_tag(run_id, "outcome", outcome)
+    return outcome
+
+
+def daily_history(data_dir: str, name: str) -> list[dict]:
+    """The committed daily runs of model ``name``: date, outcome, challenger's and champion's query AUC on that date."""
+    exp_id = use_tracking(data_dir)
+    runs = mlflow.search_runs([exp_id], f"tags.arch = '{name}' and attributes.status = 'FINISHED'", output_format="list")
+    return [
+        {
+            "date": r.data.tags.get("date", ""), "outcome": r.data.tags["outcome"],
+            "challenger": r.data.metrics.get("eval_query_auc", float("nan")),
+            "champion": r.data.metrics.get("champion_eval_query_auc", float("nan")),
+            "oracle": r.data.metrics.get("eval_oracle_query_auc", float("nan")),
+        }
+        for r in runs
+        if "outcome" in r.data.tags
+    ]
+
+
+def per_day_plot(history: list[dict], path: str) -> str:
+    """Query-level AUC per date: each day's challenger (filled: promoted), the champion on the same day, the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(history, key=lambda h: h["date"])
+    dates = [h["date"] for h in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(rows) + 3), 3.5))
+    x = np.arange(len(rows))
+    ax.plot(x, [h["challenger"] for h in rows], "-", color="C0", label="challenger")
+    promoted = [i for i, h in enumerate(rows) if h["outcome"] == "promoted"]
+    kept = [i for i, h in enumerate(rows) if h["outcome"] != "promoted"]
+    ax.plot(promoted, [rows[i]["challenger"] for i in promoted], "o", color="C0", label="promoted")
+    ax.plot(kept, [rows[i]["challenger"] for i in kept], "o", mfc="white", color="C0", label="not promoted")
+    champ = [h["champion"] if h["champion"] is not None else np.nan for h in rows]
+    ax.plot(x, champ, "s--", color="C1", label="champion, same day")
+    if any(np.isfinite(h.get("oracle", np.nan)) for h in rows):
+        ax.plot(x, [h.get("oracle", np.nan) for h in rows], ":", color="gray", label="oracle")
+    ax.set_xticks(x, dates, rotation=45, ha="right")
+    ax.set(ylabel="query-level AUC", title="Held-out day, per date")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -270,8 +270,9 @@ def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tens
     return model.state_dict()
 
 
-def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str) -> TrainResult:
+def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str, callbacks: list | None = None) -> TrainResult:
     """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused names).
+    ``callbacks``: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``, which forwards every report).
 
     Raises NonFiniteError when the loss or a gradient became NaN/inf (training stops on every worker at that step).
     """
@@ -298,6 +299,7 @@ def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str) -> 
         run_config=RunConfig(
             name=run_name, storage_path=absolute(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=tc.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -40,6 +40,7 @@ def test_readme_opens_with_the_two_commands():
         ["-m", "jobs.ingest"],
         ["-m", "jobs.build_features"],
         ["-m", "jobs.train"],
+        ["-m", "jobs.score"],
         ["-m", "features.synth"],
     ],
 )

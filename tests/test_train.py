@@ -17,7 +17,11 @@ import torch
 
 from features.materialize import Materializer
 from hyformer import ARCHITECTURES, HyFormer, load_model
-from jobs.register import log_training_run
+from jobs.evaluate import metrics
+from jobs.promote import decide, evaluate_registered
+from jobs.pyfunc import to_frame
+from jobs.register import champion, commit_decision, daily_record, load_registered, log_training_run
+from jobs.score import read_scores, score
 from jobs.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -115,11 +119,80 @@ def test_mlflow_run_holds_metrics_plots_and_a_loadable_registered_model(trained,
     assert [m.step for m in history] == [0, 1]
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "plots")}
     assert {"plots/roc.png", "plots/calibration.png", "plots/loss.png"} <= artifacts
-    loaded = mlflow.pytorch.load_model(f"models:/hyformer/{version}").eval()
+    # the registered version is a pyfunc that scores a DataFrame (one row per candidate) anywhere
     reference = HyFormer.from_checkpoint(trained.checkpoint_dir).eval()
     batch = eval_batch(feature_set)
+    frame = to_frame({k: v.numpy() for k, v in batch.items()})
+    probs = mlflow.pyfunc.load_model(f"models:/hyformer/{version}").predict(frame)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch), reference(batch))
+        np.testing.assert_allclose(probs, torch.sigmoid(reference(batch)).numpy(), rtol=1e-5, atol=1e-6)
+    reg = load_registered(data_dir, "models:/hyformer/1", str(tmp_path / "dl"))  # what warm starts and scoring load
+    assert reg.features == feature_set.cfg.to_dict() and reg.run_id == run_id
+    with torch.no_grad():
+        torch.testing.assert_close(reg.model.eval()(batch), reference(batch))
+
+
+def by_request(pred: dict[str, np.ndarray]) -> np.ndarray:
+    """(request_id, prob) rows sorted: the same rows of a day in any order compare equal."""
+    return np.sort(np.rec.fromarrays([pred["request_id"], pred["prob"]]), order=["f0", "f1"]).view(np.recarray)
+
+
+def test_batch_scoring_equals_the_training_time_evaluation(trained, feature_set, tmp_path):
+    """jobs.score (Ray Data actors, dedup tables, KV reuse per request) on the held-out day gives the scores and the
+    metrics the training job's evaluation reported for the same rows, and so does a plain forward per row."""
+    saved = dict(np.load(f"{trained.checkpoint_dir}/eval_predictions.npz"))
+    model = load_model(trained.checkpoint_dir)
+    res = score(feature_set, model, str(tmp_path / "scores"), batch_size=100)
+    scores = read_scores(res.path)
+    assert res.rows == len(saved["prob"]) and res.requests == len(np.unique(saved["request_id"])) < res.rows
+    got, want = by_request(scores), by_request(saved)
+    np.testing.assert_array_equal(got.f0, want.f0)
+    np.testing.assert_allclose(got.f1, want.f1, rtol=1e-4, atol=1e-6)
+    m = metrics(scores)
+    for k in ("eval_auc", "eval_query_auc", "eval_oracle_query_auc"):
+        assert m[k] == pytest.approx(trained.metrics[k], abs=1e-4), k
+    plain = read_scores(score(feature_set, model, str(tmp_path / "plain"), kv_reuse=False).path)
+    np.testing.assert_allclose(by_request(plain).f1, got.f1, rtol=1e-4, atol=1e-6)
+
+
+def test_champion_challenger_decisions_move_the_alias_only_when_the_margin_is_beaten(trained, feature_set, tmp_path, monkeypatch):
+    """The registry side of the daily workflow on real MLflow: a first version becomes the champion; a challenger
+    scored against it on the same day is kept at margin 0 (they are the same weights: delta 0) and promoted at margin
+    -0.01; each decision is recorded on the run and the version, and the date then counts as done."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data_dir, features_dir = str(tmp_path), str(Path(feature_set.root).parents[2])  # the fixture's data directory
+    configs = {"train": trained.train_config.to_dict(), "features": feature_set.cfg.to_dict()}
+    outcomes = []
+    for day, margin in (("2026-11-20", 0.0), ("2026-11-21", 0.0), ("2026-11-22", -0.01)):
+        tags = {"date": day, "arch": "hyformer", "hide_sequences": "False", "window_days": str(len(feature_set.days))}
+        assert daily_record(data_dir, tags) is None
+        before = champion(data_dir, "hyformer")
+        champ_metrics = None
+        if before is not None:
+            reg = load_registered(data_dir, f"models:/hyformer/{before}", str(tmp_path / f"champ-{day}"))
+            champ_metrics = evaluate_registered(reg, features_dir, feature_set, str(tmp_path / f"scores-{day}"))
+            assert champ_metrics["eval_query_auc"] == pytest.approx(trained.metrics["eval_query_auc"], abs=1e-4)
+        decision = decide(trained.metrics, champ_metrics, margin)
+        run_id, version = log_training_run(data_dir, f"daily-{day}", trained.checkpoint_dir, trained.history, configs, tags=tags)
+        outcomes.append(commit_decision(data_dir, run_id, "hyformer", version, decision.to_dict() | {"date": day}, before, champ_metrics))
+        assert daily_record(data_dir, tags)["outcome"] == outcomes[-1]
+        assert champion(data_dir, "hyformer") == {"promoted": version}.get(outcomes[-1], before)
+        reason = mlflow.get_run(run_id).data.tags["decision_reason"]
+        assert reason == decision.reason and "plots/per_day_auc.png" in {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "plots")}
+    assert outcomes == ["promoted", "kept", "promoted"]
+    assert champion(data_dir, "hyformer") == "3"
+    tags = {str(v.version): v.tags for v in mlflow.tracking.MlflowClient().search_model_versions("name='hyformer'")}
+    assert tags["2"]["outcome"] == "kept" and "not more than margin 0" in tags["2"]["decision_reason"]
+
+
+def test_decide() -> None:
+    q = "eval_query_auc"
+    assert decide({q: 0.7}, None, 0.0).promote
+    assert decide({q: 0.71}, {q: 0.70}, 0.005).promote
+    kept = decide({q: 0.703}, {q: 0.70}, 0.005)
+    assert not kept.promote and "+0.0030 is not more than margin 0.005" in kept.reason
+    assert not decide({q: float("nan")}, {q: 0.7}, 0.0).promote  # a broken challenger never replaces the champion
+    assert not decide({q: 0.7}, {q: 0.7}, 0.0).promote  # a tie keeps the champion
 
 
 def test_a_baseline_trains_through_the_same_job_by_name(feature_set, tmp_path):

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--date", "2026-11-22", "--days", "4", "--synth-scale", "0.3", "--long-len", "16", "--batch-size", "128"]
+SMALL = ["--days", "4", "--synth-scale", "0.3", "--long-len", "16", "--batch-size", "128"]
 METRICS = ("eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc")
 
 
@@ -29,49 +29,81 @@ def run_workflow(data_dir: Path, *args: str, timeout: int = 480) -> subprocess.C
     return subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def assert_run_logged(data_dir: Path) -> None:
+def registry(data_dir: Path) -> tuple[list, dict[str, str], str]:
+    """(runs, {version: outcome tag}, champion version) of the data directory's embedded MLflow store."""
     mlflow.set_tracking_uri(f"sqlite:///{data_dir}/mlflow/mlflow.db")
+    client = mlflow.tracking.MlflowClient()
     runs = mlflow.search_runs(experiment_names=["hyformer-daily"], output_format="list")
+    versions = {str(v.version): v.tags.get("outcome", "") for v in client.search_model_versions("name='hyformer'")}
+    return runs, versions, str(client.get_model_version_by_alias("hyformer", "champion").version)
+
+
+def assert_run_logged(data_dir: Path) -> None:
+    runs, versions, champion = registry(data_dir)
     assert len(runs) == 1
     for k in METRICS:
         assert k in runs[0].data.metrics, k
-    assert [str(v.version) for v in mlflow.tracking.MlflowClient().search_model_versions("name='hyformer'")] == ["1"]
+    assert versions == {"1": "promoted"} and champion == "1"
 
 
 @pytest.mark.slow
-def test_readme_main_command_runs_end_to_end(tmp_path):
+def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and_a_diverging_run_fails(tmp_path):
+    """The README's main command as a two-day backfill (day D-1, then D), then the same date again, then a forced
+    re-run that diverges. (test_ray_job_submit_runs_the_workflow runs the plain README command.)"""
     readme = (ROOT / "README.md").read_text()
     assert "bash infra/install.sh && .venv/bin/python workflows/daily_train.py" in readme.split("\n\n")[1]
-    proc = run_workflow(tmp_path / "data")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "daily_train: done" in proc.stdout
-    for stage in ("synthesize", "ingest", "features", "train", "register"):
-        assert f"=== stage {stage}: done" in proc.stderr + proc.stdout, stage
-    assert_run_logged(tmp_path / "data")
-
-
-@pytest.mark.slow
-def test_rerun_reuses_ingest_and_features_warm_starts_and_a_diverging_run_is_marked_failed(tmp_path):
     data = tmp_path / "data"
-    # day 1: two workers with the paper's asynchronous all-reduce
-    first = run_workflow(data, "--workers", "2", "--cpus-per-worker", "1", "--grad-sync", "async")
+    # two days in order, two workers with the paper's asynchronous all-reduce; margin 1: day D cannot beat day D-1
+    first = run_workflow(data, "--from", "2026-11-21", "--to", "2026-11-22", "--promotion-margin", "1", "--workers", "2", "--cpus-per-worker", "1", "--grad-sync", "async")
     log = first.stderr + first.stdout
-    assert first.returncode == 0, log[-3000:]
+    assert first.returncode == 3, log[-4000:]  # the last day was not promoted
     assert "2 workers (cpu/gloo, grad sync async)" in log
-    # the same date again: every ingested day is skipped, no feature day is rebuilt; training warm-starts from the
-    # registered version, diverges (lr 1e30) and stops with a clear error; the MLflow run is marked FAILED
-    proc = run_workflow(data, "--init-from", "latest", "--lr", "1e30", "--sparse-lr", "1e30")
+    for stage in ("synthesize", "ingest", "features", "train", "load champion", "evaluate champion", "register", "decide"):
+        assert f"=== stage {stage}: done" in log, stage
+    assert re.search(r"daily 2026-11-21: no champion yet: challenger \(eval_query_auc 0\.\d+\) becomes the champion", log), log[-3000:]
+    assert re.search(r"daily 2026-11-22: challenger eval_query_auc 0\.\d+ vs champion 0\.\d+: [-+]0\.\d+ is not more than margin 1; champion kept", log), log[-3000:]
+    assert "warm start: models:/hyformer/1 (version 1) downloaded to" in log  # day D started from the champion
+    runs, versions, champion = registry(data)
+    assert versions == {"1": "promoted", "2": "kept"} and champion == "1"
+    by_date = {r.data.tags["date"]: r for r in runs}
+    assert by_date["2026-11-22"].data.tags["outcome"] == "kept" and "champion kept" in by_date["2026-11-22"].data.tags["decision_reason"]
+    assert "champion_eval_query_auc" in by_date["2026-11-22"].data.metrics and "champion_eval_query_auc" not in by_date["2026-11-21"].data.metrics
+    for r in runs:
+        for k in METRICS:
+            assert k in r.data.metrics, k
+        artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(r.info.run_id, "plots")}
+        assert {"plots/roc.png", "plots/calibration.png", "plots/per_day_auc.png"} <= artifacts
+    # the same date again: a no-op with the recorded outcome (no ingest, no training, no new version)
+    again = run_workflow(data, "--date", "2026-11-22")
+    assert again.returncode == 3 and "daily 2026-11-22: already done" in again.stderr + again.stdout, (again.stderr + again.stdout)[-3000:]
+    assert "=== stage ingest" not in again.stderr + again.stdout
+    # --force trains again: every ingested day and feature day is up to date; warm start from the newest version with
+    # lr 1e30 diverges and stops with a clear error; the MLflow run is FAILED and the champion stays
+    proc = run_workflow(data, "--date", "2026-11-22", "--force", "--init-from", "latest", "--lr", "1e30", "--sparse-lr", "1e30")
     log = proc.stderr + proc.stdout
     assert "features: all 4 days up to date" in log, log[-3000:]
     assert "0 day partitions to validate, 12 up to date" in log, log[-3000:]  # 4 days x 3 daily tables
-    assert "warm start: models:/hyformer/1 written to" in log and "train: warm start from" in log, log[-3000:]
+    assert "warm start: models:/hyformer/2 (version 2) downloaded to" in log and "train: warm start from" in log, log[-3000:]
     assert proc.returncode == 1
-    assert re.search(r"daily_train: stage 'train' failed: NonFiniteError: .*non-finite loss or gradient at step \d+", proc.stderr), proc.stderr[-2000:]
-    mlflow.set_tracking_uri(f"sqlite:///{data}/mlflow/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["hyformer-daily"], output_format="list")
-    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    assert re.search(r"daily_train: 2026-11-22: stage 'train' failed: NonFiniteError: .*non-finite loss or gradient at step \d+", proc.stderr), proc.stderr[-2000:]
+    runs, versions, champion = registry(data)
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
     failed = next(r for r in runs if r.info.status == "FAILED")
     assert failed.data.tags["error"].startswith("NonFiniteError") and failed.data.params["train.lr"] == "1e+30"
+    assert versions == {"1": "promoted", "2": "kept"} and champion == "1"
+
+
+def test_a_second_run_on_a_locked_data_directory_exits_75_naming_the_holder(tmp_path):
+    from filelock import FileLock
+
+    data = tmp_path / "data"
+    (data / "locks").mkdir(parents=True)
+    (data / "locks" / "daily.holder.json").write_text('{"pid": 4242, "host": "other-node"}')
+    with FileLock(str(data / "locks" / "daily.lock")):
+        proc = run_workflow(data, "--lock-timeout", "0.5")
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "is locked by another run" in proc.stderr and "other-node" in proc.stderr
+    assert not (data / "logs").exists()  # nothing was touched
 
 
 def free_port() -> int:
@@ -100,7 +132,7 @@ def test_ray_job_submit_runs_the_workflow(ray_head, tmp_path):
     data_dir = tmp_path / "data"
     cmd = [
         ray_bin, "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
-        "python", "workflows/daily_train.py", "--data-dir", str(data_dir), *SMALL, "--workers", "2", "--cpus-per-worker", "1",
+        "python", "workflows/daily_train.py", "--data-dir", str(data_dir), "--date", "2026-11-22", *SMALL, "--workers", "2", "--cpus-per-worker", "1",
     ]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=600)
@@ -109,5 +141,6 @@ def test_ray_job_submit_runs_the_workflow(ray_head, tmp_path):
     assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-2000:]
     assert "daily_train: done" in out
     assert "2 workers (cpu/gloo, grad sync ddp)" in out
+    assert "no champion yet" in out
     assert_run_logged(data_dir)
     assert time.time() - t0 < 600

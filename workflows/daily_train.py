@@ -1,12 +1,23 @@
-"""Daily training workflow: ingest -> features -> train -> evaluate -> log and register, for one date.
+"""Daily training workflow: ingest -> features -> train -> evaluate -> champion/challenger -> register, per date.
 
     python workflows/daily_train.py                                  # fresh machine: synthetic logs, local Ray
     python workflows/daily_train.py --date 2026-11-22 --data-dir /abs/data
+    python workflows/daily_train.py --from 2026-11-20 --to 2026-11-22 --data-dir /abs/data     # backfill, in order
     ray job submit --working-dir . -- python workflows/daily_train.py --data-dir /abs/data
 
-With no logs under ``<data-dir>/logs`` it first generates a small synthetic window ending at ``--date`` (default:
-yesterday, UTC). Without ``--date`` and with existing logs, the newest impressions day is used. The newest day of the
-window is held out for evaluation. Exit code 0 on success; 1 when a stage fails, with the stage named.
+For each date D: ingest day D (unchanged days are skipped), build its features (incrementally), warm-start from the
+current champion (``--init-from``, default ``champion``), train on the window ending at D with D held out, score the
+champion on D's samples, and register the challenger; the registry alias ``champion`` moves to it only if its
+query-level AUC on D beats the champion's by more than ``--promotion-margin``. The decision and its reason are logged
+and kept on the MLflow run and the model version. A date already done (a finished run for it) is skipped unless
+``--force``; a lock on the data directory keeps two runs from working on it at once.
+
+With no logs under ``<data-dir>/logs`` it first generates a small synthetic window ending at the last date (default:
+yesterday, UTC). Without ``--date`` and with existing logs, the newest impressions day is used.
+
+Exit codes: 0 promoted (or already done and promoted), 3 trained but not promoted (the champion is kept), 1 a stage
+failed (named), 2 bad arguments, 75 another run holds the data directory's lock. A backfill stops at the first
+failure and exits with the last date's code.
 """
 
 from __future__ import annotations
@@ -21,7 +32,12 @@ import dataclasses  # noqa: E402
 import datetime as dt  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
 import time  # noqa: E402
+from enum import IntEnum  # noqa: E402
+
+from filelock import FileLock, Timeout  # noqa: E402
 
 from features.build import RELEVANCE, SIDE_INFO, FeatureConfig  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
@@ -29,12 +45,26 @@ from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import build_features  # noqa: E402
 from jobs.common import DEFAULT_DATA_DIR, absolute, init_ray, log, setup_logging  # noqa: E402
 from jobs.ingest import ingest  # noqa: E402
-from jobs.register import log_failed_run, log_training_run, registered_checkpoint  # noqa: E402
+from jobs.promote import decide, evaluate_registered  # noqa: E402
+from jobs.register import champion, commit_decision, daily_record, load_registered, log_failed_run, log_training_run, registered_checkpoint  # noqa: E402
 from jobs.train import TrainConfig, add_train_arguments, train, train_config  # noqa: E402
 
 # The small synthetic default: a few minutes end to end on 2 CPU cores.
 DEMO_SYNTH = dict(users=1000, items=3000, authors=200, queries=400, requests_per_day=120, search_events_per_day=1500, feed_events_per_day=2500)
 DEMO_MODEL = dict(d_model=32, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,))
+
+
+class Exit(IntEnum):
+    """The workflow's exit codes (for schedulers: 0 and 3 are both a healthy day)."""
+
+    PROMOTED = 0  # trained and promoted, or the date was already done and promoted
+    FAILED = 1  # a stage failed (named on stderr)
+    USAGE = 2  # bad arguments (argparse)
+    NOT_PROMOTED = 3  # trained and registered, the champion is kept (reason logged)
+    LOCKED = 75  # EX_TEMPFAIL: another run holds the data directory's lock
+
+
+OUTCOME_EXIT = {"promoted": Exit.PROMOTED, "kept": Exit.NOT_PROMOTED, "logged": Exit.PROMOTED}
 
 
 class StageFailed(RuntimeError):
@@ -61,46 +91,98 @@ def newest_log_day(data_dir: str) -> dt.date | None:
     return parse_day(days[-1]) if days else None
 
 
+def train_config_defaults(path: str | None) -> dict:
+    """Defaults for the training flags from a JSON file (``{"train": {TrainConfig fields}}``, e.g. workflows/tune.py's
+    best config); flags given on the command line still win."""
+    if path is None:
+        return {}
+    with open(path) as f:
+        train = json.load(f)["train"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(train) - fields)
+    if unknown:
+        raise SystemExit(f"--train-config {path}: unknown TrainConfig fields {unknown}")
+    return {k: (json.dumps(v) if k == "model" else v) for k, v in train.items()}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="project data directory (logs/, clean/, features/, mlflow/); default ./data")
-    p.add_argument("--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD")
-    p.add_argument("--days", type=int, default=70, help="window length in days, ending at --date (default 70)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD")
+    when.add_argument("--from", dest="date_from", type=parse_day, default=None, help="backfill: first date (with --to), run in order")
+    p.add_argument("--to", dest="date_to", type=parse_day, default=None, help="backfill: last date (inclusive)")
+    p.add_argument("--days", type=int, default=70, help="window length in days, ending at the date (default 70)")
     p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (paper: 3000)")
     p.add_argument("--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per sequence event (paper Table 3: 3 or 7)")
     p.add_argument("--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences")
     p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key), for --relevance keys")
     p.add_argument("--rebuild-features", action="store_true", help="rebuild every feature day of the window (default: only stale days)")
     p.add_argument("--synth-scale", type=float, default=1.0, help="multiplies the demo's synthetic request/event counts")
-    p.add_argument("--init-from", default=None, help="warm start: 'latest' (newest registered version of --arch), models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint directory")
-    p.add_argument("--no-register", action="store_true", help="log the MLflow run but do not register the model")
+    p.add_argument("--init-from", default="champion", help="warm start: 'champion' (default; the registry alias, cold start without one), 'latest' (newest version), 'none', models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint directory")
+    p.add_argument("--promotion-margin", type=float, default=0.0, help="promote only if the challenger's query AUC beats the champion's by more than this (default 0)")
+    p.add_argument("--force", action="store_true", help="train again for a date that is already done (registers another version)")
+    p.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another run's lock on the data directory (default 0: exit 75 at once)")
+    p.add_argument("--train-config", default=None, help="JSON with defaults for the training flags, {\"train\": {...}} (e.g. the best config of workflows/tune.py)")
+    p.add_argument("--no-register", action="store_true", help="log the MLflow run but do not register (nor promote) the model")
     add_train_arguments(p, TrainConfig(epochs=1, model=DEMO_MODEL))
-    return p.parse_args(argv)
+    pre, _ = p.parse_known_args(argv)
+    p.set_defaults(**train_config_defaults(pre.train_config))
+    a = p.parse_args(argv)
+    if (a.date_from is None) != (a.date_to is None):
+        p.error("--from and --to go together")
+    if a.date_from is not None and a.date_from > a.date_to:
+        p.error(f"--from {a.date_from} is after --to {a.date_to}")
+    return a
 
 
-def run(a: argparse.Namespace) -> dict:
-    data_dir = absolute(a.data_dir)
-    init_ray()
-    date = a.date or newest_log_day(data_dir)
-    if date is None or not Path(logs_root(data_dir)).exists():
-        date = date or (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1))
-        scaled = {k: (max(1, int(v * a.synth_scale)) if k.endswith("_per_day") else v) for k, v in DEMO_SYNTH.items()}
-        cfg = dataclasses.replace(SynthConfig(), days=a.days, seed=a.seed, **scaled)
-        stage("synthesize", generate, cfg, data_dir, date)
+def dates_of(a: argparse.Namespace, data_dir: str) -> list[dt.date]:
+    if a.date_from is not None:
+        return [a.date_from + dt.timedelta(days=i) for i in range((a.date_to - a.date_from).days + 1)]
+    date = a.date or newest_log_day(data_dir) or (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1))
+    return [date]
+
+
+def synthesize_if_empty(a: argparse.Namespace, data_dir: str, dates: list[dt.date]) -> None:
+    """The demo: without logs, a synthetic window covering every date's training window."""
+    if Path(logs_root(data_dir)).exists():
+        return
+    scaled = {k: (max(1, int(v * a.synth_scale)) if k.endswith("_per_day") else v) for k, v in DEMO_SYNTH.items()}
+    cfg = dataclasses.replace(SynthConfig(), days=a.days + (dates[-1] - dates[0]).days, seed=a.seed, **scaled)
+    stage("synthesize", generate, cfg, data_dir, dates[-1])
+
+
+def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
+    """One date: train the challenger, compare it with the champion on the date, register, promote or keep."""
     day = date.strftime(DAY_FORMAT)
+    tags = {"date": day, "arch": a.arch, "hide_sequences": str(a.hide_sequences), "window_days": str(a.days), "workflow": "daily"}
+    if not a.force and (done := daily_record(data_dir, tags)) is not None:
+        log.info("daily %s: already done (run %s, outcome %s: %s); --force trains again", day, done["run_id"], done["outcome"], done.get("decision_reason", ""))
+        return {"date": day, "outcome": done["outcome"], "already_done": True, "run_id": done["run_id"]}
+    init_ray()
     counts = stage("ingest", ingest, data_dir, date, a.days)
     fcfg = FeatureConfig(long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys)
     fs = stage("features", build_features, data_dir, date, a.days, fcfg, force=a.rebuild_features)
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
-    init_from = a.init_from and stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{data_dir}/train/warm-start/{run_name}")
+    models_dir = f"{data_dir}/train/registry/{run_name}"
+    init_from = stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{models_dir}/init")
     tc = train_config(a, init_from=init_from)
     configs = {"train": tc.to_dict(), "features": fs.cfg.to_dict()}
-    tags = {"date": day, "window_days": str(a.days), "hide_sequences": str(a.hide_sequences), "arch": a.arch}
     try:
         res = stage("train", train, fs, tc, f"{data_dir}/train", run_name)
     except StageFailed as e:
         stage("log failure", log_failed_run, data_dir, run_name, e.__cause__, configs, tags)
         raise
+    champ_version = champion(data_dir, a.arch)
+    champ_metrics = None
+    if champ_version is not None:
+        reg = stage("load champion", load_registered, data_dir, f"models:/{a.arch}/{champ_version}", f"{models_dir}/champion")
+        if reg.features and reg.features.get("vocab") != fs.cfg.vocab:  # another store: make sure its days are built too
+            champ_cfg = FeatureConfig(**{k: v for k, v in reg.features.items() if k != "vocab"})
+            stage("features (champion)", build_features, data_dir, date, a.days, champ_cfg)
+        champ_metrics = stage("evaluate champion", evaluate_registered, reg, data_dir, fs, f"{models_dir}/champion-scores")
+    decision = decide(res.metrics, champ_metrics, a.promotion_margin)
+    log.info("daily %s: %s", day, decision.reason)
     ingest_metrics = {f"ingest_{t}_{k}": float(getattr(c, k)) for t, c in counts.items() for k in ("read", "clean", "quarantined", "skipped_days")}
     run_id, version = stage(
         "register",
@@ -111,24 +193,56 @@ def run(a: argparse.Namespace) -> dict:
         res.history,
         configs | {"model": res.model_config.to_dict()},
         extra_metrics=ingest_metrics | {"feature_samples": float(fs.samples), "feature_days_built": float(len(fs.built))},
-        tags=tags,
+        tags=tags | {"init_from": str(a.init_from if init_from else "none")},
         register_as=None if a.no_register else a.arch,
     )
-    return {"date": day, "run_id": run_id, "model_version": version, **{k: v for k, v in res.metrics.items() if k.startswith("eval_")}}
+    details = decision.to_dict() | {"date": day, "oracle": res.metrics.get("eval_oracle_query_auc", float("nan"))}
+    outcome = stage("decide", commit_decision, data_dir, run_id, a.arch, version, details, champ_version, champ_metrics)
+    eval_metrics = {k: v for k, v in res.metrics.items() if k.startswith("eval_")}
+    return {"date": day, "outcome": outcome, "reason": decision.reason, "run_id": run_id, "model_version": version, "champion_before": champ_version, **eval_metrics}
+
+
+def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
+    """Every date in order under the data directory's lock; stops at the first failure."""
+    data_dir = absolute(a.data_dir)
+    os.makedirs(f"{data_dir}/locks", exist_ok=True)
+    lock = FileLock(f"{data_dir}/locks/daily.lock", timeout=a.lock_timeout)
+    holder = Path(f"{data_dir}/locks/daily.holder.json")
+    try:
+        lock.acquire()
+    except Timeout:
+        who = holder.read_text() if holder.exists() else "unknown"
+        print(f"daily_train: {data_dir} is locked by another run ({who}); waited {a.lock_timeout:g} s (--lock-timeout)", file=sys.stderr)
+        return Exit.LOCKED, []
+    try:
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": dt.datetime.now().isoformat(timespec="seconds")}))
+        dates = dates_of(a, data_dir)
+        synthesize_if_empty(a, data_dir, dates)
+        summaries, code = [], Exit.PROMOTED
+        for date in dates:
+            try:
+                s = run_day(a, data_dir, date)
+            except StageFailed as e:
+                print(f"daily_train: {date}: {e}", file=sys.stderr)
+                return Exit.FAILED, summaries
+            print("daily_train: day " + json.dumps(s), flush=True)
+            summaries.append(s)
+            code = OUTCOME_EXIT[s["outcome"]]
+        return code, summaries
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     a = parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        summary = run(a)
-    except StageFailed as e:
-        print(f"daily_train: {e}", file=sys.stderr)
-        return 1
-    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    print("daily_train: done " + json.dumps(summary))
-    return 0
+    code, summaries = run(a)
+    if code in (Exit.PROMOTED, Exit.NOT_PROMOTED):
+        last = summaries[-1] if summaries else {}
+        print("daily_train: done " + json.dumps({"exit": int(code), "days": len(summaries), "last": last, "wall_seconds": round(time.perf_counter() - t0, 1)}))
+    return int(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""Champion / challenger: score the registered champion on the day the challenger was evaluated on, and decide.
+
+The challenger is the model trained today; its metrics come from the training job's evaluation of the held-out
+newest day. The champion (the version the registry alias ``champion`` points to) is scored on the same day's samples
+by the batch-scoring job (jobs/score.py), with the feature config it was trained on and the same window of history,
+and both get the same metrics (jobs/evaluate.py). ``decide`` promotes the challenger only if its query-level AUC beats
+the champion's by more than ``margin``; the reason is a sentence for the logs and MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from jobs.build_features import FeatureSet
+from jobs.common import log
+from jobs.evaluate import metrics
+from jobs.register import RegisteredModel
+from jobs.score import read_scores, score, scoring_window
+
+METRIC = "eval_query_auc"  # the paper's main offline metric (§4.1.3)
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    metric: str
+    challenger: float
+    champion: float | None  # None: there is no champion yet
+    margin: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(challenger: Mapping[str, float], champion: Mapping[str, float] | None, margin: float, metric: str = METRIC) -> Decision:
+    """Promote iff there is no champion, or the challenger's ``metric`` exceeds the champion's by more than ``margin``
+    (both on the same rows). A challenger whose metric is not finite is never promoted."""
+    c = float(challenger.get(metric, math.nan))
+    if not math.isfinite(c):
+        return Decision(False, f"challenger {metric} is {c}: not comparable, champion kept", metric, c, None, margin)
+    if champion is None:
+        return Decision(True, f"no champion yet: challenger ({metric} {c:.4f}) becomes the champion", metric, c, None, margin)
+    h = float(champion.get(metric, math.nan))
+    if not math.isfinite(h):
+        return Decision(True, f"champion {metric} is {h} on this day: challenger ({c:.4f}) promoted", metric, c, h, margin)
+    delta = c - h
+    if delta > margin:
+        return Decision(True, f"challenger {metric} {c:.4f} beats champion {h:.4f} by {delta:+.4f} > margin {margin:g}: promoted", metric, c, h, margin)
+    return Decision(False, f"challenger {metric} {c:.4f} vs champion {h:.4f}: {delta:+.4f} is not more than margin {margin:g}; champion kept", metric, c, h, margin)
+
+
+def evaluate_registered(reg: RegisteredModel, data_dir: str, fs: FeatureSet, out_dir: str) -> dict[str, float]:
+    """Score a registered version on the held-out (last) day of ``fs``, with its own feature config over the same
+    window of days; returns the metrics of jobs.evaluate (``eval_*``) and writes the scores to ``out_dir``."""
+    window = scoring_window(data_dir, reg.features or fs.cfg.to_dict(), fs.days[-1], len(fs.days))
+    res = score(window, reg.model, out_dir)
+    m = metrics(read_scores(res.path))
+    log.info("champion %s v%s on %s: %s", reg.name, reg.version, fs.days[-1], {k: round(v, 4) for k, v in m.items()})
+    return m
