@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -30,10 +32,39 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
+        # The dashboard (State API) on a known free port, named in RAY_API_SERVER_ADDRESS for every process of the
+        # cluster: Ray Train V2's placement-group cleaner finds its cluster through it, and with several local Ray
+        # instances on one host it otherwise fails ("Found multiple active Ray instances") and a finished or stopped
+        # run (e.g. a Tune trial stopped by ASHA) keeps its workers' CPUs for good.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_port=port, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # progress is logged per stage; bars garble `ray job logs`
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+class StageFailed(RuntimeError):
+    """A workflow stage failed; the message names the stage and the cause."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+def stage(name: str, fn, *args, **kwargs):
+    """Run one stage of a workflow, logging its wall time; any failure becomes StageFailed naming the stage."""
+    t0 = time.perf_counter()
+    log.info("=== stage %s: start", name)
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the stage's name
+        log.exception("=== stage %s: FAILED", name)
+        raise StageFailed(name, e) from e
+    log.info("=== stage %s: done in %.1f s", name, time.perf_counter() - t0)
+    return out
 
 
 def absolute(path: str) -> str:

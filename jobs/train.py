@@ -349,6 +349,34 @@ def train_config(a: argparse.Namespace, **extra) -> TrainConfig:
     return TrainConfig(**({k: v for k, v in vars(a).items() if k in names} | {"model": json.loads(a.model)} | extra))
 
 
+def load_train_overrides(path: str) -> dict:
+    """The TrainConfig fields of a best_config.json written by workflows/tune.py (``{"train": {...}, "metric": ...}``).
+
+    Returns a dict of TrainConfig field -> value (``"model"``: the full HyFormerConfig overrides of the tuned model);
+    apply it over the run's own config, e.g. ``dataclasses.replace(tc, **load_train_overrides(path))``. Raises
+    ValueError when the file is not in that format or a field is unknown or invalid.
+    """
+    with open(path) as f:
+        doc = json.load(f)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(doc, dict) or not isinstance(doc.get("train"), dict):
+        raise ValueError(f"{path}: not a tuning result (expected a JSON object with a 'train' object)")
+    unknown = sorted(set(doc["train"]) - train_fields)
+    if unknown:
+        raise ValueError(f"{path}: 'train' has fields TrainConfig does not know: {unknown}")
+    model = doc["train"].get("model", {})
+    if not isinstance(model, dict):
+        raise ValueError(f"{path}: 'train.model' must be an object of HyFormerConfig overrides")
+    unknown = sorted(set(model) - {f.name for f in dataclasses.fields(HyFormerConfig)})
+    if unknown:
+        raise ValueError(f"{path}: 'train.model' has fields HyFormerConfig does not know: {unknown}")
+    try:
+        TrainConfig(**doc["train"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: 'train' is not a valid TrainConfig: {e}") from e
+    return dict(doc["train"])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train HyFormer on a feature window with Ray Train; the last day is held out.")
     p.add_argument("--features", required=True, help="window-*.json written by jobs.build_features")

@@ -56,3 +56,54 @@ def feature_set(ingested):
     data_dir, _ = ingested
     _start_ray()
     return build_features(data_dir, END, DAYS, FeatureConfig(long_len=64, search_len=16, feed_len=16, n_shards=2))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``infra/mlflow_server.sh`` on a free port with its store under tmp_path; yields (url, server dir, stdout path)."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    port, server_dir = free_port(), tmp_path / "mlflow-server"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_SERVER_DIR": str(server_dir), "MLFLOW_PORT": str(port)}
+    out_path = tmp_path / "mlflow-server.out"
+    with open(out_path, "w") as out, open(tmp_path / "mlflow-server.err", "w") as err:
+        proc = subprocess.Popen(["bash", str(root / "infra" / "mlflow_server.sh")], cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"mlflow_server.sh exited with {proc.returncode}: {(tmp_path / 'mlflow-server.err').read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{url}/health did not answer within 90 s")
+            time.sleep(0.5)
+        yield url, server_dir, out_path
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)  # the script exec's mlflow, whose workers share its process group
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue

@@ -43,11 +43,11 @@ from features.build import RELEVANCE, SIDE_INFO, FeatureConfig  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import build_features  # noqa: E402
-from jobs.common import DEFAULT_DATA_DIR, absolute, init_ray, log, setup_logging  # noqa: E402
+from jobs.common import DEFAULT_DATA_DIR, StageFailed, absolute, init_ray, log, setup_logging, stage  # noqa: E402
 from jobs.ingest import ingest  # noqa: E402
 from jobs.promote import decide, evaluate_registered  # noqa: E402
 from jobs.register import champion, commit_decision, daily_record, load_registered, log_failed_run, log_training_run, registered_checkpoint  # noqa: E402
-from jobs.train import TrainConfig, add_train_arguments, train, train_config  # noqa: E402
+from jobs.train import TrainConfig, add_train_arguments, load_init_state, load_train_overrides, model_config, train, train_config  # noqa: E402
 
 # The small synthetic default: a few minutes end to end on 2 CPU cores.
 DEMO_SYNTH = dict(users=1000, items=3000, authors=200, queries=400, requests_per_day=120, search_events_per_day=1500, feed_events_per_day=2500)
@@ -67,25 +67,6 @@ class Exit(IntEnum):
 OUTCOME_EXIT = {"promoted": Exit.PROMOTED, "kept": Exit.NOT_PROMOTED, "logged": Exit.PROMOTED}
 
 
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, cause: BaseException):
-        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
-        self.stage = stage
-
-
-def stage(name: str, fn, *args, **kwargs):
-    """Run one stage, logging its wall time; any failure becomes StageFailed naming the stage."""
-    t0 = time.perf_counter()
-    log.info("=== stage %s: start", name)
-    try:
-        out = fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised with the stage's name
-        log.exception("=== stage %s: FAILED", name)
-        raise StageFailed(name, e) from e
-    log.info("=== stage %s: done in %.1f s", name, time.perf_counter() - t0)
-    return out
-
-
 def newest_log_day(data_dir: str) -> dt.date | None:
     days = sorted(Path(p).name.removeprefix("day=") for p in glob.glob(f"{logs_root(data_dir)}/impressions/day=*"))
     return parse_day(days[-1]) if days else None
@@ -96,12 +77,10 @@ def train_config_defaults(path: str | None) -> dict:
     best config); flags given on the command line still win."""
     if path is None:
         return {}
-    with open(path) as f:
-        train = json.load(f)["train"]
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(train) - fields)
-    if unknown:
-        raise SystemExit(f"--train-config {path}: unknown TrainConfig fields {unknown}")
+    try:
+        train = load_train_overrides(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"daily_train: --train-config: {e}") from e
     return {k: (json.dumps(v) if k == "model" else v) for k, v in train.items()}
 
 
@@ -167,6 +146,12 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
     models_dir = f"{data_dir}/train/registry/{run_name}"
     init_from = stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{models_dir}/init")
     tc = train_config(a, init_from=init_from)
+    if init_from and a.init_from == "champion":  # the default: a champion of another shape (e.g. a newly tuned config) is a cold start
+        try:
+            load_init_state(tc, model_config(fs, tc.model, tc.arch))
+        except ValueError as e:
+            log.warning("warm start: the champion cannot start this model (%s): training from scratch", e)
+            tc, init_from = dataclasses.replace(tc, init_from=None), None
     configs = {"train": tc.to_dict(), "features": fs.cfg.to_dict()}
     try:
         res = stage("train", train, fs, tc, f"{data_dir}/train", run_name)
