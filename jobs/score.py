@@ -49,17 +49,18 @@ class ScoreResult:
 class Scorer:
     """A Ray Data actor: stored samples -> click probabilities (one model and the window's events per actor)."""
 
-    def __init__(self, model: tuple[dict, dict], timelines, features: dict, kv_reuse: bool, threads: int):
+    def __init__(self, model: tuple[dict, dict], timelines, features: dict, kv_reuse: bool, threads: int, gpu: bool = False):
         torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
         config, state = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         self.model = build_model(HyFormerConfig.from_dict(config))
         self.model.load_state_dict(state)
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.materialize = Materializer(ray.get(timelines) if isinstance(timelines, ray.ObjectRef) else timelines, FeatureConfig(**features))
         self.kv_reuse = kv_reuse
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {k: torch.from_numpy(v) for k, v in self.materialize(batch).items()}
+        inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in self.materialize(batch).items()}
         with torch.no_grad():
             logits = predict_requests(self.model, inputs)[0] if self.kv_reuse else self.model(inputs)
         return {
@@ -68,8 +69,8 @@ class Scorer:
             "item_id": batch["ns_item_id"].astype(np.int64),
             "ts": batch["ts"].astype(np.int64),
             "label": batch["label"].astype(np.float32),
-            "p_click": inputs["p_click"].numpy(),
-            "prob": torch.sigmoid(logits.float()).numpy(),
+            "p_click": inputs["p_click"].cpu().numpy(),
+            "prob": torch.sigmoid(logits.float()).cpu().numpy(),
         }
 
 
@@ -92,8 +93,10 @@ def score(
     actors: int = 1,
     cpus_per_actor: float = 1.0,
     kv_reuse: bool = True,
+    gpu: bool = False,
 ) -> ScoreResult:
-    """Score the samples of ``days`` (default: the window's last day) with ``model``; Parquet files into ``out_dir``."""
+    """Score the samples of ``days`` (default: the window's last day) with ``model``; Parquet files into ``out_dir``.
+    ``gpu``: each actor takes one GPU and scores on it."""
     days = list(days or fs.days[-1:])
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(fs.sample_files(days), partitioning=None).drop_columns(["day"])
@@ -101,10 +104,10 @@ def score(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     kwargs = {
         "model": ray.put((model.config.to_dict(), state)), "timelines": ray.put(fs.timelines()), "features": fs.cfg.to_dict(),
-        "kv_reuse": kv_reuse, "threads": max(1, int(cpus_per_actor)),
+        "kv_reuse": kv_reuse, "threads": max(1, int(cpus_per_actor)), "gpu": gpu,
     }
     pool = ray.data.ActorPoolStrategy(size=actors)
-    scored = ds.map_batches(Scorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, compute=pool, num_cpus=cpus_per_actor, batch_format="numpy")
+    scored = ds.map_batches(Scorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, compute=pool, num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0, batch_format="numpy")
     out_dir = absolute(out_dir)
     tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--no-kv-reuse", action="store_true", help="a plain forward per row (for comparison)")
     a = p.parse_args(argv)
     setup_logging()
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     day = a.date.strftime(DAY_FORMAT)
     fs = scoring_window(data_dir, reg.features, day, a.days or reg.window_days)
     out = a.out or f"{data_dir}/scores/{reg.name}-v{reg.version}/{day}"
-    res = score(fs, reg.model, out, batch_size=a.batch_size, actors=a.actors, cpus_per_actor=a.cpus_per_actor, kv_reuse=not a.no_kv_reuse)
+    res = score(fs, reg.model, out, batch_size=a.batch_size, actors=a.actors, cpus_per_actor=a.cpus_per_actor, kv_reuse=not a.no_kv_reuse, gpu=a.gpu)
     print(json.dumps({"model": f"{reg.name}/{reg.version}", "day": day, "path": res.path, "rows": res.rows, "requests": res.requests}))
 
 
