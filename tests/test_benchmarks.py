@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# ~40 s of feature builds that tests/test_features.py covers in CI; the suite's budget is ~15 min on 2 cores
+@pytest.mark.skipif(not os.environ.get("HYFORMER_SLOW"), reason="~40 s; set HYFORMER_SLOW=1")
 @pytest.mark.slow
 def test_features_benchmark_runs_and_writes_its_results(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.features", "--scale", "0.01", "--windows", "2,3", "--lengths", "16",
