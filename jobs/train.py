@@ -270,16 +270,22 @@ def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tens
     return model.state_dict()
 
 
-def train(fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str, callbacks: list | None = None) -> TrainResult:
+def train(
+    fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str, callbacks: list | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
     """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused names).
     ``callbacks``: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``, which forwards every report).
+    ``init_state``: the warm start's merged weights when the caller already built them with ``load_init_state`` (else
+    they are built here from ``tc.init_from``).
 
     Raises NonFiniteError when the loss or a gradient became NaN/inf (training stops on every worker at that step).
     """
     if len(fs.days) < 2:
         raise ValueError(f"need at least 2 days (train + held-out), the feature window has {len(fs.days)}")
     mc = model_config(fs, tc.model, tc.arch)
-    init_state = load_init_state(tc, mc)
+    if init_state is None:
+        init_state = load_init_state(tc, mc)
     datasets = {
         "train": model_dataset(fs, fs.days[:-1], shuffle=True, seed=tc.seed),
         "eval": model_dataset(fs, fs.days[-1:], shuffle=False),

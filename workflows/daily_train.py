@@ -144,24 +144,32 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
     fs = stage("features", build_features, data_dir, date, a.days, fcfg, force=a.rebuild_features)
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     models_dir = f"{data_dir}/train/registry/{run_name}"
-    init_from = stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{models_dir}/init")
+    # the champion is downloaded once: the default warm start and the comparison after training use the same version
+    champ_version = champion(data_dir, a.arch)
+    reg = None
+    if champ_version is not None:
+        reg = stage("load champion", load_registered, data_dir, f"models:/{a.arch}/{champ_version}", f"{models_dir}/champion")
+    if a.init_from == "champion" and reg is not None:
+        init_from = reg.checkpoint_dir
+        log.info("warm start: models:/%s/%s (version %s) downloaded to %s", a.arch, champ_version, champ_version, init_from)
+    else:
+        init_from = stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{models_dir}/init")
     tc = train_config(a, init_from=init_from)
+    init_state = None  # merged once here and handed to train(), which would otherwise merge it again
     if init_from and a.init_from == "champion":  # the default: a champion of another shape (e.g. a newly tuned config) is a cold start
         try:
-            load_init_state(tc, model_config(fs, tc.model, tc.arch))
+            init_state = load_init_state(tc, model_config(fs, tc.model, tc.arch))
         except ValueError as e:
             log.warning("warm start: the champion cannot start this model (%s): training from scratch", e)
             tc, init_from = dataclasses.replace(tc, init_from=None), None
     configs = {"train": tc.to_dict(), "features": fs.cfg.to_dict()}
     try:
-        res = stage("train", train, fs, tc, f"{data_dir}/train", run_name)
+        res = stage("train", train, fs, tc, f"{data_dir}/train", run_name, init_state=init_state)
     except StageFailed as e:
         stage("log failure", log_failed_run, data_dir, run_name, e.__cause__, configs, tags)
         raise
-    champ_version = champion(data_dir, a.arch)
     champ_metrics = None
-    if champ_version is not None:
-        reg = stage("load champion", load_registered, data_dir, f"models:/{a.arch}/{champ_version}", f"{models_dir}/champion")
+    if reg is not None:
         if reg.features and reg.features.get("vocab") != fs.cfg.vocab:  # another store: make sure its days are built too
             champ_cfg = FeatureConfig(**{k: v for k, v in reg.features.items() if k != "vocab"})
             stage("features (champion)", build_features, data_dir, date, a.days, champ_cfg)

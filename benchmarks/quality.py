@@ -1,0 +1,628 @@
+"""Model quality (issue #7): the paper's Tables 1-3 and its scaling curves, on the same logs, several seeds, next to
+the oracle.
+
+    python -m benchmarks.quality --suite tables       # every Table 1 and Table 2 row, matched dense params, 3 seeds
+    python -m benchmarks.quality --suite side-info    # Table 3: side info 3 vs 7 types x long-sequence length
+    python -m benchmarks.quality --suite scaling      # HyFormer vs LONGER + RankMixer at 4 sizes: AUC vs params, FLOPs
+    python -m benchmarks.quality --suite tables --features DATA/features/v2/<store>/window-*.json --name quality_movielens
+
+Data: by default the synthetic logs of ``features.synth`` (``--synth-scale`` x SynthConfig's per-day traffic over
+``--days`` days, cached in ``--work``), ingested and built into a feature window by the real jobs (``jobs.ingest``,
+``jobs.build_features`` on a local Ray cluster); ``--features`` takes any window built by ``jobs.build_features``
+instead (e.g. the MovieLens import of ``benchmarks/movielens.sh``). The last ``--eval-days`` days are held out; every
+earlier day trains. Every model of a suite sees the same training samples in the same order for a given seed, and is
+scored on the same held-out rows.
+
+Training: in one process, with the training code of every Ray Train worker (``jobs.train``'s ``Materializer`` collate
+into deduplicated ID tables, ``hyformer.training.Learner``: AdamW with warm-up and clipping on the dense parameters,
+row-wise Adagrad on the tables), ``--epochs`` passes over the training days in a seeded random order, batch 256, fp32,
+``torch`` threads = the machine's cores. It runs in-process rather than through Ray Train to spare a Ray Train start
+per model (seconds each, for ~100 models); ``jobs.train --arch NAME`` trains the same rows on a cluster.
+
+Budgets (``tables``): the paper compares rows at roughly matched dense parameters and reports their FLOPs. Here each
+row's ``d_model`` (the width of its tokens and interaction; ``d_seq``, the sequence side's width, stays fixed) is the
+valid width whose dense parameter count is closest to HyFormer's at the base config; params and training FLOPs per
+step of 256 samples (``hyformer.profile``, every sequence at full length) are reported for every row.
+
+Reported per row: held-out AUC and query-level AUC (mean ± sample std over the seeds), the delta of the mean against
+the suite's reference row (LONGER + RankMixer, the paper's baseline), dense params, training GFLOPs per step, and the
+oracle's AUC and query AUC on the same rows (``p_click``, the synthetic click probability: the best any model can do;
+absent for real logs). Every model is an MLflow run (nested in one parent run per suite, with the table and plots as
+artifacts; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``, else an embedded store under ``--work``).
+
+Writes ``benchmarks/results/<name>.json`` (every run) and ``<name>.md`` (the table), ``--name`` defaulting to
+``quality_<suite>``; ``scaling`` also writes ``docs/img/scaling_params.png`` and ``docs/img/scaling_flops.png``
+(``--plots``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from benchmarks.common import synthesize_cached, write_results
+from benchmarks.kv_reuse import machine_info
+from features.build import FeatureConfig
+from features.materialize import Materializer, Timelines
+from features.synth import SynthConfig
+from hyformer.model import HyFormerConfig
+from hyformer.profile import count_params, profile
+from hyformer.training import Learner
+from hyformer.zoo import ARCHITECTURES, build_model
+from jobs.build_features import FeatureSet
+from jobs.common import log, setup_logging
+from jobs.evaluate import metrics, predict
+from jobs.train import TrainConfig, model_config
+
+SUITES = ("tables", "side-info", "scaling")
+END = dt.date(2026, 11, 22)
+REFERENCE = "longer-rankmixer"  # the paper's production baseline: every delta is against it
+TABLE_ROWS = tuple(n for n, a in ARCHITECTURES.items() if a.table in ("1", "2"))  # 9 of Table 1 + 4 more of Table 2
+# the base model of every suite (d_model is then matched per row in "tables", scaled in "scaling")
+BASE_MODEL: dict[str, Any] = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
+# HyFormer's sequence encoders as in the paper (LONGER-style on the long sequence, Full Transformer on search and
+# feed), for every row whose architecture does not name its own (the two-stage and unified rows do: hyformer/zoo.py)
+PAPER_ENCODERS: dict[str, Any] = {"seq_encoder": {"long": "longer", "search": "transformer", "feed": "transformer"}}
+# scaling: (d_model, d_seq, n_layers), ~20x in dense parameters from the smallest to the largest
+SCALING_SIZES: tuple[dict[str, int], ...] = (
+    dict(d_model=16, d_seq=8, n_layers=1),
+    dict(d_model=32, d_seq=16, n_layers=2),
+    dict(d_model=64, d_seq=32, n_layers=2),
+    dict(d_model=128, d_seq=48, n_layers=3),
+)
+SCALING_ARCHS = ("hyformer", REFERENCE)
+WIDTHS = tuple(range(8, 513, 4))  # d_model candidates when matching budgets
+EVAL_KEYS = ("eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc", "eval_oracle_query_auc")
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+
+def synthetic_window(work: str, scale: float, days: int, long_len: int) -> FeatureSet:
+    """Synthetic logs of ``days`` days ending at END (per-day traffic x ``scale``; cached in ``work``), ingested and
+    built into a feature window."""
+    base = SynthConfig()
+    sizes = {f.name: max(1, int(getattr(base, f.name) * scale)) for f in dataclasses.fields(SynthConfig) if f.name.endswith("_per_day")}
+    cfg = dataclasses.replace(base, days=days, **sizes)
+    data = f"{work}/data"
+    synthesize_cached(cfg, data, END)
+    return logs_window(data, END, days, FeatureConfig(long_len=long_len, search_len=50, feed_len=50))
+
+
+def logs_window(data_dir: str, end: dt.date, days: int, cfg: FeatureConfig) -> FeatureSet:
+    """The ``days``-day window ending at ``end`` of the raw logs in ``data_dir`` (the log contract, e.g. written by
+    ``jobs.import_logs``), ingested and built by the real jobs on a local Ray cluster (stopped afterwards)."""
+    import ray
+
+    from jobs.build_features import build_features
+    from jobs.common import init_ray
+    from jobs.ingest import ingest
+
+    init_ray()
+    try:
+        ingest(data_dir, end, days)
+        return build_features(data_dir, end, days, cfg)
+    finally:
+        ray.shutdown()
+
+
+def read_samples(fs: FeatureSet, days: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The stored samples of ``days`` as numpy columns (what a Ray Data batch holds), in stored order."""
+    frame = pl.read_parquet(fs.sample_files(days)).drop("day")
+    if frame.height == 0:
+        raise ValueError(f"{fs.root}: no samples on days {days[0]}..{days[-1]}")
+    return {c: frame[c].to_numpy() for c in frame.columns}
+
+
+@dataclass
+class Window:
+    """The training and held-out samples of a feature window, their events, and materialised batches, cached per
+    (read-side config, order): every model of a seed trains on the very same batches."""
+
+    fs: FeatureSet
+    eval_days: int
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.eval_days < len(self.fs.days):
+            raise ValueError(f"--eval-days {self.eval_days}: the window has {len(self.fs.days)} days (need >= 1 training day)")
+        self.train_days, self.eval_day_list = self.fs.days[: -self.eval_days], self.fs.days[-self.eval_days :]
+        self.train = read_samples(self.fs, self.train_days)
+        self.eval = read_samples(self.fs, self.eval_day_list)
+        self.timelines: Timelines = self.fs.timelines()
+        self._cache: dict[tuple, list[dict[str, torch.Tensor]]] = {}
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train["label"])
+
+    @property
+    def n_eval(self) -> int:
+        return len(self.eval["label"])
+
+    def _batches(self, cfg: FeatureConfig, split: str, order: np.ndarray, key: tuple) -> list[dict[str, torch.Tensor]]:
+        key = (json.dumps(cfg.to_dict(), sort_keys=True), split, *key)
+        if key not in self._cache:
+            if split == "train":  # keep one seed's training batches at a time (every config's), and every eval set
+                self._cache = {k: v for k, v in self._cache.items() if k[1] != "train" or k[2] == key[2]}
+            cols = self.train if split == "train" else self.eval
+            m = Materializer(self.timelines, cfg)
+            self._cache[key] = [
+                {k: torch.from_numpy(v) for k, v in m({c: a[idx] for c, a in cols.items()}).items()}
+                for idx in np.array_split(order, max(1, math.ceil(len(order) / self.batch_size)))
+            ]
+        return self._cache[key]
+
+    def train_batches(self, cfg: FeatureConfig, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+        order = np.random.default_rng([seed, epoch]).permutation(self.n_train)
+        return self._batches(cfg, "train", order, (seed, epoch))
+
+    def eval_batches(self, cfg: FeatureConfig) -> list[dict[str, torch.Tensor]]:
+        return self._batches(cfg, "eval", np.arange(self.n_eval), ())
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+
+
+def arch_config(fs: FeatureSet, overrides: dict[str, Any], arch: str) -> HyFormerConfig:
+    """``jobs.train.model_config`` of ``arch`` with the paper's encoders where the architecture names none
+    (``overrides`` still win)."""
+    encoders = {} if "seq_encoder" in ARCHITECTURES[arch].overrides else PAPER_ENCODERS
+    return model_config(fs, encoders | overrides, arch)
+
+
+def dense_params(cfg: HyFormerConfig) -> int:
+    with torch.device("meta"):
+        return count_params(build_model(cfg))[0]
+
+
+def matched_config(fs: FeatureSet, arch: str, overrides: dict[str, Any], target: int) -> HyFormerConfig:
+    """``arch`` at the valid ``d_model`` whose dense parameter count is closest to ``target``."""
+    best: tuple[float, HyFormerConfig] | None = None
+    for width in WIDTHS:
+        try:
+            cfg = arch_config(fs, overrides | {"d_model": width}, arch)
+        except ValueError:  # a width the architecture cannot split into its heads / tokens
+            continue
+        n = dense_params(cfg)
+        gap = abs(n - target) / target
+        if best is None or gap < best[0]:
+            best = (gap, cfg)
+        if n > 2 * target:  # params grow with the width: no closer one beyond
+            break
+    if best is None:
+        raise ValueError(f"{arch}: no valid d_model in {WIDTHS[0]}..{WIDTHS[-1]} with overrides {overrides}")
+    return best[1]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One model of a suite: its row label, architecture and full config (seeds are run by the suite)."""
+
+    row: str
+    arch: str
+    model: HyFormerConfig
+    features: FeatureConfig
+    tags: tuple[tuple[str, Any], ...] = ()
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Train ``spec`` for ``tc.epochs`` epochs from seed ``seed`` on ``device`` (bf16 autocast on CUDA, as the Ray
+    Train workers); evaluate on the held-out days."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = build_model(spec.model).to(dev)
+    learner = Learner(model, tc.optim(), dev)
+    history, t0 = [], time.perf_counter()
+    for epoch in range(tc.epochs):
+        batches = win.train_batches(spec.features, seed, epoch)
+        losses, t_epoch = [], time.perf_counter()
+        for i, batch in enumerate(batches, 1):
+            losses.append(learner.step(_on(batch, dev))["loss"])
+            if i % 100 == 0:
+                log.info("  %s seed %d epoch %d: %d/%d batches, loss %.4f", spec.row, seed, epoch + 1, i, len(batches), np.mean(losses[-100:]))
+        history.append({"train_loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - t_epoch})
+    train_seconds = time.perf_counter() - t0
+    eval_batches = win.eval_batches(spec.features)
+    m = metrics(predict(model, (_on(b, dev) for b in eval_batches)))
+    m["eval_mean_len_long"] = float(torch.cat([b["len_long"] for b in eval_batches]).float().mean())  # events seen
+    return {
+        "row": spec.row, "arch": spec.arch, "seed": seed, **dict(spec.tags), **m, "history": history,
+        "train_seconds": train_seconds, "samples_per_s": tc.epochs * win.n_train / train_seconds,
+    }
+
+
+# --- suites ----------------------------------------------------------------------------------------------------------
+
+
+def table_specs(fs: FeatureSet, base: dict[str, Any], rows: tuple[str, ...]) -> list[Spec]:
+    """Tables 1 and 2: every row at HyFormer's dense parameter count (``d_model`` matched, see module doc)."""
+    target = dense_params(arch_config(fs, base, "hyformer"))
+    specs = []
+    for name in rows:
+        cfg = arch_config(fs, base, name) if name == "hyformer" else matched_config(fs, name, base, target)
+        specs.append(Spec(name, name, cfg, fs.cfg, (("table", ARCHITECTURES[name].table), ("label", ARCHITECTURES[name].label))))
+    return specs
+
+
+def side_info_specs(fs: FeatureSet, base: dict[str, Any], long_lens: tuple[int, ...]) -> list[Spec]:
+    """Table 3: {LONGER + RankMixer, HyFormer} x side info {3, 7} types x each long-sequence length (no matching: as
+    in the paper, richer side info widens the sequence tokens' input and adds parameters)."""
+    specs = []
+    for length in long_lens:
+        for arch in (REFERENCE, "hyformer"):
+            for side in (3, 7):
+                f = fs.with_read_side(long_len=length, side_info=side)
+                specs.append(Spec(f"{arch} L={length} side={side}", arch, arch_config(f, base, arch), f.cfg, (("long_len", length), ("side_info", side))))
+    return specs
+
+
+def scaling_specs(fs: FeatureSet, base: dict[str, Any], sizes: tuple[dict[str, int], ...]) -> list[Spec]:
+    """HyFormer and LONGER + RankMixer at each size (the same width, depth and sequence width for both)."""
+    return [
+        Spec(f"{arch} size={i}", arch, arch_config(fs, base | size, arch), fs.cfg, (("size", i), *sorted(size.items())))
+        for i, size in enumerate(sizes)
+        for arch in SCALING_ARCHS
+    ]
+
+
+def describe(specs: list[Spec], batch: int) -> dict[str, dict[str, Any]]:
+    """Dense params and training GFLOPs per step of ``batch`` samples of every spec."""
+    out = {}
+    for s in specs:
+        p = profile(s.model, batch)
+        out[s.row] = {"dense_params": p.dense_params, "sparse_params": p.sparse_params, "train_gflops": p.train_flops / 1e9, "d_model": s.model.d_model}
+    return out
+
+
+# --- summary and output ----------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return {
+        "mean": statistics.fmean(vals) if vals else None,
+        "std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "n": len(vals),
+    }
+
+
+def summarize(runs: list[dict[str, Any]], sizes: dict[str, dict[str, Any]], rows: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for row in rows:
+        rs = [r for r in runs if r["row"] == row]
+        out[row] = {k: mean_std([r.get(k) for r in rs]) for k in (*EVAL_KEYS, "eval_mean_len_long", "samples_per_s")} | sizes[row]
+        out[row] |= {k: rs[0][k] for k in ("arch", "label", "table", "long_len", "side_info", "size") if rs and k in rs[0]}
+    return out
+
+
+def _pm(stat: dict[str, float | None], spec: str = ".4f") -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:{spec}}" + (f" ± {stat['std']:{spec}}" if stat["std"] is not None else "")
+
+
+def paired_delta(runs: list[dict[str, Any]], row: str, ref: str, key: str = "eval_auc") -> dict[str, float | None]:
+    """Relative difference (%) of ``row``'s ``key`` to ``ref``'s, seed by seed (the same batches and held-out rows):
+    mean and sample std over the seeds."""
+    a = {r["seed"]: r[key] for r in runs if r["row"] == row}
+    b = {r["seed"]: r[key] for r in runs if r["row"] == ref}
+    return mean_std([100 * (a[k] - b[k]) / b[k] for k in sorted(a) if k in b])
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil (1982): the standard error of an AUC measured on ``positives`` + ``negatives`` rows, i.e. how
+    much it would move on another sample of held-out rows of the same size."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (positives * negatives)
+    return math.sqrt(max(var, 0.0))
+
+
+def _delta(res: dict[str, Any], row: str, ref: str) -> str:
+    if row == ref:
+        return "ref."
+    d = paired_delta(res["runs"], row, ref)
+    if d["mean"] is None:
+        return "-"
+    return f"{d['mean']:+.2f}%" + (f" ± {d['std']:.2f}" if d["std"] is not None else "")
+
+
+def table(res: dict[str, Any]) -> str:
+    """The suite's Markdown table (+ the setup line)."""
+    s, suite = res["summary"], res["suite"]
+    w = res["window"]
+    first = res["runs"][0]
+    positives = round(first["eval_rows"] * first["eval_ctr"])
+    se = auc_standard_error(first["eval_auc"], positives, int(first["eval_rows"]) - positives)
+    ref_text = "the same architecture and length with side info 3" if suite == "side-info" else f"{REFERENCE} (of the same size)"
+    lines = [
+        f"Suite `{suite}`: {w['train_samples']:,} training samples ({w['train_days']} days), {w['eval_samples']:,} held-out rows "
+        f"({w['eval_days']} days, {w['eval_requests']:,} requests, {positives:,} clicks), {res['epochs']} epoch(s), "
+        f"{res['seeds']} seeds: mean ± sample std over the seeds. ΔAUC: relative AUC difference to {ref_text}, seed by seed "
+        f"(same batches, same rows), mean ± std. One AUC on these rows has a sampling error of ±{se:.4f} (Hanley-McNeil): "
+        "differences between models on the same rows vary less, but one smaller than that may not hold on other days.",
+        "",
+    ]
+    has_oracle = any(r["eval_oracle_auc"]["mean"] is not None for r in s.values())
+    oracle_cols = " | oracle AUC | oracle query AUC" if has_oracle else ""
+    if suite == "side-info":
+        lines += [
+            f"| long seq (mean events seen) | architecture | side info | AUC | ΔAUC (side 3 → 7) | query AUC | dense params (M) | GFLOPs/step{oracle_cols} |",
+            "|---|---|---:|---:|---:|---:|---:|---:" + ("|---:|---:|" if has_oracle else "|"),
+        ]
+        for row, r in s.items():
+            base = row.replace("side=7", "side=3")
+            d = _delta(res, row, base) if r["side_info"] == 7 else "-"
+            lines.append(
+                f"| {r['long_len']} ({r['eval_mean_len_long']['mean']:.0f}) | {r['arch']} | {r['side_info']} | {_pm(r['eval_auc'])} | {d} | {_pm(r['eval_query_auc'])} | "
+                f"{r['dense_params'] / 1e6:.3f} | {r['train_gflops']:.2f}" + _oracle(r, has_oracle) + " |"
+            )
+    else:
+        first = "| size | architecture | d_model / d_seq / layers" if suite == "scaling" else "| table | architecture | d_model"
+        vs_hyformer = suite == "tables" and "hyformer" in s  # Table 2 reports its ablations against HyFormer
+        lines += [
+            f"{first} | AUC | ΔAUC{' | ΔAUC vs HyFormer' if vs_hyformer else ''} | query AUC | logloss | dense params (M) | GFLOPs/step{oracle_cols} |",
+            "|---|---|---|---:|---:" + ("|---:" if vs_hyformer else "") + "|---:|---:|---:|---:" + ("|---:|---:|" if has_oracle else "|"),
+        ]
+        for row, r in s.items():
+            ref = f"{REFERENCE} size={r['size']}" if suite == "scaling" else REFERENCE
+            if suite == "scaling":
+                head = f"| {r['size']} | {r['arch']} | {r['d_model']} / {r.get('d_seq', '-')} / {r.get('n_layers', '-')}"
+            else:
+                head = f"| {r.get('table') or '-'} | {r.get('label', row)} (`{row}`) | {r['d_model']}"
+            lines.append(
+                f"{head} | {_pm(r['eval_auc'])} | {_delta(res, row, ref)}{' | ' + _delta(res, row, 'hyformer') if vs_hyformer else ''} | {_pm(r['eval_query_auc'])} | "
+                f"{_pm(r['eval_logloss'])} | {r['dense_params'] / 1e6:.3f} | {r['train_gflops']:.2f}" + _oracle(r, has_oracle) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _oracle(r: dict[str, Any], has_oracle: bool) -> str:
+    # the oracle scores the same rows whatever the seed: its mean is its value
+    mean = lambda k: "-" if r[k]["mean"] is None else f"{r[k]['mean']:.4f}"
+    return f" | {mean('eval_oracle_auc')} | {mean('eval_oracle_query_auc')}" if has_oracle else ""
+
+
+def scaling_plots(res: dict[str, Any], out_dir: str) -> list[str]:
+    """AUC vs dense params and vs training FLOPs (log x), one line per architecture, seeds' std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    s = res["summary"]
+    for x_key, x_label, fname in (
+        ("dense_params", "dense parameters", "scaling_params.png"),
+        ("train_gflops", "training GFLOPs per step (batch 256)", "scaling_flops.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for arch in SCALING_ARCHS:
+            rows = sorted((r for r in s.values() if r["arch"] == arch), key=lambda r: r[x_key])
+            ax.errorbar(
+                [r[x_key] for r in rows], [r["eval_auc"]["mean"] for r in rows],
+                yerr=[r["eval_auc"]["std"] or 0.0 for r in rows], marker="o", capsize=3, label=ARCHITECTURES[arch].label,
+            )
+        oracle = [r["eval_oracle_auc"]["mean"] for r in s.values() if r["eval_oracle_auc"]["mean"] is not None]
+        if oracle:
+            ax.axhline(statistics.fmean(oracle), color="grey", linestyle="--", linewidth=1, label="oracle (p_click)")
+        ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("held-out AUC")
+        ax.set_title(f"AUC vs {x_label.split(' (')[0]} ({res['seeds']} seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{out_dir}/{fname}"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# --- MLflow ----------------------------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """One MLflow parent run per suite and a nested run per model (``enabled=False``: no MLflow at all)."""
+
+    def __init__(self, work: str, experiment: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            import mlflow
+
+            from jobs.register import use_tracking
+
+            mlflow.set_experiment(experiment_id=use_tracking(work, experiment))
+
+    def start(self, name: str, params: dict[str, Any]):
+        import contextlib
+
+        if not self.enabled:
+            return contextlib.nullcontext()
+        import mlflow
+
+        run = mlflow.start_run(run_name=name)
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        return run
+
+    def child(self, run: dict[str, Any], spec: Spec, size: dict[str, Any], tc: TrainConfig) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        with mlflow.start_run(run_name=f"{spec.row} seed {run['seed']}", nested=True):
+            mlflow.log_params({"row": spec.row, "arch": spec.arch, "seed": run["seed"], **{f"model.{k}": str(v)[:500] for k, v in spec.model.to_dict().items() if k != "id_spaces"}})
+            mlflow.log_params({f"train.{k}": v for k, v in tc.to_dict().items() if k != "model"})
+            mlflow.log_params({f"features.{k}": v for k, v in spec.features.to_dict().items() if k != "vocab"})
+            mlflow.log_metrics({k: v for k, v in run.items() if k.startswith("eval_") and math.isfinite(v)})
+            mlflow.log_metrics({"dense_params": size["dense_params"], "train_gflops": size["train_gflops"], "samples_per_s": run["samples_per_s"]})
+            for i, h in enumerate(run["history"]):
+                mlflow.log_metric("train_loss", h["train_loss"], step=i)
+
+    def finish(self, res: dict[str, Any], files: list[str]) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        for row, r in res["summary"].items():
+            key = row.replace(" ", "_").replace("=", "").replace("+", "")
+            for k in ("eval_auc", "eval_query_auc"):
+                if r[k]["mean"] is not None:
+                    mlflow.log_metric(f"{key}.{k}", r[k]["mean"])
+        for f in files:
+            mlflow.log_artifact(f)
+
+
+# --- driver ----------------------------------------------------------------------------------------------------------
+
+
+def run_suite(
+    suite: str, win: Window, base: dict[str, Any], tc: TrainConfig, seeds: int, tracker: Tracker,
+    long_lens: tuple[int, ...] = (128, 512), sizes: tuple[dict[str, int], ...] = SCALING_SIZES, rows: tuple[str, ...] = TABLE_ROWS,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Every model of ``suite`` x ``seeds`` seeds on ``win``; returns the results (runs, summary, window, machine)."""
+    fs = win.fs
+    if suite == "tables":
+        specs = table_specs(fs, base, rows)
+    elif suite == "side-info":
+        specs = side_info_specs(fs, base, long_lens)
+    elif suite == "scaling":
+        specs = scaling_specs(fs, base, sizes)
+    else:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {SUITES}")
+    sizes_of = describe(specs, tc.batch_size)
+    for s in specs:
+        sizes_of[s.row] |= {"d_seq": s.model.d_seq or s.model.d_model, "n_layers": s.model.n_layers}
+    log.info("quality: %s, %d models x %d seeds on %d training / %d held-out samples", suite, len(specs), seeds, win.n_train, win.n_eval)
+    for s in specs:
+        z = sizes_of[s.row]
+        log.info("  %-40s d_model %3d, %.3fM dense params, %.2f GFLOPs/step", s.row, z["d_model"], z["dense_params"] / 1e6, z["train_gflops"])
+    runs, t0, total = [], time.perf_counter(), len(specs) * seeds
+    for seed in range(seeds):  # seed-major: every model of a seed reuses the seed's materialised batches
+        for s in specs:
+            r = fit(win, s, tc, seed, device)
+            runs.append(r)
+            tracker.child(r, s, sizes_of[s.row], tc)
+            done = len(runs)
+            eta = (time.perf_counter() - t0) / done * (total - done)
+            log.info(
+                "quality: [%d/%d] %s seed %d: AUC %.4f, query AUC %.4f (oracle %.4f) in %.0f s; ETA %.0f min",
+                done, total, s.row, seed, r["eval_auc"], r["eval_query_auc"], r.get("eval_oracle_auc", float("nan")), r["train_seconds"], eta / 60,
+            )
+    eval_requests = len(np.unique(win.eval["request_id"]))
+    return {
+        "suite": suite,
+        "seeds": seeds,
+        "epochs": tc.epochs,
+        "train": tc.to_dict(),
+        "base_model": base,
+        "paper_encoders": PAPER_ENCODERS,  # added to base for the rows whose architecture names no encoder
+        "window": {
+            "store": fs.root, "features": fs.cfg.to_dict() | {"vocab": None}, "train_days": len(win.train_days), "eval_days": len(win.eval_day_list),
+            "first_day": fs.days[0], "last_day": fs.days[-1], "train_samples": win.n_train, "eval_samples": win.n_eval, "eval_requests": eval_requests,
+        },
+        "machine": machine_info(torch.device(device)),
+        "wall_seconds": time.perf_counter() - t0,
+        "runs": runs,
+        "summary": summarize(runs, sizes_of, [s.row for s in specs]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description="Model quality: Tables 1-3 and scaling curves (module doc).")
+    p.add_argument("--suite", choices=SUITES, help="required unless --render")
+    p.add_argument("--features", default=None, help="a window-*.json of jobs.build_features (default: synthetic logs)")
+    p.add_argument("--data-dir", default=None, help="raw logs in the log contract (e.g. jobs.import_logs): ingest and build the window ending at --date")
+    p.add_argument("--date", default=None, help="with --data-dir: the window's last day, YYYY-MM-DD")
+    p.add_argument("--relevance", default="category", choices=("category", "none"), help="with --data-dir: search/feed relevance (features.build)")
+    p.add_argument("--work", default="/tmp/hyformer-quality", help="synthetic data, Ray and MLflow files")
+    p.add_argument("--synth-scale", type=float, default=0.5, help="x SynthConfig's per-day traffic")
+    p.add_argument("--days", type=int, default=28, help="days of synthetic logs (the window)")
+    p.add_argument("--eval-days", type=int, default=3, help="held-out days at the window's end")
+    p.add_argument("--long-len", type=int, default=128, help="L_long of tables/scaling (side-info: --long-lens)")
+    p.add_argument("--long-lens", default="128,512", help="side-info: the long-sequence lengths compared")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where the models train (bf16 autocast on CUDA)")
+    p.add_argument("--rows", default=",".join(TABLE_ROWS), help="tables: the architectures (hyformer.zoo names)")
+    p.add_argument("--model", default="{}", help="HyFormerConfig overrides of the base model, as JSON")
+    p.add_argument("--sizes", default=None, help="scaling: a JSON list of overrides, one per size")
+    p.add_argument("--name", default=None, help="results name (default quality_<suite>)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--plots", default=os.path.join(os.path.dirname(__file__), "..", "docs", "img"), help="scaling plots folder")
+    p.add_argument("--experiment", default="hyformer-quality", help="MLflow experiment")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--render", default=None, help="only rewrite the .md (and scaling plots) of a results JSON, e.g. after a format change")
+    a = p.parse_args(argv)
+    setup_logging()
+    if a.render:
+        with open(a.render) as f:
+            res = json.load(f)
+        name = os.path.basename(a.render).removesuffix(".json")
+        with open(f"{os.path.dirname(a.render) or '.'}/{name}.md", "w") as f:
+            f.write(table(res))
+        if res["suite"] == "scaling":
+            scaling_plots(res, a.plots)
+        print(table(res))
+        return res
+    torch.set_num_threads(os.cpu_count() or 1)
+    name = a.name or f"quality_{a.suite.replace('-', '_')}"
+    long_lens = tuple(int(x) for x in a.long_lens.split(","))
+    if a.suite is None:
+        p.error("--suite is required")
+    if (a.data_dir is None) != (a.date is None):
+        p.error("--data-dir and --date go together")
+    long_len = max(long_lens) if a.suite == "side-info" else a.long_len
+    if a.features:
+        fs = FeatureSet.load(os.path.abspath(a.features))
+    elif a.data_dir:
+        fcfg = FeatureConfig(long_len=long_len, search_len=50, feed_len=50, relevance=a.relevance)
+        fs = logs_window(os.path.abspath(a.data_dir), dt.date.fromisoformat(a.date), a.days, fcfg)
+    else:
+        fs = synthetic_window(a.work, a.synth_scale, a.days, long_len)
+    if a.suite != "side-info":
+        fs = fs.with_read_side(long_len=a.long_len)
+    rows = tuple(r.strip() for r in a.rows.split(",") if r.strip())
+    unknown = sorted(set(rows) - set(ARCHITECTURES))
+    if unknown:
+        p.error(f"--rows: unknown architectures {unknown}; choose from {sorted(ARCHITECTURES)}")
+    sizes = tuple(json.loads(a.sizes)) if a.sizes else SCALING_SIZES
+    base = BASE_MODEL | json.loads(a.model)
+    tc = TrainConfig(epochs=a.epochs, lr=a.lr, seed=0, model=base)
+    win = Window(fs, a.eval_days)
+    tracker = Tracker(a.work, a.experiment, enabled=not a.no_mlflow)
+    with tracker.start(name, {"suite": a.suite, "seeds": a.seeds, "epochs": a.epochs, "base_model": json.dumps(base), "features": fs.root, "eval_days": a.eval_days}):
+        res = run_suite(a.suite, win, base, tc, a.seeds, tracker, long_lens=long_lens, sizes=sizes, rows=rows, device=a.device)
+        res["command"] = "python -m benchmarks.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        res["window"]["days_list"] = f"{fs.days[0]}..{fs.days[-1]}"
+        md = table(res)
+        write_results(a.out, name, res, md)
+        files = [f"{a.out}/{name}.json", f"{a.out}/{name}.md"]
+        if a.suite == "scaling":
+            files += scaling_plots(res, a.plots)
+        tracker.finish(res, files)
+    return res
+
+
+if __name__ == "__main__":
+    main()
