@@ -50,3 +50,17 @@ def test_entry_points_answer_help(cmd):
     proc = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout and "--" in proc.stdout
+
+
+def test_results_doc_holds_the_committed_benchmark_tables_and_plots():
+    """docs/results.md quotes benchmarks/results/quality_*.md verbatim, and every file it links exists."""
+    import re
+
+    doc = (ROOT / "docs" / "results.md").read_text()
+    names = ("quality_tables", "quality_side_info", "quality_scaling", "quality_movielens")
+    for name in names:
+        table = (ROOT / "benchmarks" / "results" / f"{name}.md").read_text().strip()
+        assert table in doc, f"docs/results.md is out of date with benchmarks/results/{name}.md"
+    for link in re.findall(r"\]\(([^)#]+)\)", doc):
+        if not link.startswith("http"):
+            assert (ROOT / "docs" / link).resolve().exists(), link
