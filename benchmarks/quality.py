@@ -44,6 +44,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -283,11 +284,14 @@ def scaling_specs(fs: FeatureSet, base: dict[str, Any], sizes: tuple[dict[str, i
 
 
 def describe(specs: list[Spec], batch: int) -> dict[str, dict[str, Any]]:
-    """Dense params and training GFLOPs per step of ``batch`` samples of every spec."""
+    """Widths, depth, dense params and training GFLOPs per step of ``batch`` samples of every spec."""
     out = {}
     for s in specs:
         p = profile(s.model, batch)
-        out[s.row] = {"dense_params": p.dense_params, "sparse_params": p.sparse_params, "train_gflops": p.train_flops / 1e9, "d_model": s.model.d_model}
+        out[s.row] = {
+            "dense_params": p.dense_params, "sparse_params": p.sparse_params, "train_gflops": p.train_flops / 1e9,
+            "d_model": s.model.d_model, "d_seq": s.model.d_seq or s.model.d_model, "n_layers": s.model.n_layers,
+        }
     return out
 
 
@@ -510,8 +514,6 @@ def run_suite(
     else:
         raise ValueError(f"unknown suite {suite!r}; choose one of {SUITES}")
     sizes_of = describe(specs, tc.batch_size)
-    for s in specs:
-        sizes_of[s.row] |= {"d_seq": s.model.d_seq or s.model.d_model, "n_layers": s.model.n_layers}
     log.info("quality: %s, %d models x %d seeds on %d training / %d held-out samples", suite, len(specs), seeds, win.n_train, win.n_eval)
     for s in specs:
         z = sizes_of[s.row]
@@ -613,8 +615,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tracker = Tracker(a.work, a.experiment, enabled=not a.no_mlflow)
     with tracker.start(name, {"suite": a.suite, "seeds": a.seeds, "epochs": a.epochs, "base_model": json.dumps(base), "features": fs.root, "eval_days": a.eval_days}):
         res = run_suite(a.suite, win, base, tc, a.seeds, tracker, long_lens=long_lens, sizes=sizes, rows=rows, device=a.device)
-        res["command"] = "python -m benchmarks.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-        res["window"]["days_list"] = f"{fs.days[0]}..{fs.days[-1]}"
+        res["command"] = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
         md = table(res)
         write_results(a.out, name, res, md)
         files = [f"{a.out}/{name}.json", f"{a.out}/{name}.md"]
