@@ -58,24 +58,33 @@ from benchmarks.kv_reuse import machine_info
 from features.build import FeatureConfig
 from features.materialize import Materializer, Timelines
 from features.synth import SynthConfig
+from hyformer.counting import CountingBaseline
+from hyformer.metrics import group_auc
 from hyformer.model import HyFormerConfig
 from hyformer.profile import count_params, profile
-from hyformer.training import Learner
+from hyformer.training import EarlyStopping, Learner
 from hyformer.zoo import ARCHITECTURES, build_model
 from jobs.build_features import FeatureSet
 from jobs.common import log, setup_logging
 from jobs.evaluate import metrics, predict
-from jobs.train import TrainConfig, model_config
+from jobs.train import PAPER_ENCODERS, TrainConfig, model_config
 
 SUITES = ("tables", "side-info", "scaling")
 END = dt.date(2026, 11, 22)
 REFERENCE = "longer-rankmixer"  # the paper's production baseline: every delta is against it
-TABLE_ROWS = tuple(n for n, a in ARCHITECTURES.items() if a.table in ("1", "2"))  # 9 of Table 1 + 4 more of Table 2
+PAPER_ROWS = tuple(n for n, a in ARCHITECTURES.items() if a.table in ("1", "2"))  # 9 of Table 1 + 4 more of Table 2
+# reference rows a ranking engineer checks first: counting (smoothed positive rates + logistic regression, no neural
+# network: hyformer/counting.py), HyFormer blind to its sequences, and DIN's target attention over the sequences
+COUNTING = "counting"
+REFERENCE_ROWS = (COUNTING, "hyformer-no-seq", "din")
+# beyond the paper (issue #15): switches that let the candidate meet the history, each measured as a row
+BEYOND_ROWS = ("hyformer-pool-all", "hyformer-full-kv")
+TABLE_ROWS = REFERENCE_ROWS + PAPER_ROWS + BEYOND_ROWS
+# the counting baseline's keys: id columns of the stored samples (the query x item cross is hashed)
+COUNTING_KEYS = {"item": "ns_item_id", "user": "ns_user_id", "query": "ns_query_id", "query x item": "ns_query_item"}
+COUNTING_LABEL = "Counting: smoothed positive rates of item, user, query, query x item + logistic regression"
 # the base model of every suite (d_model is then matched per row in "tables", scaled in "scaling")
 BASE_MODEL: dict[str, Any] = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
-# HyFormer's sequence encoders as in the paper (LONGER-style on the long sequence, Full Transformer on search and
-# feed), for every row whose architecture does not name its own (the two-stage and unified rows do: hyformer/zoo.py)
-PAPER_ENCODERS: dict[str, Any] = {"seq_encoder": {"long": "longer", "search": "transformer", "feed": "transformer"}}
 # scaling: (d_model, d_seq, n_layers), ~20x in dense parameters from the smallest to the largest
 SCALING_SIZES: tuple[dict[str, int], ...] = (
     dict(d_model=16, d_seq=8, n_layers=1),
@@ -85,7 +94,10 @@ SCALING_SIZES: tuple[dict[str, int], ...] = (
 )
 SCALING_ARCHS = ("hyformer", REFERENCE)
 WIDTHS = tuple(range(8, 513, 4))  # d_model candidates when matching budgets
-EVAL_KEYS = ("eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc", "eval_oracle_query_auc")
+EVAL_KEYS = (
+    "eval_auc", "eval_query_auc", "eval_user_auc", "eval_logloss", "eval_oracle_auc", "eval_oracle_query_auc",
+    "eval_oracle_ns_auc", "eval_oracle_seq_auc",
+)
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -134,14 +146,19 @@ class Window:
 
     fs: FeatureSet
     eval_days: int
+    val_days: int = 0  # days before the held-out ones kept out of training to choose the epoch (early stopping)
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if not 1 <= self.eval_days < len(self.fs.days):
-            raise ValueError(f"--eval-days {self.eval_days}: the window has {len(self.fs.days)} days (need >= 1 training day)")
-        self.train_days, self.eval_day_list = self.fs.days[: -self.eval_days], self.fs.days[-self.eval_days :]
+        n = len(self.fs.days)
+        if not (self.eval_days >= 1 and self.val_days >= 0 and self.eval_days + self.val_days < n):
+            raise ValueError(f"--eval-days {self.eval_days} + --val-days {self.val_days}: the window has {n} days (need >= 1 training day)")
+        first_val, first_eval = n - self.eval_days - self.val_days, n - self.eval_days
+        self.train_days, self.eval_day_list = self.fs.days[:first_val], self.fs.days[first_eval:]
+        self.val_day_list = self.fs.days[first_val:first_eval]
         self.train = read_samples(self.fs, self.train_days)
         self.eval = read_samples(self.fs, self.eval_day_list)
+        self.val = read_samples(self.fs, self.val_day_list) if self.val_days else None
         self.timelines: Timelines = self.fs.timelines()
         self._cache: dict[tuple, list[dict[str, torch.Tensor]]] = {}
 
@@ -158,7 +175,7 @@ class Window:
         if key not in self._cache:
             if split == "train":  # keep one seed's training batches at a time (every config's), and every eval set
                 self._cache = {k: v for k, v in self._cache.items() if k[1] != "train" or k[2] == key[2]}
-            cols = self.train if split == "train" else self.eval
+            cols = {"train": self.train, "eval": self.eval, "val": self.val}[split]
             m = Materializer(self.timelines, cfg)
             self._cache[key] = [
                 {k: torch.from_numpy(v) for k, v in m({c: a[idx] for c, a in cols.items()}).items()}
@@ -170,18 +187,18 @@ class Window:
         order = np.random.default_rng([seed, epoch]).permutation(self.n_train)
         return self._batches(cfg, "train", order, (seed, epoch))
 
-    def eval_batches(self, cfg: FeatureConfig) -> list[dict[str, torch.Tensor]]:
-        return self._batches(cfg, "eval", np.arange(self.n_eval), ())
+    def eval_batches(self, cfg: FeatureConfig, split: str = "eval") -> list[dict[str, torch.Tensor]]:
+        """The held-out rows (``split="val"``: the validation rows) in stored order."""
+        return self._batches(cfg, split, np.arange(len(getattr(self, split)["label"])), ())
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
 
 
 def arch_config(fs: FeatureSet, overrides: dict[str, Any], arch: str) -> HyFormerConfig:
-    """``jobs.train.model_config`` of ``arch`` with the paper's encoders where the architecture names none
-    (``overrides`` still win)."""
-    encoders = {} if "seq_encoder" in ARCHITECTURES[arch].overrides else PAPER_ENCODERS
-    return model_config(fs, encoders | overrides, arch)
+    """``jobs.train.model_config`` of ``arch`` (the paper's encoders where the architecture names none), then
+    ``overrides``: what ``jobs.train --arch`` trains."""
+    return model_config(fs, overrides, arch)
 
 
 def dense_params(cfg: HyFormerConfig) -> int:
@@ -228,8 +245,13 @@ def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu"
     Train workers); evaluate on the held-out days."""
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = build_model(spec.model).to(dev)
+    model = build_model(spec.model)
+    if tc.prior_bias:
+        model.init_output_bias(float(np.mean(win.train["label"])))
+    model = model.to(dev)
     learner = Learner(model, tc.optim(), dev)
+    stopper = EarlyStopping(tc.patience) if win.val is not None else None
+    eval_batches = win.eval_batches(spec.features)
     history, t0 = [], time.perf_counter()
     for epoch in range(tc.epochs):
         batches = win.train_batches(spec.features, seed, epoch)
@@ -238,15 +260,47 @@ def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu"
             losses.append(learner.step(_on(batch, dev))["loss"])
             if i % 100 == 0:
                 log.info("  %s seed %d epoch %d: %d/%d batches, loss %.4f", spec.row, seed, epoch + 1, i, len(batches), np.mean(losses[-100:]))
-        history.append({"train_loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - t_epoch})
+        h = {"train_loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - t_epoch}
+        h["eval_auc"] = metrics(predict(model, (_on(b, dev) for b in eval_batches)))["eval_auc"]  # the curve, not a choice
+        if stopper is not None:
+            h["val_auc"] = metrics(predict(model, (_on(b, dev) for b in win.eval_batches(spec.features, "val"))))["eval_auc"]
+            stop = stopper.update(model, h["val_auc"])
+        history.append(h)
+        if stopper is not None and stop:
+            break
+    if stopper is not None:
+        stopper.restore(model)
     train_seconds = time.perf_counter() - t0
-    eval_batches = win.eval_batches(spec.features)
-    m = metrics(predict(model, (_on(b, dev) for b in eval_batches)))
+    pred = predict(model, (_on(b, dev) for b in eval_batches))
+    m = metrics(pred) | {"eval_user_auc": group_auc(pred["label"], pred["prob"], win.eval["user_id"])}
     m["eval_mean_len_long"] = float(torch.cat([b["len_long"] for b in eval_batches]).float().mean())  # events seen
+    m["best_epoch"] = float(stopper.best_epoch + 1 if stopper is not None else len(history))
     return {
         "row": spec.row, "arch": spec.arch, "seed": seed, **dict(spec.tags), **m, "history": history,
-        "train_seconds": train_seconds, "samples_per_s": tc.epochs * win.n_train / train_seconds,
+        "train_seconds": train_seconds, "samples_per_s": len(history) * win.n_train / train_seconds,
     }
+
+
+def fit_counting(win: Window, seed: int) -> dict[str, Any]:
+    """The counting baseline (hyformer/counting.py) fitted on the training samples and scored on the held-out rows;
+    deterministic, so every seed gets the same numbers (``seed`` only labels the run for the paired deltas)."""
+    t0 = time.perf_counter()
+    keys = lambda cols: {k: cols[c].astype(np.int64) for k, c in COUNTING_KEYS.items()}
+    model = CountingBaseline().fit(keys(win.train), win.train["label"], win.train["request_id"])
+    pred = {k: v for k, v in win.eval.items() if k in ("label", "request_id") or k.startswith("p_click")}
+    pred["prob"] = model.predict(keys(win.eval))
+    pred["label"] = pred["label"].astype(np.float32)
+    pred.setdefault("p_click", np.full(win.n_eval, np.nan, np.float32))
+    m = metrics(pred) | {"eval_user_auc": group_auc(pred["label"], pred["prob"], win.eval["user_id"])}
+    train_seconds = time.perf_counter() - t0
+    return {
+        "row": COUNTING, "arch": COUNTING, "seed": seed, "table": "ref", "label": COUNTING_LABEL, **m,
+        "eval_mean_len_long": float("nan"), "history": [], "train_seconds": train_seconds,
+        "samples_per_s": win.n_train / train_seconds, "weights": model.weights.tolist(),
+    }
+
+
+COUNTING_SIZE = {"dense_params": 2 * len(COUNTING_KEYS) + 1, "sparse_params": 0, "train_gflops": 0.0, "d_model": "-", "d_seq": "-", "n_layers": 0}
 
 
 # --- suites ----------------------------------------------------------------------------------------------------------
@@ -257,8 +311,11 @@ def table_specs(fs: FeatureSet, base: dict[str, Any], rows: tuple[str, ...]) -> 
     target = dense_params(arch_config(fs, base, "hyformer"))
     specs = []
     for name in rows:
+        if name == COUNTING:  # not a network: fit_counting
+            continue
         cfg = arch_config(fs, base, name) if name == "hyformer" else matched_config(fs, name, base, target)
-        specs.append(Spec(name, name, cfg, fs.cfg, (("table", ARCHITECTURES[name].table), ("label", ARCHITECTURES[name].label))))
+        table = ARCHITECTURES[name].table or "ref"
+        specs.append(Spec(name, name, cfg, fs.cfg, (("table", table), ("label", ARCHITECTURES[name].label))))
     return specs
 
 
@@ -365,6 +422,7 @@ def table(res: dict[str, Any]) -> str:
     ]
     has_oracle = any(r["eval_oracle_auc"]["mean"] is not None for r in s.values())
     oracle_cols = " | oracle AUC | oracle query AUC" if has_oracle else ""
+    lines += _ceilings(s)
     if suite == "side-info":
         lines += [
             f"| long seq (mean events seen) | architecture | side info | AUC | ΔAUC (side 3 → 7) | query AUC | dense params (M) | GFLOPs/step{oracle_cols} |",
@@ -378,23 +436,61 @@ def table(res: dict[str, Any]) -> str:
                 f"{r['dense_params'] / 1e6:.3f} | {r['train_gflops']:.2f}" + _oracle(r, has_oracle) + " |"
             )
     else:
-        first = "| size | architecture | d_model / d_seq / layers" if suite == "scaling" else "| table | architecture | d_model"
-        vs_hyformer = suite == "tables" and "hyformer" in s  # Table 2 reports its ablations against HyFormer
-        lines += [
-            f"{first} | AUC | ΔAUC{' | ΔAUC vs HyFormer' if vs_hyformer else ''} | query AUC | logloss | dense params (M) | GFLOPs/step{oracle_cols} |",
-            "|---|---|---|---:|---:" + ("|---:" if vs_hyformer else "") + "|---:|---:|---:|---:" + ("|---:|---:|" if has_oracle else "|"),
-        ]
-        for row, r in s.items():
-            ref = f"{REFERENCE} size={r['size']}" if suite == "scaling" else REFERENCE
-            if suite == "scaling":
-                head = f"| {r['size']} | {r['arch']} | {r['d_model']} / {r.get('d_seq', '-')} / {r.get('n_layers', '-')}"
-            else:
-                head = f"| {r.get('table') or '-'} | {r.get('label', row)} (`{row}`) | {r['d_model']}"
-            lines.append(
-                f"{head} | {_pm(r['eval_auc'])} | {_delta(res, row, ref)}{' | ' + _delta(res, row, 'hyformer') if vs_hyformer else ''} | {_pm(r['eval_query_auc'])} | "
-                f"{_pm(r['eval_logloss'])} | {r['dense_params'] / 1e6:.3f} | {r['train_gflops']:.2f}" + _oracle(r, has_oracle) + " |"
-            )
+        lines += _main_table(res, has_oracle)
     return "\n".join(lines) + "\n"
+
+
+def _stat(r: dict[str, Any], key: str) -> dict[str, Any]:
+    """A summary statistic of a row; results written before the key existed have none."""
+    return r.get(key, {"mean": None, "std": None, "n": 0})
+
+
+def _ceilings(s: dict[str, Any]) -> list[str]:
+    """The oracle's AUC split by what each part of the click model needs (synthetic logs), and how much of the gap
+    between HyFormer without sequences and the oracle each row closes."""
+    any_row = next(iter(s.values()))
+    if _stat(any_row, "eval_oracle_ns_auc")["mean"] is None:
+        return []
+    ceil = {k: _stat(any_row, k)["mean"] for k in ("eval_oracle_auc", "eval_oracle_ns_auc", "eval_oracle_seq_auc")}
+    lines = [
+        f"Ceilings on these rows (the click model's true probability, AUC): every term {ceil['eval_oracle_auc']:.4f}; "
+        f"without the history-only terms (current interest, favourite authors) {ceil['eval_oracle_ns_auc']:.4f}; the "
+        f"history-only terms alone {ceil['eval_oracle_seq_auc']:.4f}. What sequences can add is about the first minus "
+        "the second (a model without sequences still sees the user and query ids, so this is a guide, not a bound).",
+        "",
+    ]
+    if "hyformer-no-seq" in s:
+        floor = s["hyformer-no-seq"]["eval_auc"]["mean"]
+        gap = ceil["eval_oracle_auc"] - floor
+        closed = ", ".join(
+            f"{row} {100 * (r['eval_auc']['mean'] - floor) / gap:+.0f}%" for row, r in s.items() if row != "hyformer-no-seq" and gap > 0
+        )
+        lines += [f"Share of the gap between `hyformer-no-seq` ({floor:.4f}) and the oracle closed: {closed}.", ""]
+    return lines
+
+
+def _main_table(res: dict[str, Any], has_oracle: bool) -> list[str]:
+    """Tables 1-2 and scaling: one row per model, deltas paired by seed against the suite's references."""
+    s, suite = res["summary"], res["suite"]
+    refs = [("ΔAUC", None)]  # None: the row's own reference (LONGER + RankMixer of the same size)
+    if suite == "tables":
+        refs += [(f"ΔAUC vs {name}", row) for name, row in (("HyFormer", "hyformer"), ("counting", COUNTING)) if row in s]
+    user_auc = any(_stat(r, "eval_user_auc")["mean"] is not None for r in s.values())
+    first = "| size | architecture | d_model / d_seq / layers" if suite == "scaling" else "| table | architecture | d_model"
+    heads = ["AUC", *(h for h, _ in refs), "query AUC", *(["user AUC"] if user_auc else []), "logloss", "dense params (M)", "GFLOPs/step"]
+    heads += ["oracle AUC", "oracle query AUC"] if has_oracle else []
+    lines = [f"{first} | " + " | ".join(heads) + " |", "|---|---|---|" + "---:|" * len(heads)]
+    for row, r in s.items():
+        ref = f"{REFERENCE} size={r['size']}" if suite == "scaling" else REFERENCE
+        if suite == "scaling":
+            head = f"| {r['size']} | {r['arch']} | {r['d_model']} / {r.get('d_seq', '-')} / {r.get('n_layers', '-')}"
+        else:
+            head = f"| {r.get('table') or '-'} | {r.get('label', row)} (`{row}`) | {r['d_model']}"
+        cells = [_pm(r["eval_auc"]), *(_delta(res, row, other or ref) for _, other in refs), _pm(r["eval_query_auc"])]
+        cells += [_pm(r["eval_user_auc"])] if user_auc else []
+        cells += [_pm(r["eval_logloss"]), f"{r['dense_params'] / 1e6:.3f}", f"{r['train_gflops']:.2f}"]
+        lines.append(f"{head} | " + " | ".join(cells) + _oracle(r, has_oracle) + " |")
+    return lines
 
 
 def _oracle(r: dict[str, Any], has_oracle: bool) -> str:
@@ -514,12 +610,18 @@ def run_suite(
     else:
         raise ValueError(f"unknown suite {suite!r}; choose one of {SUITES}")
     sizes_of = describe(specs, tc.batch_size)
+    counting = suite == "tables" and COUNTING in rows
+    if counting:
+        sizes_of[COUNTING] = COUNTING_SIZE
     log.info("quality: %s, %d models x %d seeds on %d training / %d held-out samples", suite, len(specs), seeds, win.n_train, win.n_eval)
     for s in specs:
         z = sizes_of[s.row]
         log.info("  %-40s d_model %3d, %.3fM dense params, %.2f GFLOPs/step", s.row, z["d_model"], z["dense_params"] / 1e6, z["train_gflops"])
-    runs, t0, total = [], time.perf_counter(), len(specs) * seeds
+    runs, t0, total = [], time.perf_counter(), (len(specs) + counting) * seeds
     for seed in range(seeds):  # seed-major: every model of a seed reuses the seed's materialised batches
+        if counting:
+            runs.append(fit_counting(win, seed))
+            log.info("quality: %s seed %d: AUC %.4f, query AUC %.4f", COUNTING, seed, runs[-1]["eval_auc"], runs[-1]["eval_query_auc"])
         for s in specs:
             r = fit(win, s, tc, seed, device)
             runs.append(r)
@@ -537,7 +639,7 @@ def run_suite(
         "epochs": tc.epochs,
         "train": tc.to_dict(),
         "base_model": base,
-        "paper_encoders": PAPER_ENCODERS,  # added to base for the rows whose architecture names no encoder
+        "paper_encoders": PAPER_ENCODERS,  # jobs.train's default, for the rows whose architecture names no encoder
         "window": {
             "store": fs.root, "features": fs.cfg.to_dict() | {"vocab": None}, "train_days": len(win.train_days), "eval_days": len(win.eval_day_list),
             "first_day": fs.days[0], "last_day": fs.days[-1], "train_samples": win.n_train, "eval_samples": win.n_eval, "eval_requests": eval_requests,
@@ -545,7 +647,7 @@ def run_suite(
         "machine": machine_info(torch.device(device)),
         "wall_seconds": time.perf_counter() - t0,
         "runs": runs,
-        "summary": summarize(runs, sizes_of, [s.row for s in specs]),
+        "summary": summarize(runs, sizes_of, ([COUNTING] if counting else []) + [s.row for s in specs]),
     }
 
 
@@ -560,11 +662,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--synth-scale", type=float, default=0.5, help="x SynthConfig's per-day traffic")
     p.add_argument("--days", type=int, default=28, help="days of synthetic logs (the window)")
     p.add_argument("--eval-days", type=int, default=3, help="held-out days at the window's end")
+    p.add_argument("--val-days", type=int, default=0, help="days before the held-out ones kept out of training to pick the epoch (early stopping on their AUC)")
     p.add_argument("--long-len", type=int, default=128, help="L_long of tables/scaling (side-info: --long-lens)")
     p.add_argument("--long-lens", default="128,512", help="side-info: the long-sequence lengths compared")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--train", default="{}", help='TrainConfig overrides as JSON, e.g. \'{"sparse_lr": 0.02}\' (jobs.train\'s fields)')
     p.add_argument("--device", default="cpu", help="cpu | cuda: where the models train (bf16 autocast on CUDA)")
     p.add_argument("--rows", default=",".join(TABLE_ROWS), help="tables: the architectures (hyformer.zoo names)")
     p.add_argument("--model", default="{}", help="HyFormerConfig overrides of the base model, as JSON")
@@ -605,13 +709,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.suite != "side-info":
         fs = fs.with_read_side(long_len=a.long_len)
     rows = tuple(r.strip() for r in a.rows.split(",") if r.strip())
-    unknown = sorted(set(rows) - set(ARCHITECTURES))
+    unknown = sorted(set(rows) - set(ARCHITECTURES) - {COUNTING})
     if unknown:
         p.error(f"--rows: unknown architectures {unknown}; choose from {sorted(ARCHITECTURES)}")
     sizes = tuple(json.loads(a.sizes)) if a.sizes else SCALING_SIZES
     base = BASE_MODEL | json.loads(a.model)
-    tc = TrainConfig(epochs=a.epochs, lr=a.lr, seed=0, model=base)
-    win = Window(fs, a.eval_days)
+    tc = TrainConfig(**{"epochs": a.epochs, "lr": a.lr} | json.loads(a.train) | {"seed": 0, "model": base})
+    win = Window(fs, a.eval_days, a.val_days)
     tracker = Tracker(a.work, a.experiment, enabled=not a.no_mlflow)
     with tracker.start(name, {"suite": a.suite, "seeds": a.seeds, "epochs": a.epochs, "base_model": json.dumps(base), "features": fs.root, "eval_days": a.eval_days}):
         res = run_suite(a.suite, win, base, tc, a.seeds, tracker, long_lens=long_lens, sizes=sizes, rows=rows, device=a.device)

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
+from features.schema import GROUND_TRUTH
+
 # Non-sequential feature groups (paper §3.3.1, semantic grouping): group -> ((column, id space), ...).
 # The id space names the embedding table: columns that share one (candidate item and sequence items) share it.
 NS_GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -55,7 +57,7 @@ SEQUENCES: tuple[str, ...] = ("long", "search", "feed")
 STREAMS: dict[str, str] = {"search": "search_events", "feed": "feed_events"}  # event stream -> clean table
 SEQ_STREAM: dict[str, str] = {"long": "search", "search": "search", "feed": "feed"}  # sequence -> its stream
 RELEVANCE = ("category", "none", "keys")
-BUILD_VERSION = 1  # bump when build_day's output changes for the same input: stored days then re-check as stale
+BUILD_VERSION = 2  # bump when build_day's output changes for the same input: stored days then re-check as stale
 N_DT_BUCKETS = 24  # time-delta buckets: 1 + floor(log2(1 + minutes)), capped
 N_ACTION_BUCKETS = 64  # action id: watch-time bucket (0..15) * 4 + finish * 2 + like, + 1
 
@@ -260,7 +262,7 @@ def next_state(state: pl.LazyFrame, tokens: pl.LazyFrame) -> pl.LazyFrame:
     return pl.concat([state, day]).group_by("user_id", "key").agg(pl.col("n").sum()).sort("user_id", "key")
 
 
-SAMPLE_KEYS = ("request_id", "user_id", "ts", "label", "p_click")
+SAMPLE_KEYS = ("request_id", "user_id", "ts", "label", *GROUND_TRUTH)
 POINTER_COLUMNS = ("rel_key", "long_hi", "search_hi", "feed_hi")
 
 
@@ -281,6 +283,9 @@ def build_day(
     days (``empty_state()`` for the store's first day). Returns ``samples``, ``events/<stream>``, ``state/<stream>``.
     """
     vocab = cfg.vocab
+    # a clean day ingested before the contract had p_click_ns / p_click_seq lacks them: null, as in real logs
+    have = impressions.collect_schema().names()
+    impressions = impressions.with_columns(pl.lit(None, pl.Float32).alias(c) for c in GROUND_TRUTH if c not in have)
     item_keys, query_keys = relevance_tables(cfg, dims)
     tokens = {
         s: event_tokens(events[s], dims["items"], item_keys, vocab, finish="finish" if s == "feed" else None) for s in STREAMS

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from features.build import EVENT_FIELDS, N_DT_BUCKETS, NS_GROUPS, SEQ_STREAM, SEQUENCES, STREAMS, FeatureConfig
-from features.schema import previous_day
+from features.schema import GROUND_TRUTH, previous_day
 
 SEQ_POINTER = {"long": "long_hi", "search": "search_hi", "feed": "feed_hi"}
 
@@ -198,8 +198,9 @@ class Materializer:
         out = {k: (v.astype(self.id_dtype) if k.startswith(ID_KEYS) else v) for k, v in out.items()}
         out["label"] = batch["label"].astype(np.float32)
         out["request_id"] = batch["request_id"].astype(np.int64)
-        p = batch.get("p_click")  # synthetic ground truth, for the oracle AUC only; NaN where the logs have none
-        out["p_click"] = np.full(len(users), np.nan, np.float32) if p is None else p.astype(np.float32)
+        for k in GROUND_TRUTH:  # synthetic ground truth, for the oracle AUCs only; NaN where the logs have none
+            p = batch.get(k)
+            out[k] = np.full(len(users), np.nan, np.float32) if p is None else p.astype(np.float32)
         return out
 
     def _dedup(self, stream: Stream, rows: dict[str, np.ndarray], ts: np.ndarray, s: str) -> dict[str, np.ndarray]:

@@ -10,8 +10,9 @@ Conventions:
   ``ts`` (UTC calendar day); a row of another day in a partition is invalid.
 - Ids are int64, non-negative. 0 is a valid id in the logs; features bucketise ids and reserve bucket 0 for padding.
 - ``Column.required=False`` columns may be absent from a file or null; required columns must be present and non-null.
-- The synthetic generator writes ``p_click`` (ground-truth click probability) on impressions: evaluation reads it
-  for the oracle AUC, training never does.
+- The synthetic generator writes ``p_click`` (ground-truth click probability) on impressions, and ``p_click_ns`` /
+  ``p_click_seq`` (the same click model without / with only its history-only terms, see ``features.synth``):
+  evaluation reads them for the oracle AUCs, training never does. Real logs have none of them (null, NaN downstream).
 """
 
 from __future__ import annotations
@@ -74,8 +75,19 @@ IMPRESSIONS = Table(
         Column("label", pa.int8(), True, "1 if clicked, else 0", 0, 1),
         Column("watch_time_s", pa.float32(), False, "seconds watched after the click (0 if no click)", 0),
         Column("p_click", pa.float32(), False, "synthetic logs only: true click probability; never a feature", 0, 1),
+        Column(
+            "p_click_ns", pa.float32(), False,
+            "synthetic logs only: click probability without its history-only terms; never a feature", 0, 1,
+        ),
+        Column(
+            "p_click_seq", pa.float32(), False,
+            "synthetic logs only: click probability from bias, history-only terms and noise; never a feature", 0, 1,
+        ),
     ),
 )
+
+# The synthetic click model's columns of impressions (features.synth): evaluation reads them, training never does.
+GROUND_TRUTH = ("p_click", "p_click_ns", "p_click_seq")
 
 SEARCH_EVENTS = Table(
     "search_events",

@@ -1,9 +1,12 @@
-"""Unified-block baselines of Table 1 (MTGR / OneTrans, §4.1.2), on HyFormer's tokenizer and building blocks.
+"""Unified-block baselines of Table 1 (MTGR / OneTrans, §4.1.2) and a DIN reference row, on HyFormer's tokenizer
+and building blocks.
 
 The two-stage baselines (LONGER or Full Transformer, then RankMixer, Transformer or Wukong) are HyFormer's own parts
 without boosting inside the layers: `HyFormerConfig(arch="two_stage", interaction=...)` in hyformer/model.py.
+DIN (arch="din") is not in the paper's tables: it is the classic target-attention baseline a ranking engineer
+expects next to HyFormer.
 
-Shape notation as in hyformer/model.py (B, M, L, D, Ds, H).
+Shape notation as in hyformer/model.py (B, S, M, L, D, Ds, H).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyformer.model import (
@@ -124,3 +128,86 @@ class Unified(RankingModel):
         for block in self.blocks:
             x, h = block(x, h, mask)  # (B, M, D), (B, L, Ds)
         return self.head(self.norm_out(x).flatten(1)).squeeze(-1)  # (B,)
+
+
+class TargetAttention(nn.Module):
+    """DIN's activation unit and weighted sum pooling for one sequence: the candidate q (B, Ds) scores each event
+    k_j (B, L, Ds) with a_s([q, k_j, q - k_j, q * k_j]) -> one scalar w_j, and the sequence becomes
+    W_o sum_j w_j k_j (B, D). Padded events get w_j = 0 exactly and, as in the paper, the weights are not
+    softmax-normalised, so an empty sequence gives exactly zero (W_o has no bias)."""
+
+    def __init__(self, config: HyFormerConfig) -> None:
+        super().__init__()
+        c = config
+        Ds = c.seq_width
+        self.fc = nn.Linear(4 * Ds, c.ffn_mult * Ds)
+        self.score = nn.Linear(c.ffn_mult * Ds, 1)
+        self.out_proj = nn.Linear(Ds, c.d_model, bias=False)  # no bias: an empty sequence stays exactly zero
+        self.dropout = nn.Dropout(c.dropout)
+
+    def weights(self, q: Tensor, h: Tensor, mask: Tensor) -> Tensor:
+        """q (B, Ds), h (B, L, Ds), mask (B, L) -> w (B, L): the unit's output, 0 at padded events."""
+        q = q.unsqueeze(1).expand_as(h)  # (B, L, Ds)
+        a = torch.cat([q, h, q - h, q * h], dim=-1)  # (B, L, 4Ds)
+        w = self.score(F.gelu(self.fc(a))).squeeze(-1)  # (B, L)
+        return w.masked_fill(~mask, 0.0)  # (B, L)
+
+    def forward(self, q: Tensor, h: Tensor, mask: Tensor) -> Tensor:
+        w = self.weights(q, h, mask)  # (B, L)
+        pooled = (w.unsqueeze(-1) * h).sum(dim=1)  # (B, Ds): sum pooling, no normalisation
+        return self.dropout(self.out_proj(pooled))  # (B, D)
+
+
+class DIN(RankingModel):
+    """DIN-style target attention (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction",
+    KDD 2018), one pooled interest token per sequence, on HyFormer's tokenizer and head:
+
+        x = Tokenizer NS tokens                                               (B, M, D)
+        q = W_t mean_{g in target_groups} x_g                                 (B, Ds)  the candidate item
+        w_sj = a_s([q, k_sj, q - k_sj, q * k_sj]) for valid events, 0 for padding
+        p_s = W_o,s sum_j w_sj k_sj                                           (B, D)   one token per sequence s
+        logits = head(flatten(LayerNorm([x_1 .. x_M, p_1 .. p_S])))           (B,)     T = M + S tokens
+
+    k_sj are the Tokenizer's sequence tokens (side-info embeddings projected to Ds, plus the position embedding);
+    they are keys and values. a_s is each sequence's own activation unit (TargetAttention): Linear(4Ds ->
+    ffn_mult*Ds), GELU (the paper uses PReLU/Dice), Linear(-> 1), no output activation. As in the paper the
+    weights are not softmax-normalised (sum pooling keeps the intensity of the user's interest), so an empty
+    sequence pools to exactly zero. As in DIN, the NS tokens and pooled interests are concatenated and fed to an
+    MLP (the head every architecture here shares); events never attend to each other, nor sequences to NS tokens.
+    With merge_sequences the Tokenizer returns one merged sequence and S = 1.
+    """
+
+    def __init__(self, config: HyFormerConfig) -> None:
+        super().__init__()
+        if config.arch != "din":
+            raise ValueError(f"DIN builds arch 'din', not {config.arch!r}: use build_model")
+        if not config.target_groups:
+            raise ValueError(
+                "DIN needs target_groups, the NS groups of the candidate item (the query of its target attention); "
+                "got target_groups=()"
+            )
+        c = self.config = config
+        self.tokenizer = Tokenizer(c)
+        groups = [g for g, _ in c.ns_groups]
+        self.register_buffer(
+            "target_index", torch.tensor([groups.index(g) for g in c.target_groups]), persistent=False
+        )
+        self.target_proj = nn.Linear(c.d_model, c.seq_width)
+        self.units = nn.ModuleList(TargetAttention(c) for _ in c.seq_plan)
+        self.norm_out = nn.LayerNorm(c.d_model)
+        self.head = head_mlp(c)
+
+    def target(self, x: Tensor) -> Tensor:
+        """NS tokens x (B, M, D) -> the query q (B, Ds): the candidate's target_groups tokens, averaged, projected."""
+        return self.target_proj(x[:, self.target_index].mean(dim=1))  # (B, Ds)
+
+    def interests(self, x: Tensor, seqs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """NS tokens x (B, M, D) and the S sequences' (h (B, L_s, Ds), mask (B, L_s)) -> pooled tokens (B, S, D)."""
+        q = self.target(x)  # (B, Ds)
+        return torch.stack([unit(q, h, mask) for unit, (h, mask) in zip(self.units, seqs)], dim=1)  # (B, S, D)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        x = self.tokenizer.ns_tokens(batch)  # (B, M, D)
+        seqs = self.tokenizer.seq_tokens(batch)  # S x ((B, L_s, Ds), (B, L_s)), or one if merge_sequences
+        tokens = torch.cat([x, self.interests(x, seqs)], dim=1)  # (B, M + S, D)
+        return self.head(self.norm_out(tokens).flatten(1)).squeeze(-1)  # (B,)

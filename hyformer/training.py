@@ -143,7 +143,8 @@ class AsyncAllReduce:
         head = torch.cat([_flat_grads(self.sparse).div_(world), dense_now.new_tensor([bad])])
         if world > 1:
             dist.all_reduce(head)  # queued behind step k-1's dense all-reduce, which overlapped this step's compute
-        if head[-1].item() > 0:
+        # a non-finite sparse gradient on any worker is non-finite in the sum: every worker sees it and stops
+        if head[-1].item() > 0 or not bool(torch.isfinite(head[:-1]).all()):
             return True
         previous = self.pop_pending()
         _set_grads(self.sparse, head[:-1])
@@ -290,3 +291,35 @@ def warm_start(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
         raise ValueError("cannot warm-start from a different architecture: " + "; ".join(sorted(problems)[:10]))
     model.load_state_dict(merged)
     return adapted
+
+
+class EarlyStopping:
+    """Model selection on a validation set, epoch by epoch: keeps the weights of the best epoch so far (higher score
+    is better, e.g. validation AUC) and says when to stop, after ``patience`` epochs without an improvement larger
+    than ``min_delta``. ``restore(model)`` loads the best weights back. With one pass over fresh data the first epoch
+    is usually best for sparse-id models (the tables overfit from the second pass on); how many passes a data set
+    can take is what this measures instead of a fixed epoch count."""
+
+    def __init__(self, patience: int = 1, min_delta: float = 0.0):
+        if patience < 1:
+            raise ValueError(f"EarlyStopping: patience must be >= 1, got {patience}")
+        self.patience, self.min_delta = patience, min_delta
+        self.best_score, self.best_epoch, self.epochs, self.bad = -math.inf, -1, 0, 0
+        self.best_state: dict[str, Tensor] | None = None
+
+    def update(self, model: nn.Module, score: float) -> bool:
+        """Record this epoch's validation ``score``; returns True when training should stop."""
+        if score > self.best_score + self.min_delta:
+            self.best_score, self.best_epoch, self.bad = score, self.epochs, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad += 1
+        self.epochs += 1
+        return self.bad >= self.patience
+
+    def restore(self, model: nn.Module) -> bool:
+        """Load the best epoch's weights into ``model`` when a later epoch was worse; returns whether it did."""
+        if self.best_state is None or self.best_epoch == self.epochs - 1:
+            return False
+        model.load_state_dict(self.best_state)
+        return True

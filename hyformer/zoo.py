@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from hyformer.baselines import Unified
+from hyformer.baselines import DIN, Unified
 from hyformer.model import HyFormer, HyFormerConfig, RankingModel
 
 
@@ -67,9 +67,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         "BaseArch w/ Global Tokens", "2", _two_stage("longer", "rankmixer") | {"query_source": "global"}, (505, 3.6)
     ),
     "hyformer-merge-seq": A("HyFormer + Merge Seq", "2", {"merge_sequences": True}, (397, 3.9)),
+    # reference rows (ours): the same HyFormer blind to its sequences (what the non-sequential features alone give)
+    "hyformer-no-seq": A("HyFormer without sequences (every event masked)", "", {"hide_sequences": True}),
+    # beyond the paper (issue #15): the candidate meets every history in query generation
+    "hyformer-pool-all": A("HyFormer, every sequence's pooling token in every query's Global Info", "", {"query_pool_all": True}),
+    "hyformer-full-kv": A("HyFormer, LONGER layers' queries decode the full-length sequence", "", {"longer_full_kv": True}),
     # §3.4.1 sequence-encoder options of HyFormer itself
     "hyformer-transformer-seqs": A("HyFormer, Full Transformer on every sequence", "", {"seq_encoder": "transformer"}),
     "hyformer-swiglu-seqs": A("HyFormer, SwiGLU on every sequence", "", {"seq_encoder": "swiglu"}),
+    # a reference row, not in the paper's tables: the classic target-attention baseline (hyformer/baselines.py)
+    "din": A("DIN (target attention over each sequence)", "", {"arch": "din"}),
 }
 del A
 
@@ -82,8 +89,12 @@ def architecture(name: str) -> Architecture:
 
 
 def build_model(config: HyFormerConfig) -> RankingModel:
-    """The model of `config.arch`: HyFormer ("hyformer", "two_stage") or Unified ("unified")."""
-    return Unified(config) if config.arch == "unified" else HyFormer(config)
+    """The model of `config.arch`: HyFormer ("hyformer", "two_stage"), Unified ("unified") or DIN ("din")."""
+    if config.arch == "unified":
+        return Unified(config)
+    if config.arch == "din":
+        return DIN(config)
+    return HyFormer(config)
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> RankingModel:

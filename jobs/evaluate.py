@@ -2,7 +2,11 @@
 
 ``metrics`` is what every training epoch reports: AUC, query-level AUC (AUC within each request, averaged over the
 requests that have both labels), logloss, and the same AUCs of the synthetic ground-truth ``p_click`` on the same rows
-(the oracle: the best any model could do on these rows). ``plots`` draws ROC and calibration for MLflow.
+(the oracle: the best any model could do on these rows). Where the rows carry them, the AUCs of ``p_click_ns`` (the
+click model without its history-only terms) and ``p_click_seq`` (bias, history-only terms and noise) go next to it
+(``oracle_ns_*``, ``oracle_seq_*``): what the signals that need sequences can add, next to what a model's sequences
+do add. They split the click model's terms, they are not ceilings of a model class (``features.synth``).
+``plots`` draws ROC and calibration for MLflow.
 """
 
 from __future__ import annotations
@@ -14,31 +18,29 @@ import torch
 
 from hyformer.metrics import auc, group_auc, logloss
 
-SEQUENCE_LENGTH_KEYS = ("len_long", "len_search", "len_feed")
-
-
-def mask_sequences(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ablation: hide every behaviour sequence (lengths 0), the model then sees non-sequential features only."""
-    return {k: (torch.zeros_like(v) if k in SEQUENCE_LENGTH_KEYS else v) for k, v in batch.items()}
+PARTIAL_ORACLES = {"oracle_ns": "p_click_ns", "oracle_seq": "p_click_seq"}  # metric prefix -> optional batch key
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], hide_sequences: bool = False) -> dict[str, np.ndarray]:
-    """Run the model over batches; returns label, prob, request_id and p_click as numpy arrays."""
+def predict(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """Run the model over batches; returns label, prob, request_id, p_click, p_click_ns and p_click_seq as numpy
+    arrays (the last two NaN for batches without them)."""
     was_training = model.training
     model.eval()
-    out: dict[str, list[np.ndarray]] = {"label": [], "prob": [], "request_id": [], "p_click": []}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "prob", "request_id", "p_click", *PARTIAL_ORACLES.values())}
     for batch in batches:
-        b = mask_sequences(dict(batch)) if hide_sequences else batch
-        out["prob"].append(torch.sigmoid(model(b).float()).cpu().numpy())
+        out["prob"].append(torch.sigmoid(model(batch).float()).cpu().numpy())
         for k in ("label", "request_id", "p_click"):
             out[k].append(batch[k].cpu().numpy())
+        for k in PARTIAL_ORACLES.values():
+            out[k].append(batch[k].cpu().numpy() if k in batch else np.full(len(out["prob"][-1]), np.nan, np.float32))
     model.train(was_training)
     return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
 
 
 def metrics(pred: Mapping[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
-    """AUC, query-level AUC, logloss of the model and AUCs of the oracle ``p_click`` on the same rows."""
+    """AUC, query-level AUC, logloss of the model and AUCs of the oracle ``p_click`` on the same rows; the AUCs of
+    ``p_click_ns`` / ``p_click_seq`` too where ``pred`` has them (absent or NaN: no such keys)."""
     y, p, g, oracle = pred["label"], pred["prob"], pred["request_id"], pred["p_click"]
     m = {
         "auc": auc(y, p),
@@ -50,6 +52,10 @@ def metrics(pred: Mapping[str, np.ndarray], prefix: str = "eval_") -> dict[str, 
     }
     if len(oracle) and not np.isnan(oracle).any():
         m |= {"oracle_auc": auc(y, oracle), "oracle_query_auc": group_auc(y, oracle, g), "oracle_logloss": logloss(y, oracle)}
+    for name, key in PARTIAL_ORACLES.items():
+        s = pred.get(key)
+        if s is not None and len(s) and not np.isnan(s).any():
+            m |= {f"{name}_auc": auc(y, s), f"{name}_query_auc": group_auc(y, s, g)}
     return {prefix + k: float(v) for k, v in m.items()}
 
 

@@ -39,16 +39,22 @@ from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines
 from hyformer import ARCHITECTURES, HyFormerConfig, build_model
 from hyformer.model import RankingModel
-from hyformer.training import Learner, NonFiniteError, OptimConfig, broadcast_parameters, warm_start
+from hyformer.training import EarlyStopping, Learner, NonFiniteError, OptimConfig, broadcast_parameters, warm_start
 from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import absolute, init_ray, log, setup_logging
-from jobs.evaluate import mask_sequences, metrics, predict
+from jobs.evaluate import metrics, predict
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2  # passes over the training days
+    # passes over the training days (at most, with val_days: early stopping picks the best). One: sparse-id CTR models
+    # overfit from the second pass on (their tables memorise; on the synthetic logs held-out AUC fell 0.696 -> 0.608
+    # in epoch 2, docs/results.md), the "one-epoch phenomenon" of CTR models. Use --val-days to let data decide.
+    epochs: int = 1
+    val_days: int = 0  # days before the held-out day kept out of training; their AUC picks the epoch (early stopping)
+    prior_bias: bool = True  # a cold start's output bias = logit(the training days' positive rate) (init_output_bias)
+    patience: int = 1  # with val_days: stop after this many epochs without a better validation AUC
     batch_size: int = 256  # per worker
     lr: float = 2e-3  # dense AdamW peak learning rate
     weight_decay: float = 1e-5  # dense AdamW weight decay
@@ -64,7 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
     max_failures: int = 2  # Ray Train restarts the workers from the last checkpoint this many times
     init_from: str | None = None  # warm start: a checkpoint directory (config.json + model.pt) of the same architecture
-    hide_sequences: bool = False  # ablation: every sequence length set to 0 (train and eval)
+    hide_sequences: bool = False  # ablation: the model masks every sequence event (HyFormerConfig.hide_sequences)
     seed: int = 0  # model init and data shuffling
     log_every: int = 50  # progress line every N steps (rank 0)
     arch: str = "hyformer"  # a name of hyformer.zoo.ARCHITECTURES: HyFormer or a baseline/ablation of Tables 1-2
@@ -80,9 +86,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyformer") -> HyFormerConfig:
+# §3.4.1 encoders as the paper uses them (HyFormerConfig.paper()): LONGER-style on the long sequence, Full Transformer
+# on the 50-event search and feed sequences. Architectures that name their own encoders (hyformer/zoo.py) replace it.
+PAPER_ENCODERS = {"long": "longer", "search": "transformer", "feed": "transformer"}
+
+
+def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyformer", hide_sequences: bool = False) -> HyFormerConfig:
     """The config of architecture ``arch`` whose inputs match a feature set (id spaces, groups, sequences and their
-    lengths), then ``overrides`` (which win over the architecture's own settings)."""
+    lengths), then ``overrides`` (which win over the architecture's own settings). ``hide_sequences``: the model
+    masks every sequence event, in training and wherever it is scored later (it is part of the saved config)."""
     base = HyFormerConfig(
         id_spaces=tuple(sorted(fs.cfg.vocab.items())),
         ns_groups=tuple((g, tuple(space for _, space in cols)) for g, cols in NS_GROUPS.items()),
@@ -91,8 +103,9 @@ def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyf
         target_groups=("item",),  # the candidate's features: queries of query_source="target"
         seq_tables=tuple((s, SEQ_STREAM[s]) for s in SEQUENCES),  # long and search index the search-event table
         attn_impl="sdpa",  # the fused kernel; tests hold it equal to "reference"
+        seq_encoder=tuple(PAPER_ENCODERS.items()),
     )
-    return architecture(arch).config(base, overrides)
+    return architecture(arch).config(base, (overrides or {}) | ({"hide_sequences": True} if hide_sequences else {}))
 
 
 class MaterializeCollate(NumpyBatchCollateFn):
@@ -166,8 +179,6 @@ def train_epoch(learner: Learner, model: RankingModel, batches, tc: TrainConfig,
         batches = itertools.islice(batches, pos.batch, None)
     losses, n, t0 = [], 0, time.perf_counter()
     for batch in batches:
-        if tc.hide_sequences:
-            batch = mask_sequences(batch)
         stats = learner.step(batch)
         losses.append(stats["loss"])
         n += len(batch["label"])
@@ -193,6 +204,8 @@ def train_fn_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
     model = build_model(mc)
+    if tc.prior_bias:
+        model.init_output_bias(config["positive_rate"])
     if config["init_state"] is not None:  # merged on the driver (load_init_state)
         model.load_state_dict(ray.get(config["init_state"]))
     raw = model
@@ -210,6 +223,9 @@ def train_fn_per_worker(config: dict) -> None:
     collate = MaterializeCollate(ray.get(config["timelines"]), FeatureConfig(**config["features"]))
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
+    val_shard = ray.train.get_dataset_shard("val") if tc.val_days else None
+    # early stopping starts afresh after a restart (the weights of epochs before it are not kept)
+    stopper = EarlyStopping(tc.patience) if tc.val_days else None
     steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * ray.train.get_context().get_world_size()))
     while pos.epoch < tc.epochs:
         batches = train_shard.iter_torch_batches(
@@ -226,15 +242,43 @@ def train_fn_per_worker(config: dict) -> None:
         if pos.epoch == tc.epochs - 1:
             learner.flush()  # async mode: apply the last averaged dense gradient
         m = {"epoch": pos.epoch, "restored_step": float(restored), **m}
-        files = None
-        if rank == 0:  # eval is not split: rank 0 scores the whole held-out day
-            pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device), hide_sequences=tc.hide_sequences)
+        files, stop = None, False
+        if rank == 0:  # eval is not split: rank 0 scores the whole held-out day (and the validation days)
+            if val_shard is not None:
+                m["val_auc"] = metrics(predict(raw, val_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device)))["eval_auc"]
+                stop = stopper.update(raw, m["val_auc"]) and pos.epoch < tc.epochs - 1
+            pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device))
             m |= metrics(pred)
             files = {"eval_predictions.npz": pred}
             log.info("epoch %d/%d: %s", pos.epoch + 1, tc.epochs, json.dumps({k: round(v, 5) for k, v in m.items()}))
         history.append(m)
         pos.epoch, pos.batch = pos.epoch + 1, 0
+        if stopper is not None and broadcast_flag(stop):  # every worker stops at the same epoch
+            log.info("rank %d: early stop after epoch %d: validation AUC has not improved for %d epoch(s)", rank, pos.epoch, tc.patience)
+            pos.epoch = tc.epochs
         report(m, raw, learner, pos, history, files)
+    if stopper is not None:  # the model of the best validation epoch is the result: one more report with it
+        keep = broadcast_flag(rank == 0 and stopper.restore(raw))
+        if keep:
+            best = stopper.best_epoch
+            files = None
+            m = dict(history[best]) | {"epoch": len(history), "best_epoch": float(best)}
+            if rank == 0:
+                pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device))
+                m |= metrics(pred)
+                files = {"eval_predictions.npz": pred}
+                log.info("the model of epoch %d (best validation AUC %.5f) is the result", best + 1, stopper.best_score)
+            history.append(m)
+            report(m, raw, learner, pos, history, files)
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every worker (a decision only rank 0 can make, which every worker must follow)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [bool(flag)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return bool(flag)
 
 
 # --- driver side --------------------------------------------------------------------------------------------------
@@ -281,21 +325,25 @@ def train(
 
     Raises NonFiniteError when the loss or a gradient became NaN/inf (training stops on every worker at that step).
     """
-    if len(fs.days) < 2:
-        raise ValueError(f"need at least 2 days (train + held-out), the feature window has {len(fs.days)}")
-    mc = model_config(fs, tc.model, tc.arch)
+    if len(fs.days) < 2 + tc.val_days:
+        raise ValueError(f"need at least {2 + tc.val_days} days (train + {tc.val_days} validation + held-out), the feature window has {len(fs.days)}")
+    mc = model_config(fs, tc.model, tc.arch, tc.hide_sequences)
     if init_state is None:
         init_state = load_init_state(tc, mc)
+    first_val = len(fs.days) - 1 - tc.val_days
     datasets = {
-        "train": model_dataset(fs, fs.days[:-1], shuffle=True, seed=tc.seed),
+        "train": model_dataset(fs, fs.days[:first_val], shuffle=True, seed=tc.seed),
         "eval": model_dataset(fs, fs.days[-1:], shuffle=False),
     }
+    if tc.val_days:
+        datasets["val"] = model_dataset(fs, fs.days[first_val:-1], shuffle=False)
     t0 = time.perf_counter()
     timelines = fs.timelines()
     log.info("train: window events loaded in %.1f s (%.1f MB), shared through the object store", time.perf_counter() - t0, timelines.nbytes() / 1e6)
     loop_config = {
         "train": tc.to_dict(), "model": mc.to_dict(), "features": fs.cfg.to_dict(), "timelines": ray.put(timelines),
         "init_state": None if init_state is None else ray.put(init_state), "train_rows": datasets["train"].count(),
+        "positive_rate": float(datasets["train"].mean("label")) if tc.prior_bias else None,
     }
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -312,7 +360,7 @@ def train(
     )
     log.info(
         "train: %s, %d workers (%s, grad sync %s), %d training samples, days %s..%s, held out %s",
-        tc.arch, tc.workers, "gpu/nccl" if tc.gpu else "cpu/gloo", tc.grad_sync, loop_config["train_rows"], fs.days[0], fs.days[-2], fs.days[-1],
+        tc.arch, tc.workers, "gpu/nccl" if tc.gpu else "cpu/gloo", tc.grad_sync, loop_config["train_rows"], fs.days[0], fs.days[first_val - 1], fs.days[-1],
     )
     result = trainer.fit()
     if "nonfinite_step" in (result.metrics or {}):
@@ -329,7 +377,9 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = Trai
     """The training flags shared by this job's CLI and the daily workflow (read back by `train_config`)."""
     d = defaults
     g = p.add_argument_group("training (jobs.train)")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training days (at most, with --val-days)")
+    g.add_argument("--val-days", type=int, default=d.val_days, help="days before the held-out one kept out of training; their AUC picks the best epoch (early stopping, 0: off)")
+    g.add_argument("--patience", type=int, default=d.patience, help="with --val-days: stop after this many epochs without a better validation AUC")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker")
     g.add_argument("--lr", type=float, default=d.lr, help="dense AdamW peak learning rate")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="dense LR linear warmup (updates)")
@@ -346,6 +396,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = Trai
     g.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES), help="HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py)")
     g.add_argument("--model", default=json.dumps(d.model), help='HyFormerConfig overrides as JSON, e.g. \'{"d_model": 64}\'')
     g.add_argument("--hide-sequences", action="store_true", help="ablation: mask every behaviour sequence out")
+    g.add_argument("--prior-bias", action=argparse.BooleanOptionalAction, default=d.prior_bias, help="start the output bias at logit(the training days' positive rate)")
     g.add_argument("--seed", type=int, default=d.seed)
 
 

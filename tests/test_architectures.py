@@ -1,6 +1,7 @@
 """Every architecture of hyformer.zoo (the paper's Tables 1 and 2) on tiny(): shapes, masks, gradients, checkpoints,
 attention kernels, seeded golden values; then the parts the baselines and ablations are made of (query options,
-merged sequences, two-stage information flow, unified blocks, Wukong, the sequence width) and KV reuse."""
+merged sequences, two-stage information flow, unified blocks, DIN's target attention, Wukong, the sequence width) and
+KV reuse."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyformer import ARCHITECTURES, HyFormer, HyFormerConfig, build_model, load_model
-from hyformer.baselines import Unified
+from hyformer.baselines import DIN, Unified
 from hyformer.model import QueryGenerator, WukongLayer, merge_sequences
 from hyformer.testing import make_batch
 from hyformer.zoo import architecture
@@ -66,6 +67,11 @@ def test_shapes_finite_and_every_parameter_gets_a_gradient(name: str) -> None:
     assert logits.shape == (8,) and torch.isfinite(logits).all()
     for n, p in model.named_parameters():
         assert n in grads and torch.isfinite(grads[n]).all(), f"{name}: {n} has no finite gradient"
+        if config.hide_sequences:  # the no-sequence ablation: the sequence side gets zero gradients (DDP accepts them)
+            if n.startswith(("tokenizer.seq_proj", "tokenizer.seq_pos")):
+                assert grads[n].abs().sum() == 0, f"{name}: {n} learns from sequences it should not see"
+            if not n.startswith(("head", "query_gen", "tokenizer.ns_proj")):
+                continue
         assert grads[n].abs().sum() > 0, f"{name}: {n} has an all-zero gradient"
 
 
@@ -82,6 +88,9 @@ def test_padding_is_masked_and_rows_are_independent(name: str) -> None:
     changed = dict(batch, seq_long=batch["seq_long"].clone())
     changed["seq_long"][2, 0] = torch.tensor([7, 8, 2])  # the most recent event of row 2 (which has L events)
     before, after = model(batch), model(changed)
+    if config.hide_sequences:
+        torch.testing.assert_close(before, after, rtol=0, atol=0)  # the no-sequence ablation sees no event at all
+        return
     assert (before[2] - after[2]).abs() > 1e-6, "the long sequence must reach the logit"
     torch.testing.assert_close(before[[0, 1, 3]], after[[0, 1, 3]], rtol=0, atol=1e-6)
 
@@ -131,21 +140,25 @@ def test_bf16_autocast_stays_close_to_float32(name: str) -> None:
 # "hyformer" and "hyformer-swiglu-seqs" equal test_model's GOLDEN for "transformer" and "swiglu" (tiny's default
 # encoder is the Full Transformer); LONGER rows equal their Full Transformer rows on the rows with 0 and 1 events.
 GOLDEN = {
-    "hyformer": [0.30647984, -0.19842944, -0.12317865, -0.26798922],
-    "longer-rankmixer": [-0.15187991, 0.10361962, -0.11213681, -0.12272675],
-    "longer-transformer": [-0.27775869, -0.02022781, 0.02533910, -0.08935375],
-    "longer-wukong": [-0.01643379, 0.13656241, 0.10291463, 0.02600984],
-    "transformer-rankmixer": [-0.15187991, 0.10361962, -0.09581877, -0.12910169],
-    "transformer-transformer": [-0.27775869, -0.02022781, 0.08852111, -0.09021872],
-    "transformer-wukong": [-0.01643379, 0.13656241, 0.14190671, 0.03694073],
-    "mtgr-longer": [0.19835901, 0.19059409, 0.27481958, 0.19243179],
-    "mtgr-transformer": [0.15496568, 0.18726327, 0.40990490, 0.08879903],
-    "hyformer-no-seq-pool": [0.08210149, -0.14748694, 0.06259932, 0.17322984],
-    "hyformer-target-query": [-0.16955622, -0.20884413, -0.09351956, -0.20960721],
-    "basearch-global-tokens": [-0.14182657, 0.21556523, 0.08242946, 0.06866483],
-    "hyformer-merge-seq": [0.31787118, 0.23236012, 0.11063213, 0.76514769],
-    "hyformer-transformer-seqs": [0.30647984, -0.19842944, -0.12317865, -0.26798922],
-    "hyformer-swiglu-seqs": [0.53337502, 0.09835497, 0.21506281, 0.64566839],
+    "hyformer": [0.07834665, -0.03747410, -0.08146751, -0.08827488],
+    "longer-rankmixer": [0.02661934, 0.20382062, 0.15419412, 0.16792627],
+    "longer-transformer": [-0.42382619, -0.22373801, -0.27246815, -0.26785874],
+    "longer-wukong": [-0.09982768, -0.04362996, -0.08643471, -0.08675659],
+    "transformer-rankmixer": [0.02661934, 0.20382062, 0.15512545, 0.16714919],
+    "transformer-transformer": [-0.42382619, -0.22373801, -0.27513537, -0.26788053],
+    "transformer-wukong": [-0.09982768, -0.04362996, -0.07833113, -0.08715922],
+    "mtgr-longer": [0.13777408, -0.04764715, -0.09856263, -0.09799237],
+    "mtgr-transformer": [-0.09622388, -0.02291532, -0.00772689, -0.05092750],
+    "hyformer-no-seq-pool": [0.00691073, -0.04341565, -0.05737338, -0.05843739],
+    "hyformer-target-query": [0.01208758, -0.04526284, -0.03810281, -0.01538300],
+    "basearch-global-tokens": [0.16663063, -0.04531132, -0.02433914, -0.00038514],
+    "hyformer-merge-seq": [0.03248627, 0.05086706, 0.06807937, 0.05245314],
+    "hyformer-no-seq": [0.07834665, 0.08293055, 0.07178573, 0.05947261],
+    "hyformer-transformer-seqs": [0.07834665, -0.03747410, -0.08146751, -0.08827488],
+    "hyformer-swiglu-seqs": [-0.02294914, 0.03848676, 0.04958330, 0.04513856],
+    "din": [0.02769054, 0.14800447, 0.15835582, 0.14997220],
+    "hyformer-pool-all": [0.05988395, -0.23568761, -0.23734495, -0.22811633],
+    "hyformer-full-kv": [0.07834665, -0.03747410, -0.08146751, -0.08827488],
 }
 
 
@@ -188,6 +201,33 @@ def test_query_sources_read_exactly_their_inputs(source: str, changes: str, move
     assert (moved > 1e-6) == moves_queries, (source, changes, float(moved))
 
 
+@pytest.mark.parametrize("pool_all", [False, True])
+def test_pool_all_lets_each_sequences_queries_see_every_sequence(pool_all: bool) -> None:
+    """query_pool_all: the long sequence's first queries depend on the search events (only through the pools)."""
+    config = dataclasses.replace(CFG, query_pool_all=pool_all)
+    batch = make_batch(config, 4, lens={"search": 8})
+    moved = with_new_ids(batch, "seq_search")
+    q, q_moved = queries(config, batch), queries(config, moved)
+    long_queries = slice(0, config.queries_of("long"))
+    assert torch.equal(q[:, long_queries], q_moved[:, long_queries]) != pool_all
+    assert not torch.equal(q[:, config.queries_of("long"):], q_moved[:, config.queries_of("long"):])
+
+
+def test_full_kv_lets_longer_queries_decode_events_older_than_l_h() -> None:
+    """A LONGER layer keeps the L_H most recent states; with longer_full_kv the first layer's queries decode those
+    followed by the older input events (keys: all L of them), later layers the L_H states; KV reuse still holds."""
+    config = dataclasses.replace(CFG, seq_encoder="longer", longer_full_kv=True)  # L_H = 4 < 16 events
+    batch = make_batch(config, 4, lens={"long": 16})
+    for full_kv in (False, True):
+        model = build(dataclasses.replace(config, longer_full_kv=full_kv))
+        memory = model.encode_sequences(batch)
+        k_first, _, mask_first = memory.kv[0][0]  # layer 0, long sequence
+        k_second, _, _ = memory.kv[1][0]
+        assert k_first.shape[2] == (16 if full_kv else 4) and k_second.shape[2] == 4
+        assert mask_first.sum(dim=1).tolist() == ([16] * 4 if full_kv else [4] * 4)
+        torch.testing.assert_close(model.score(batch, memory), model(batch), rtol=0, atol=1e-6)
+
+
 def test_feature_selection_and_compression() -> None:
     config = dataclasses.replace(CFG, query_groups=("query", "item"))
     batch = make_batch(config, 4)
@@ -218,13 +258,35 @@ def test_queries_per_sequence_are_allocated_by_name() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_merge_sequences_packs_valid_events_first_in_sequence_order() -> None:
+def test_merge_sequences_orders_events_by_age_then_recency_rank() -> None:
     h1 = torch.tensor([[[1.0], [2.0], [0.0]]])  # (1, 3, 1): 2 valid events
     h2 = torch.tensor([[[3.0], [0.0]]])  # 1 valid event
     m1, m2 = torch.tensor([[True, True, False]]), torch.tensor([[True, False]])
+    # without ages: interleaved by recency rank (each sequence's most recent first), ties in sequence order
     h, mask = merge_sequences([(h1, m1), (h2, m2)])
-    assert h.squeeze(-1).tolist() == [[1.0, 2.0, 3.0, 0.0, 0.0]]
+    assert h.squeeze(-1).tolist() == [[1.0, 3.0, 2.0, 0.0, 0.0]]
     assert mask.tolist() == [[True, True, True, False, False]]
+    # with age buckets (smaller = more recent): the merged stream is most recent first across sequences
+    h, mask = merge_sequences([(h1, m1), (h2, m2)], [torch.tensor([[5, 1, 0]]), torch.tensor([[3, 0]])])
+    assert h.squeeze(-1).tolist() == [[2.0, 3.0, 1.0, 0.0, 0.0]]
+    assert mask.tolist() == [[True, True, True, False, False]]
+
+
+def test_merged_sequence_puts_the_most_recent_events_of_any_sequence_first() -> None:
+    """With the "dt" side info (age bucket), the merged stream starts with the youngest events whatever sequence
+    holds them, so LONGER's L_H recent-event queries are not all long-sequence events."""
+    config = arch_cfg("hyformer-merge-seq", seq_fields=("item", "author", "action", "dt"), id_spaces=CFG.id_spaces + (("dt", 24),))
+    model = build(config)
+    batch = make_batch(config, 3, lens={"long": 16, "search": 3, "feed": 2})
+    age = {"long": 20, "search": 1, "feed": 5}  # search youngest, then feed, long oldest
+    for s, _ in config.sequences:
+        batch[f"seq_{s}"][..., 3] = torch.where(batch[f"seq_{s}"][..., 0] > 0, age[s], 0)
+    ((merged, mask),) = model.tokenizer.seq_tokens(batch)
+    model.tokenizer.merge = False
+    apart = dict(zip([s for s, _ in config.sequences], model.tokenizer.seq_tokens(batch)))
+    expected = torch.cat([apart["search"][0][:, :3], apart["feed"][0][:, :2], apart["long"][0][:, :16]], dim=1)
+    torch.testing.assert_close(merged[:, :21], expected, rtol=0, atol=0)
+    assert mask[:, :21].all() and not mask[:, 21:].any()
 
 
 def test_merged_model_decodes_one_sequence_with_all_queries() -> None:
@@ -269,6 +331,62 @@ def test_unified_blocks_cross_attend_or_self_attend(encoder: str, updates_sequen
     assert (not torch.equal(h1, h)) == updates_sequence  # "w/ LONGER": no attention inside the sequence
     _, h1_other_ns = model.blocks[0](x + 1.0, h, mask)
     assert (not torch.allclose(h1, h1_other_ns)) == updates_sequence  # sequence tokens attend to NS tokens
+
+
+def din_parts(model: DIN, batch: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """DIN's pooled interest tokens (B, S, D) and each sequence's attention weights [(B, L_s)]."""
+    x = model.tokenizer.ns_tokens(batch)
+    seqs = model.tokenizer.seq_tokens(batch)
+    weights = [unit.weights(model.target(x), h, mask) for unit, (h, mask) in zip(model.units, seqs)]
+    return model.interests(x, seqs), weights
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_din_has_one_pooled_token_per_sequence(merge: bool) -> None:
+    config = arch_cfg("din", merge_sequences=merge)
+    model = build(config)
+    assert isinstance(model, DIN) and config.n_tokens == CFG.n_ns + (1 if merge else 3)
+    assert len(model.units) == len(config.seq_plan) and model.head[0].in_features == config.n_tokens * CFG.d_model
+    batch = make_batch(config, 6, lens=mixed_lens(config, 6))
+    logits = model(batch)
+    assert logits.shape == (6,) and torch.isfinite(logits).all()
+    pooled, weights = din_parts(model, batch)
+    assert pooled.shape == (6, len(config.seq_plan), CFG.d_model)
+    for w, (_, mask) in zip(weights, model.tokenizer.seq_tokens(batch)):
+        assert w.shape == mask.shape and (w[~mask] == 0).all()  # padded events: weight exactly 0
+
+
+def test_din_empty_sequence_pools_to_exactly_zero_whatever_its_padding_holds() -> None:
+    config = arch_cfg("din")
+    model = build(config)
+    batch = make_batch(config, 4, lens={"long": [0, 1, 16, 8], "search": 0, "feed": [8, 0, 3, 8]})
+    junk = dict(batch, seq_search=torch.randint(1, 5, batch["seq_search"].shape))  # events behind len_search = 0
+    pooled, _ = din_parts(model, batch)
+    assert (pooled[:, 1] == 0).all() and (pooled[0, 0] == 0).all() and (pooled[1, 2] == 0).all()
+    assert (pooled[2:, 0].abs().amax(dim=-1) > 0).all()  # non-empty sequences do contribute
+    torch.testing.assert_close(model(junk), model(batch), rtol=0, atol=0)
+
+
+def test_din_attention_weights_follow_the_candidate() -> None:
+    """The candidate's NS tokens (target_groups) are the query: another candidate item on the same sequences moves
+    the weights and the pooled tokens; other NS groups do not reach them (they only meet them in the head)."""
+    config = arch_cfg("din")
+    model = build(config)
+    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    pooled, weights = din_parts(model, batch)
+    swapped = dict(batch, ns_item=batch["ns_item"].roll(1, dims=0))  # each row scores another row's candidate
+    pooled_sw, weights_sw = din_parts(model, swapped)
+    for w, w_sw in zip(weights, weights_sw):
+        assert ((w - w_sw).abs().amax(dim=1) > 1e-6).all()
+    assert ((pooled - pooled_sw).abs().amax(dim=(1, 2)) > 1e-6).all()
+    other_user, _ = din_parts(model, with_new_ids(batch, "ns_user"))
+    torch.testing.assert_close(other_user, pooled, rtol=0, atol=0)
+    assert (model(batch) - model(with_new_ids(batch, "ns_user"))).abs().amax() > 1e-6  # the head still reads it
+
+
+def test_din_needs_the_candidates_groups() -> None:
+    with pytest.raises(ValueError, match=r"DIN needs target_groups.*got target_groups=\(\)"):
+        build_model(arch_cfg("din", target_groups=()))
 
 
 def test_wukong_factorization_machine_matches_the_explicit_dot_product_matrix() -> None:
@@ -348,6 +466,8 @@ def test_models_refuse_the_wrong_arch() -> None:
         HyFormer(arch_cfg("mtgr-longer"))
     with pytest.raises(ValueError, match="use build_model"):
         Unified(CFG)
+    with pytest.raises(ValueError, match="use build_model"):
+        DIN(CFG)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -371,7 +491,7 @@ def dedup(batch: dict[str, Tensor], config: HyFormerConfig, tables: dict[str, st
     return out
 
 
-@pytest.mark.parametrize("name", ["hyformer", "mtgr-transformer", "hyformer-merge-seq"])
+@pytest.mark.parametrize("name", ["hyformer", "mtgr-transformer", "hyformer-merge-seq", "din"])
 def test_dedup_tables_give_the_values_and_gradients_of_the_full_sequences(name: str) -> None:
     tables = {"long": "search", "search": "search", "feed": "feed"}
     config = arch_cfg(name, seq_tables=tables)

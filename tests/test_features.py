@@ -15,7 +15,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from features.build import EVENT_FIELDS, SIDE_INFO, STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
-from features.materialize import Materializer, Timelines, reconstruct, unique_ratio
+from features.materialize import Materializer, Stream, Timelines, reconstruct, unique_ratio
 from jobs.build_features import FeatureSet, build_features
 from tests.conftest import DAYS, END
 
@@ -28,7 +28,8 @@ def hand_inputs(cfg: FeatureConfig | None = None):
         {
             "request_id": [1, 1, 2], "user_id": [7, 7, 7], "query_id": [0, 0, 1], "item_id": [10, 11, 12],
             "position": [0, 1, 0], "ts": [10 * H, 10 * H, 20 * H], "device_type": [1, 1, 2], "network_type": [1, 1, 1],
-            "label": [1, 0, 0], "p_click": [0.5, 0.1, 0.2], "day": ["d", "d", "d"],
+            "label": [1, 0, 0], "p_click": [0.5, 0.1, 0.2], "p_click_ns": [0.3, 0.05, 0.1], "p_click_seq": [0.2, 0.06, 0.1],
+            "day": ["d", "d", "d"],
         }
     )
     search = pl.DataFrame(
@@ -62,8 +63,6 @@ def build_hand(cfg: FeatureConfig | None = None) -> tuple[dict[str, pl.DataFrame
 
 
 def materialize_hand(out: dict[str, pl.DataFrame], cfg: FeatureConfig, dedup: bool = False) -> dict[str, np.ndarray]:
-    from features.materialize import Stream
-
     t = Timelines({s: Stream.build(out[f"events/{s}"], empty_state().collect()) for s in STREAMS})
     return Materializer(t, cfg, dedup=dedup)({c: out["samples"][c].to_numpy() for c in out["samples"].columns})
 
@@ -98,6 +97,25 @@ def test_materialize_hand_example():
     assert b["seq_long"][0, 0, fields.index("dt")] == 9 and b["seq_long"][0, 0, fields.index("hour")] == 3
     assert (b["seq_feed"][:2] == 0).all()  # empty sequences are all padding
     np.testing.assert_array_equal(b["ns_item"][:, 0], [11, 12, 13])
+    # the synthetic ground truth rides along (evaluation only), as float32
+    for k, want in {"p_click": [0.5, 0.1, 0.2], "p_click_ns": [0.3, 0.05, 0.1], "p_click_seq": [0.2, 0.06, 0.1]}.items():
+        assert b[k].dtype == np.float32
+        np.testing.assert_array_equal(b[k], np.array(want, np.float32))
+
+
+def test_logs_without_ground_truth_give_nan():
+    """Real logs (or a clean day ingested before the contract had p_click_ns / p_click_seq): NaN, not an error."""
+    imps, search, feed, dims, cfg = hand_inputs()
+    imps = imps.drop("p_click_ns", "p_click_seq").with_columns(pl.lit(None, pl.Float32).alias("p_click"))
+    out = build_day(imps.lazy(), {"search": search.lazy(), "feed": feed.lazy()}, {s: empty_state() for s in STREAMS}, {k: v.lazy() for k, v in dims.items()}, cfg)
+    assert out["samples"].select(pl.col("p_click", "p_click_ns", "p_click_seq").null_count()).row(0) == (3, 3, 3)
+    b = materialize_hand(out, cfg)
+    for k in ("p_click", "p_click_ns", "p_click_seq"):
+        assert b[k].dtype == np.float32 and np.isnan(b[k]).all()
+    batch = {c: out["samples"][c].to_numpy() for c in out["samples"].columns if not c.startswith("p_click")}
+    t = Timelines({s: Stream.build(out[f"events/{s}"], empty_state().collect()) for s in STREAMS})
+    old = Materializer(t, cfg)(batch)  # samples without the columns at all
+    assert all(np.isnan(old[k]).all() for k in ("p_click", "p_click_ns", "p_click_seq"))
 
 
 def test_a_stream_without_events_gives_empty_sequences():
@@ -171,11 +189,25 @@ def clean(data_dir: str, table: str) -> pl.DataFrame:
     return pl.read_parquet(f"{data_dir}/clean/v1/{table}/**/*.parquet", hive_partitioning=False)
 
 
-def test_every_impression_becomes_one_sample(ingested, feature_set):
+def test_every_impression_becomes_one_sample(ingested, feature_set, materialized):
     data_dir, counts = ingested
     samples = all_samples(feature_set)
     assert samples.height == feature_set.samples == counts["impressions"].clean
     assert samples.select(pl.struct("request_id", "ns_item_id").n_unique()).item() == samples.height
+    # the synthetic ground truth of each impression reaches its sample and the materialised batch unchanged
+    truth = ["p_click", "p_click_ns", "p_click_seq"]
+    vocab = feature_set.cfg.vocab
+    imps = clean(data_dir, "impressions").select(
+        "request_id", (pl.col("item_id") % (vocab["item"] - 1) + 1).cast(pl.Int32).alias("ns_item_id"), *truth
+    )
+    joined = samples.join(imps, on=["request_id", "ns_item_id"], suffix="_clean")
+    assert joined.height == samples.height and joined.select(pl.col(truth).null_count()).sum_horizontal().item() == 0
+    for k in truth:
+        assert (joined[k] == joined[f"{k}_clean"]).all(), k
+    sorted_samples, batch = materialized
+    for k in truth:
+        assert batch[k].dtype == np.float32 and not np.isnan(batch[k]).any()
+        np.testing.assert_array_equal(batch[k], sorted_samples[k].to_numpy())
 
 
 @pytest.fixture(scope="module")

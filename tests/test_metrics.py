@@ -85,3 +85,57 @@ def test_logloss_hand_values() -> None:
     assert logloss([1, 0], [1.0, 0.0]) == pytest.approx(-math.log(1 - 1e-7))  # clipped, finite
     assert logloss([1], [0.0]) == pytest.approx(-math.log(1e-7))
     assert math.isnan(logloss([], []))
+
+
+# --- jobs.evaluate: the oracle split ---------------------------------------------------------------------------------
+
+
+def _pred(n: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.01, 0.6, n).astype(np.float32)
+    return {
+        "label": (rng.random(n) < p).astype(np.float32),
+        "prob": rng.random(n).astype(np.float32),
+        "request_id": np.repeat(np.arange(n // 4), 4),
+        "p_click": p,
+    }
+
+
+def test_partial_oracle_metrics_only_when_their_columns_are_there() -> None:
+    from jobs.evaluate import metrics
+
+    pred = _pred()
+    base = metrics(pred)
+    assert "eval_oracle_auc" in base and not any(k.startswith(("eval_oracle_ns", "eval_oracle_seq")) for k in base)
+    nan = np.full(len(pred["label"]), np.nan, np.float32)
+    assert metrics(pred | {"p_click_ns": nan, "p_click_seq": nan}) == base  # real logs: NaN ground truth
+    rng = np.random.default_rng(1)
+    ns, seq = pred["p_click"] * rng.uniform(0.5, 1.5, 400), rng.random(400)
+    m = metrics(pred | {"p_click_ns": ns, "p_click_seq": seq})
+    assert {k: v for k, v in m.items() if k in base} == base  # the existing keys are unchanged
+    y, g = pred["label"], pred["request_id"]
+    assert m["eval_oracle_ns_auc"] == auc(y, ns) and m["eval_oracle_ns_query_auc"] == group_auc(y, ns, g)
+    assert m["eval_oracle_seq_auc"] == auc(y, seq) and m["eval_oracle_seq_query_auc"] == group_auc(y, seq, g)
+    only_ns = metrics(pred | {"p_click_ns": ns})
+    assert "eval_oracle_ns_auc" in only_ns and "eval_oracle_seq_auc" not in only_ns
+
+
+def test_predict_collects_the_partial_oracles_if_the_batches_have_them() -> None:
+    import torch
+
+    from jobs.evaluate import metrics, predict
+
+    class Logit(torch.nn.Module):
+        def forward(self, batch):
+            return batch["x"]
+
+    pred = _pred(8)
+    old = [{k: torch.from_numpy(v[i : i + 4]) for k, v in pred.items() if k != "prob"} | {"x": torch.zeros(4)} for i in (0, 4)]
+    out = predict(Logit(), old)  # batches without the new keys (old callers): NaN, and no metric keys
+    assert np.isnan(out["p_click_ns"]).all() and np.isnan(out["p_click_seq"]).all() and len(out["p_click_ns"]) == 8
+    assert not any("oracle_ns" in k or "oracle_seq" in k for k in metrics(out))
+    new = [b | {"p_click_ns": b["p_click"] / 2, "p_click_seq": b["p_click"] / 3} for b in old]
+    out = predict(Logit(), new)
+    np.testing.assert_array_equal(out["p_click_ns"], pred["p_click"] / 2)
+    np.testing.assert_array_equal(out["p_click_seq"], pred["p_click"] / 3)
+    assert {"eval_oracle_ns_auc", "eval_oracle_seq_query_auc"} <= set(metrics(out))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -386,10 +387,10 @@ def test_torch_compile_matches_eager(impl: str, encoder: str) -> None:
 
 # Rows have 0, 1, L and L/2 events; "longer" (L_H = 4) equals "transformer" on the first two rows, as it should.
 GOLDEN = {
-    "transformer": [0.30647984, -0.19842944, -0.12317865, -0.26798922],
-    "longer": [0.30647984, -0.19842944, -0.14292067, -0.26155847],
-    "swiglu": [0.53337502, 0.09835497, 0.21506281, 0.64566839],
-    "mixed": [0.25995171, 0.45477197, -0.06602731, -0.18794167],
+    "transformer": [0.07834665, -0.0374741, -0.08146751, -0.08827488],
+    "longer": [0.07834665, -0.0374741, -0.07857808, -0.08770965],
+    "swiglu": [-0.02294914, 0.03848676, 0.0495833, 0.04513856],
+    "mixed": [0.15380237, -0.00450914, -0.02874381, -0.03066806],
 }
 
 
@@ -399,6 +400,38 @@ def test_golden_logits(impl: str, encoder: str) -> None:
     model = build(enc_cfg(encoder, attn_impl=impl), seed=0)
     logits = model(make_batch(CFG, 4, lens=lens_for("mixed", batch_size=4), seed=0))
     torch.testing.assert_close(logits, torch.tensor(GOLDEN[encoder]), rtol=0, atol=1e-5)
+
+
+def test_output_bias_starts_at_the_positive_rates_log_odds() -> None:
+    """init_output_bias(p): every architecture's output bias becomes logit(p), which shifts every logit alike."""
+    from hyformer.zoo import ARCHITECTURES, build_model
+
+    for name in ("hyformer", "mtgr-longer", "din"):
+        torch.manual_seed(0)
+        model = build_model(ARCHITECTURES[name].config(CFG)).eval()
+        batch = make_batch(CFG, 64, seed=1)
+        before, old_bias = model(batch), model.head[-1].bias.item()
+        after = model.init_output_bias(0.1)(batch)
+        torch.testing.assert_close(model.head[-1].bias, torch.tensor([math.log(0.1 / 0.9)]))
+        torch.testing.assert_close(after - before, torch.full_like(before, math.log(0.1 / 0.9) - old_bias), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="positive_rate"):
+        build_model(CFG).init_output_bias(0.0)
+
+
+def test_embedding_tables_start_small_with_a_zero_padding_row() -> None:
+    """Every table of every architecture: N(0, 0.02²) rows (not torch's N(0, 1)) and an exactly zero padding row."""
+    from hyformer.model import EMB_INIT_STD
+    from hyformer.zoo import ARCHITECTURES, build_model
+
+    big = dataclasses.replace(CFG, id_spaces=tuple((n, 4000) for n, _ in CFG.id_spaces))  # enough rows for a std
+    for name, arch in ARCHITECTURES.items():
+        torch.manual_seed(0)
+        model = build_model(arch.config(big))
+        tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        assert tables, name
+        for t in tables:
+            assert torch.count_nonzero(t.weight[0]) == 0, name
+            assert abs(t.weight[1:].std().item() - EMB_INIT_STD) < 0.1 * EMB_INIT_STD, name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

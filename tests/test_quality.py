@@ -67,8 +67,10 @@ def test_matched_config_lands_near_the_target_and_keeps_the_sequence_width(featu
 
 def test_suites_have_the_papers_rows(feature_set):
     tables = quality.table_specs(feature_set, SMALL, quality.TABLE_ROWS)
-    assert {s.arch for s in tables} == {n for n, a in ARCHITECTURES.items() if a.table in ("1", "2")}
-    assert len(tables) == 13
+    paper = {n for n, a in ARCHITECTURES.items() if a.table in ("1", "2")}
+    # the paper's 13 rows and the reference rows (the counting baseline is no network: it has no spec)
+    assert {s.arch for s in tables} == paper | {"hyformer-no-seq", "din", "hyformer-pool-all", "hyformer-full-kv"} and len(tables) == 17
+    assert quality.COUNTING in quality.TABLE_ROWS
     # HyFormer and its ablations get the paper's encoders; the baselines keep the ones their names say
     by_arch = {s.arch: s.model for s in tables}
     assert dict(by_arch["hyformer"].seq_encoder) == {"long": "longer", "search": "transformer", "feed": "transformer"}
@@ -99,11 +101,13 @@ def test_cli_runs_a_suite_logs_mlflow_runs_and_writes_the_table(feature_set, tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     res = quality.main([
-        "--suite", "tables", "--features", feature_set.path(), "--eval-days", "2", "--rows", "hyformer,longer-rankmixer",
+        "--suite", "tables", "--features", feature_set.path(), "--eval-days", "2", "--rows", "counting,hyformer,longer-rankmixer",
         "--seeds", "2", "--long-len", "32", "--model", json.dumps(SMALL), "--work", str(tmp_path / "work"),
         "--out", str(tmp_path / "out"), "--name", "q",
     ])
-    assert len(res["runs"]) == 4 and {r["seed"] for r in res["runs"]} == {0, 1}
+    assert len(res["runs"]) == 6 and {r["seed"] for r in res["runs"]} == {0, 1}
+    counting = [r for r in res["runs"] if r["row"] == quality.COUNTING]
+    assert len(counting) == 2 and counting[0]["eval_auc"] == counting[1]["eval_auc"]  # deterministic: one value
     for row, s in res["summary"].items():
         aucs = [r["eval_auc"] for r in res["runs"] if r["row"] == row]
         assert s["eval_auc"]["mean"] == pytest.approx(statistics.fmean(aucs)) and s["eval_auc"]["n"] == 2
@@ -113,6 +117,7 @@ def test_cli_runs_a_suite_logs_mlflow_runs_and_writes_the_table(feature_set, tmp
         assert all(math.isfinite(r[k]) for k in quality.EVAL_KEYS) and r["eval_rows"] == res["window"]["eval_samples"]
     md = (tmp_path / "out" / "q.md").read_text()
     assert "(`hyformer`)" in md and "(`longer-rankmixer`)" in md and "| ref. |" in md  # the reference row
+    assert "(`counting`)" in md and "ΔAUC vs counting" in md and "Ceilings on these rows" in md
     paired = quality.paired_delta(res["runs"], "hyformer", "longer-rankmixer")
     by_seed = {(r["row"], r["seed"]): r["eval_auc"] for r in res["runs"]}
     expected = [100 * (by_seed["hyformer", s] / by_seed["longer-rankmixer", s] - 1) for s in (0, 1)]
@@ -132,6 +137,37 @@ def test_cli_runs_a_suite_logs_mlflow_runs_and_writes_the_table(feature_set, tmp
     assert all("eval_query_auc" in c.data.metrics and "dense_params" in c.data.metrics for c in children)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parents[0].info.run_id)}
     assert {"q.md", "q.json"} <= artifacts
+
+
+def test_validation_days_leave_training_and_pick_the_epoch(feature_set):
+    win = quality.Window(feature_set, eval_days=1, val_days=1, batch_size=64)
+    days = feature_set.days
+    assert win.train_days == days[:-2] and win.val_day_list == days[-2:-1] and win.eval_day_list == days[-1:]
+    assert win.n_train + len(win.val["label"]) + win.n_eval == feature_set.samples
+    spec = quality.Spec("hyformer", "hyformer", model_config(feature_set, SMALL, "hyformer"), feature_set.cfg)
+    run = quality.fit(win, spec, quality.TrainConfig(epochs=2, patience=2, batch_size=64, model=SMALL), seed=0)
+    vals = [h["val_auc"] for h in run["history"]]
+    assert len(vals) == 2 and run["best_epoch"] == 1 + int(np.argmax(vals))
+    assert run["eval_auc"] == pytest.approx(run["history"][int(np.argmax(vals))]["eval_auc"], abs=1e-9)
+    with pytest.raises(ValueError, match="val-days"):
+        quality.Window(feature_set, eval_days=1, val_days=len(days) - 1)
+
+
+def test_counting_baseline_learns_rates_and_never_sees_a_rows_own_label():
+    from hyformer.counting import CountingBaseline
+
+    rng = np.random.default_rng(0)
+    n, items = 20_000, rng.integers(0, 300, 20_000)
+    quality_of = rng.normal(0, 1, 300)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(-2 + quality_of[items])))).astype(float)
+    train, test = np.arange(n) < 15_000, np.arange(n) >= 15_000
+    model = CountingBaseline().fit({"item": items[train]}, y[train], np.arange(n)[train] // 10)
+    from hyformer.metrics import auc
+
+    assert auc(y[test], model.predict({"item": items[test]})) > 0.65  # the item's rate carries its quality
+    # pure noise keys (each id seen once): out-of-fold rates are the prior, so the regression gives them no weight
+    noise = CountingBaseline().fit({"row": np.arange(15_000)}, y[train], np.arange(15_000) // 10)
+    assert abs(noise.weights[1]) < 1e-3 or np.ptp(noise.predict({"row": np.arange(15_000, 20_000)})) < 1e-6
 
 
 def test_auc_standard_error_matches_hanley_mcneil():

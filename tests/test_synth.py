@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import glob
+import hashlib
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -176,6 +178,41 @@ def test_deterministic_per_seed(tmp_path, tiny):
     assert all(a[k] != c[k] for k in a)
 
 
+# Content hashes of SynthConfig.tiny() ending at END, recorded before p_click_ns / p_click_seq were added: the new
+# columns draw no random number, so every column that existed then is bit-identical. (Per table, per day file, the
+# raw bytes of each listed column; the float columns hold float32 values of libm's exp/log, which a platform with
+# another libm could change in the last bit of a float64 and, rarely, of a float32.)
+GOLDEN_TINY = {
+    "impressions": "de1b9eb9e5628233",
+    "search_events": "741b6d3f3924bf08",
+    "feed_events": "b16bb447a941b380",
+    "users": "868675ae2ba6f9f5",
+    "items": "89ab64c4f8f8a7f6",
+    "queries": "6e341f0a11c8404e",
+}
+IMPRESSION_COLUMNS_BEFORE = (
+    "request_id", "user_id", "query_id", "item_id", "position", "ts", "device_type", "network_type", "label",
+    "watch_time_s", "p_click",
+)
+
+
+def _content_hash(root: str, table: str, columns) -> str:
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(f"{table_dir(root, table)}/**/*.parquet", recursive=True)):
+        t = pq.read_table(f)
+        for c in columns:
+            h.update(c.encode())
+            h.update(np.ascontiguousarray(t.column(c).to_numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_existing_columns_are_bit_identical_to_before_the_ground_truth_split(tiny):
+    root, _ = tiny
+    for table, want in GOLDEN_TINY.items():
+        cols = IMPRESSION_COLUMNS_BEFORE if table == "impressions" else TABLES[table].schema.names
+        assert _content_hash(root, table, cols) == want, table
+
+
 def test_refuses_to_overwrite(tmp_path):
     cfg = dataclasses.replace(SynthConfig.tiny(), days=2)
     generate(cfg, str(tmp_path), END)
@@ -207,6 +244,51 @@ def test_ctr_and_oracle_auc(moderate):
     assert 0.05 <= imp["label"].mean() <= 0.15
     assert abs(imp["label"].mean() - imp["p_click"].mean()) < 0.01  # label ~ Bernoulli(p_click)
     assert _auc(imp["p_click"], imp["label"]) > 0.7
+    # each half of the click model ranks better than chance and worse than the whole
+    full, ns, seq = (_auc(imp[c], imp["label"]) for c in ("p_click", "p_click_ns", "p_click_seq"))
+    assert 0.55 < ns < full - 0.02 and 0.55 < seq < full - 0.02, (full, ns, seq)
+
+
+# ------------------------------------------------------------------------------------------- ground truth, split
+
+
+def _logit(p: pl.Series) -> np.ndarray:
+    x = np.clip(p.to_numpy().astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(x) - np.log1p(-x)
+
+
+def _impressions(cfg: SynthConfig, data_dir: str) -> tuple[pl.DataFrame, dict]:
+    summary = generate(cfg, data_dir, END)
+    return _daily(logs_root(data_dir), "impressions"), summary
+
+
+def test_ground_truth_halves_recombine(tmp_path, tiny):
+    """Without noise, logit(p_click) = logit(p_click_ns) + logit(p_click_seq) - bias; with it, both halves hold the
+    same noise draw, so the left-over is exactly that draw once: sd click_noise."""
+    cfg = SynthConfig.tiny()
+    imp, _ = _impressions(dataclasses.replace(cfg, click_noise=0.0), str(tmp_path / "quiet"))
+    rest = _logit(imp["p_click_ns"]) + _logit(imp["p_click_seq"]) - cfg.click_bias - _logit(imp["p_click"])
+    np.testing.assert_allclose(rest, 0.0, atol=1e-4)  # float32 probabilities
+    root, summary = tiny
+    imp = _daily(root, "impressions")
+    noise = _logit(imp["p_click_ns"]) + _logit(imp["p_click_seq"]) - cfg.click_bias - _logit(imp["p_click"])
+    assert imp.height > 1000 and abs(noise.mean()) < 0.05 and 0.25 < noise.std() < 0.35
+    for c in ("p_click", "p_click_ns", "p_click_seq"):
+        assert summary[f"mean_{c}"] == pytest.approx(imp[c].cast(pl.Float64).mean(), rel=1e-9)
+
+
+def test_ground_truth_halves_hold_exactly_their_terms(tmp_path):
+    """With the history-only weights at 0, p_click_ns is p_click; with every other weight at 0, p_click_seq is."""
+    cfg = SynthConfig.tiny()
+    no_history = dataclasses.replace(cfg, click_interest=0.0, click_fav_match=0.0, click_fav_other=0.0)
+    imp, _ = _impressions(no_history, str(tmp_path / "a"))
+    assert (imp["p_click_ns"] == imp["p_click"]).all() and not (imp["p_click_seq"] == imp["p_click"]).all()
+    history_only = dataclasses.replace(
+        cfg, click_relevance=0.0, click_position=0.0, click_evening=0.0, click_night=0.0, click_device=(0.0,) * 4,
+        click_mobile_duration=0.0, click_web_duration=0.0, click_cellular_duration=0.0, click_quality=0.0,
+    )
+    imp, _ = _impressions(history_only, str(tmp_path / "b"))
+    assert (imp["p_click_seq"] == imp["p_click"]).all() and not (imp["p_click_ns"] == imp["p_click"]).all()
 
 
 def test_position_bias(moderate):

@@ -211,3 +211,25 @@ def test_a_baseline_trains_through_the_same_job_by_name(feature_set, tmp_path):
     with torch.no_grad():
         probs = torch.sigmoid(model(eval_batch(feature_set))).numpy()
     np.testing.assert_allclose(np.sort(probs), np.sort(saved["prob"]), rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_on_validation_days_keeps_the_best_epochs_model(feature_set, tmp_path):
+    """--val-days 1: the day before the held-out one leaves training and picks the epoch; two DDP workers stop at the
+    same epoch (rank 0's decision is broadcast), and the result is the best validation epoch's model."""
+    tc = TrainConfig(epochs=3, batch_size=64, workers=2, cpus_per_worker=1, val_days=1, patience=1, lr=3e-2, model=TINY_MODEL)
+    res = train(feature_set, tc, str(tmp_path), "test-early-stopping")
+    epochs = [h for h in res.history if "best_epoch" not in h]
+    assert all(math.isfinite(h["val_auc"]) for h in epochs) and 2 <= len(epochs) <= 3
+    best = int(np.argmax([h["val_auc"] for h in epochs]))
+    if best < len(epochs) - 1:  # a later epoch was worse: one more entry, the restored best model
+        assert len(res.history) == len(epochs) + 1 and res.metrics["best_epoch"] == best
+        assert res.metrics["eval_auc"] == pytest.approx(epochs[best]["eval_auc"], abs=1e-6)
+    else:
+        assert res.history == epochs and res.metrics["eval_auc"] == epochs[-1]["eval_auc"]
+    if len(epochs) < 3:  # stopped early: the validation AUC had fallen
+        assert epochs[1]["val_auc"] <= epochs[0]["val_auc"]
+    # the checkpoint is the reported model
+    saved = dict(np.load(f"{res.checkpoint_dir}/eval_predictions.npz"))
+    with torch.no_grad():
+        probs = torch.sigmoid(load_model(res.checkpoint_dir).eval()(eval_batch(feature_set))).numpy()
+    np.testing.assert_allclose(np.sort(probs), np.sort(saved["prob"]), rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hyformer import HyFormerConfig, build_model
 from hyformer.testing import make_batch
-from hyformer.training import Learner, NonFiniteError, OptimConfig, RowWiseAdagrad, split_parameters, warm_start
+from hyformer.training import EarlyStopping, Learner, NonFiniteError, OptimConfig, RowWiseAdagrad, split_parameters, warm_start
 
 CONFIG = HyFormerConfig.tiny(dropout=0.0)
 # no warmup or clipping here, so the hand-written reference below is plain AdamW + row-wise Adagrad
@@ -168,6 +168,23 @@ def test_a_non_finite_loss_stops_before_any_parameter_moves(mode):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("mode", ["ddp", "async"])
+def test_a_non_finite_sparse_gradient_stops_before_any_parameter_moves(mode):
+    """The loss and the dense gradients are finite; only an embedding table's gradient is not (both sync modes)."""
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    learner = Learner(model, dataclasses.replace(OPTIM, grad_sync=mode))
+    learner.step(batches()[0])
+    before = snapshot(model)
+    table = model.tokenizer.tables["item"].weight
+    hook = table.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(NonFiniteError, match="step 1"):
+        learner.step(batches()[1])
+    hook.remove()
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_resume_from_a_state_dict_continues_the_async_trajectory_exactly():
     """A checkpoint taken mid-run (model + both optimisers + the pending averaged gradient) resumes bit for bit."""
     torch.manual_seed(0)
@@ -203,9 +220,28 @@ def test_warm_start_copies_old_rows_into_grown_tables_and_rejects_other_architec
     assert adapted == ["tokenizer.tables.item.weight: 100 -> 120 rows"]
     torch.testing.assert_close(new.tokenizer.tables["item"].weight[:100], old.tokenizer.tables["item"].weight)
     torch.testing.assert_close(new.tokenizer.tables["item"].weight[100:], fresh_rows)
+    assert 0.01 < fresh_rows.std().item() < 0.03  # the added rows get the model's own small initialisation
     torch.testing.assert_close(new.head[0].weight, old.head[0].weight)
     with pytest.raises(ValueError, match="different architecture: .*shape"):
         warm_start(build_model(dataclasses.replace(CONFIG, d_model=16)), old.state_dict())
+
+
+def test_early_stopping_keeps_the_best_epochs_weights_and_stops_after_patience():
+    model = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(patience=2)
+    weights = []
+    for score in (0.60, 0.70, 0.65, 0.69):  # best at epoch 1, then two epochs without improvement
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        weights.append(model.weight.detach().clone())
+        stop = stopper.update(model, score)
+        assert stop == (score == 0.69)
+    assert (stopper.best_epoch, stopper.best_score) == (1, 0.70)
+    assert stopper.restore(model) and torch.equal(model.weight, weights[1])
+    fresh = EarlyStopping(patience=1)
+    assert not fresh.update(model, 0.5) and not fresh.restore(model)  # the last epoch is the best: nothing to load
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=0)
 
 
 def test_optim_config_rejects_unknown_choices():

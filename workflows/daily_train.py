@@ -158,7 +158,7 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
     init_state = None  # merged once here and handed to train(), which would otherwise merge it again
     if init_from and a.init_from == "champion":  # the default: a champion of another shape (e.g. a newly tuned config) is a cold start
         try:
-            init_state = load_init_state(tc, model_config(fs, tc.model, tc.arch))
+            init_state = load_init_state(tc, model_config(fs, tc.model, tc.arch, tc.hide_sequences))
         except ValueError as e:
             log.warning("warm start: the champion cannot start this model (%s): training from scratch", e)
             tc, init_from = dataclasses.replace(tc, init_from=None), None
