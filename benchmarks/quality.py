@@ -78,7 +78,7 @@ PAPER_ROWS = tuple(n for n, a in ARCHITECTURES.items() if a.table in ("1", "2"))
 COUNTING = "counting"
 REFERENCE_ROWS = (COUNTING, "hyformer-no-seq", "din")
 # beyond the paper (issue #15): switches that let the candidate meet the history, each measured as a row
-BEYOND_ROWS = ("hyformer-pool-all", "hyformer-full-kv")
+BEYOND_ROWS = ("hyformer-pool-all", "hyformer-full-kv", "hyformer-target-attn")
 TABLE_ROWS = REFERENCE_ROWS + PAPER_ROWS + BEYOND_ROWS
 # the counting baseline's keys: id columns of the stored samples (the query x item cross is hashed)
 COUNTING_KEYS = {"item": "ns_item_id", "user": "ns_user_id", "query": "ns_query_id", "query x item": "ns_query_item"}
@@ -249,7 +249,7 @@ def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu"
     if tc.prior_bias:
         model.init_output_bias(float(np.mean(win.train["label"])))
     model = model.to(dev)
-    learner = Learner(model, tc.optim(), dev)
+    learner = Learner(model, tc.optim(), dev, total_steps=math.ceil(win.n_train / win.batch_size) * tc.epochs)
     stopper = EarlyStopping(tc.patience) if win.val is not None else None
     eval_batches = win.eval_batches(spec.features)
     history, t0 = [], time.perf_counter()

@@ -127,7 +127,7 @@ class Unified(RankingModel):
         h, mask = seqs[0] if len(seqs) == 1 else merge_sequences(seqs)  # (B, L, Ds), (B, L)
         for block in self.blocks:
             x, h = block(x, h, mask)  # (B, M, D), (B, L, Ds)
-        return self.head(self.norm_out(x).flatten(1)).squeeze(-1)  # (B,)
+        return self.head(self.norm_out(x).flatten(1)).squeeze(-1) + self.tokenizer.first_order(batch)  # (B,)
 
 
 class TargetAttention(nn.Module):
@@ -210,4 +210,4 @@ class DIN(RankingModel):
         x = self.tokenizer.ns_tokens(batch)  # (B, M, D)
         seqs = self.tokenizer.seq_tokens(batch)  # S x ((B, L_s, Ds), (B, L_s)), or one if merge_sequences
         tokens = torch.cat([x, self.interests(x, seqs)], dim=1)  # (B, M + S, D)
-        return self.head(self.norm_out(tokens).flatten(1)).squeeze(-1)  # (B,)
+        return self.head(self.norm_out(tokens).flatten(1)).squeeze(-1) + self.tokenizer.first_order(batch)  # (B,)

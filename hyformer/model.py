@@ -431,12 +431,31 @@ class Tokenizer(nn.Module):
             {s: nn.Linear(len(c.seq_fields) * c.emb_dim, c.seq_width) for s, _ in c.sequences}
         )
         self.seq_pos = nn.ParameterDict({s: nn.Parameter(torch.randn(L, c.seq_width) * 0.02) for s, L in c.sequences})
+        # id_bias: the first-order ("wide") term, one learned scalar per id of every NS column, zero at the start
+        spaces = sorted({sp for _, cols in c.ns_groups for sp in cols})
+        vocab = dict(c.id_spaces)
+        self.id_bias = nn.ModuleDict({sp: nn.Embedding(vocab[sp], 1, padding_idx=0) for sp in spaces}) if c.id_bias else None
+        for table in (self.id_bias or {}).values():
+            nn.init.zeros_(table.weight)
 
     def embed(self, ids: Tensor, spaces: tuple[str, ...]) -> Tensor:
         """ids (..., F) -> concatenated field embeddings (..., F*E); column j is looked up in table spaces[j]."""
         if ids.shape[-1] != len(spaces):
             raise ValueError(f"expected {len(spaces)} id columns {spaces}, got shape {tuple(ids.shape)}")
         return torch.cat([self.tables[sp](ids[..., j]) for j, sp in enumerate(spaces)], dim=-1)  # (..., F*E)
+
+    def first_order(self, batch: Mapping[str, Tensor]) -> Tensor | float:
+        """The id_bias term of each row: sum of the learned scalars of its NS ids, (B,); 0.0 without id_bias.
+
+        Wide & Deep's wide part / an FM's first-order term: an id's own click propensity reaches the logit directly,
+        learned as fast as a counting rate, while the deep part learns how features interact."""
+        if self.id_bias is None:
+            return 0.0
+        terms = [
+            self.id_bias[sp](batch[f"ns_{g}"][:, j]).squeeze(-1)  # (B,)
+            for g, spaces in self.ns_spaces.items() for j, sp in enumerate(spaces)
+        ]
+        return torch.stack(terms, dim=-1).sum(dim=-1)  # (B,)
 
     def ns_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
         """One D-wide token per NS group: (B, M, D)."""
@@ -599,6 +618,10 @@ class HyFormerLayer(nn.Module):
 
     With boost=False (arch="two_stage") the layer only decodes: the queries of different sequences and the NS
     tokens do not meet until the interaction stack after the last layer.
+
+    Beyond the paper, config.target_attention: the candidate's NS tokens (target_groups) are also decoded by every
+    sequence's decoder, t <- t + sum_s CrossAttn_s(norm(t), K_s, V_s), before boosting: the candidate attends over
+    the history directly (DIN's target attention), with T unchanged and K/V still candidate-free (KV reuse).
     """
 
     def __init__(self, config: HyFormerConfig, boost: bool = True) -> None:
@@ -606,6 +629,9 @@ class HyFormerLayer(nn.Module):
         self.n_queries = [n for _, _, n, _ in config.seq_plan]
         self.decoders = nn.ModuleList(QueryDecoder(config, kind) for _, _, _, kind in config.seq_plan)
         self.boost = QueryBoost(config.n_tokens, config.d_model, config.ffn_mult, config.dropout) if boost else None
+        groups = [g for g, _ in config.ns_groups]
+        target = [groups.index(g) for g in config.target_groups] if config.target_attention else []
+        self.register_buffer("target", torch.tensor(target, dtype=torch.long), persistent=False)
 
     def encode(self, seqs: list[tuple[Tensor, Tensor]]) -> tuple[list[tuple[Tensor, Tensor]], LayerKV]:
         """This layer's sequence encoding: next layer's sequence states and this layer's K/V per sequence."""
@@ -622,6 +648,12 @@ class HyFormerLayer(nn.Module):
             for decoder, q_s, (k, v, mask) in zip(self.decoders, q.split(self.n_queries, dim=1), kv)
         ]
         q = torch.cat(decoded, dim=1)  # (B, Q, D)
+        if len(self.target):  # target attention: the candidate's tokens (B, G_t, D) decode every sequence too
+            t = ns[:, self.target]  # (B, G_t, D)
+            delta = sum(
+                decoder.cross_attn.attend(decoder.norm_q(t), k, v, mask) for decoder, (k, v, mask) in zip(self.decoders, kv)
+            )  # (B, G_t, D)
+            ns = ns.index_add(1, self.target, delta.to(ns.dtype))  # (B, M, D)
         if self.boost is None:
             return q, ns
         x = self.boost(torch.cat([q, ns], dim=1))  # (B, T, D)
@@ -690,7 +722,11 @@ class HyFormerConfig:
     # beyond the paper: the queries of a "longer" layer decode its L_H outputs followed by the older events of its
     # input, so the first layer's queries read the full-length sequence (later layers' inputs are L_H long already)
     longer_full_kv: bool = False
+    # beyond the paper: in every layer the candidate's NS tokens (target_groups) are one more query of every
+    # sequence's decoder (DIN-style target attention, the decoder's own weights), the decoded values added to them
+    target_attention: bool = False
     hide_sequences: bool = False  # ablation ("no-seq"): every sequence event is masked, the model sees NS tokens only
+    id_bias: bool = False  # a first-order term: one learned scalar per NS id added to the logit (Tokenizer.first_order)
     arch: str = "hyformer"  # one of ARCHS
     # (sequence, table): the uniq_<table> key a sequence's inv_<sequence> indexes when the batch carries
     # deduplicated ID tables; a sequence not named uses uniq_<sequence>
@@ -762,6 +798,8 @@ class HyFormerConfig:
             fail(f"seq_tables={self.seq_tables!r} names a sequence not in {[n for n, _ in self.sequences]}")
         if self.query_source == "target" and not self.target_groups:
             fail('query_source="target" needs target_groups, the NS groups of the candidate item')
+        if self.target_attention and not self.target_groups:
+            fail("target_attention=True needs target_groups, the NS groups of the candidate item")
         encoders = self._per_sequence("seq_encoder", fail)
         for seq, kind in encoders:
             if kind not in SEQ_ENCODERS:
@@ -1045,7 +1083,7 @@ class HyFormer(RankingModel):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         ns = self.tokenizer.ns_tokens(batch)  # (B, M, D)
         memory = self.encode_sequences(batch)  # sequence side of every layer: pooled (B, S, Ds), K/V per layer
-        return self.decode(ns, memory)  # (B,)
+        return self.decode(ns, memory) + self.tokenizer.first_order(batch)  # (B,)
 
     def encode_sequences(self, batch: Mapping[str, Tensor]) -> SequenceMemory:
         """Sequence tokens -> each layer's encoder -> that layer's K/V (§3.4.1-3.4.2), for the rows of `batch`
@@ -1071,4 +1109,4 @@ class HyFormer(RankingModel):
     def score(self, batch: Mapping[str, Tensor], memory: SequenceMemory) -> Tensor:
         """KV reuse: logits of B = R*m candidates (the ns_* keys of `batch`, request-major) given the memory of
         their R requests; equal to forward on the same rows with each request's sequences repeated m times."""
-        return self.decode(self.tokenizer.ns_tokens(batch), memory)  # (B,)
+        return self.decode(self.tokenizer.ns_tokens(batch), memory) + self.tokenizer.first_order(batch)  # (B,)

@@ -76,18 +76,37 @@ class OptimConfig:
     weight_decay: float = 1e-5  # dense AdamW decoupled weight decay
     warmup_steps: int = 100  # dense LR rises linearly from lr/warmup_steps to lr over this many updates (0: none)
     clip_norm: float = 1.0  # clip the dense gradient's global L2 norm (0: no clipping)
+    # "cosine": after warmup both learning rates follow a half cosine from their peak down to min_lr_ratio x peak at
+    # the Learner's total_steps (the last batches then move the weights little: less seed-to-seed noise); "none":
+    # constant after warmup
+    lr_decay: str = "none"
+    min_lr_ratio: float = 0.1
     sparse_optimizer: str = "rowwise_adagrad"  # embedding tables: "rowwise_adagrad" | "adagrad" | "adamw" (= dense)
     sparse_lr: float = 0.05  # learning rate of the sparse optimiser (ignored for "adamw": uses lr)
     grad_sync: str = "ddp"  # "ddp": synchronous; "async": §3.8.2 dense all-reduce overlapped, applied a step late
     precision: str = "auto"  # "auto" (bf16 on CUDA, else fp32) | "fp32" | "bf16" (autocast forward)
 
     def __post_init__(self):
-        choices = {"sparse_optimizer": ("rowwise_adagrad", "adagrad", "adamw"), "grad_sync": ("ddp", "async"), "precision": ("auto", "fp32", "bf16")}
+        choices = {
+            "sparse_optimizer": ("rowwise_adagrad", "adagrad", "adamw"), "grad_sync": ("ddp", "async"),
+            "precision": ("auto", "fp32", "bf16"), "lr_decay": ("none", "cosine"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"OptimConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.lr <= 0 or self.sparse_lr <= 0 or self.warmup_steps < 0 or self.clip_norm < 0:
             raise ValueError(f"OptimConfig: lr, sparse_lr > 0 and warmup_steps, clip_norm >= 0 required, got {self}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def decay(self, step: int, total_steps: int | None) -> float:
+        """The decay factor of both learning rates at update `step` (1.0 without decay; warmup is separate)."""
+        if self.lr_decay == "none":
+            return 1.0
+        if not total_steps or total_steps < 1:
+            raise ValueError('lr_decay="cosine" needs the run\'s total_steps (Learner(..., total_steps=N))')
+        progress = min(1.0, max(0, step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class NonFiniteError(FloatingPointError):
@@ -171,8 +190,10 @@ class Learner:
     """The optimisation of one (possibly DDP-wrapped) model on one worker: `step(batch)` is forward, loss, backward,
     gradient sync, clipping and both optimisers' updates. `state_dict` holds everything needed to resume exactly."""
 
-    def __init__(self, model: nn.Module, config: OptimConfig, device: torch.device | str = "cpu"):
+    def __init__(self, model: nn.Module, config: OptimConfig, device: torch.device | str = "cpu", total_steps: int | None = None):
+        """total_steps: the updates this run will make (epochs x batches), which lr_decay="cosine" decays over."""
         self.model, self.config, self.device = model, config, torch.device(device)
+        config.decay(0, total_steps)  # a clear error now, not at the first step
         if config.grad_sync == "async" and isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError('grad_sync="async" syncs gradients itself: pass the model without DistributedDataParallel')
         self.dense, self.sparse = split_parameters(model)
@@ -182,11 +203,14 @@ class Learner:
             self.dense += self.sparse
             self.sparse = []
         self.dense_opt = torch.optim.AdamW(self.dense, lr=config.lr, weight_decay=config.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.dense_opt, lambda n: min(1.0, (n + 1) / warmup))
-        self.sparse_opt = None
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.dense_opt, lambda n: min(1.0, (n + 1) / warmup) * config.decay(n, total_steps)
+        )
+        self.sparse_opt = self.sparse_schedule = None
         if self.sparse:
             cls = RowWiseAdagrad if config.sparse_optimizer == "rowwise_adagrad" else torch.optim.Adagrad
             self.sparse_opt = cls(self.sparse, lr=config.sparse_lr)
+            self.sparse_schedule = torch.optim.lr_scheduler.LambdaLR(self.sparse_opt, lambda n: config.decay(n, total_steps))
         self.sync = AsyncAllReduce(self.dense, self.sparse) if config.grad_sync == "async" else None
         self.steps = 0  # steps taken (each one updates sparse; dense from the second on in async mode)
 
@@ -216,6 +240,7 @@ class Learner:
         lr = self.schedule.get_last_lr()[0] if has_dense else 0.0
         if self.sparse_opt is not None:
             self.sparse_opt.step()
+            self.sparse_schedule.step()
         if has_dense:
             self._dense_update()
         self.steps += 1
@@ -245,6 +270,7 @@ class Learner:
             "dense_opt": self.dense_opt.state_dict(),
             "schedule": self.schedule.state_dict(),
             "sparse_opt": None if self.sparse_opt is None else self.sparse_opt.state_dict(),
+            "sparse_schedule": None if self.sparse_schedule is None else self.sparse_schedule.state_dict(),
             "sync": None if self.sync is None else self.sync.state_dict(),
             "steps": self.steps,
         }
@@ -254,6 +280,8 @@ class Learner:
         self.schedule.load_state_dict(state["schedule"])
         if self.sparse_opt is not None:
             self.sparse_opt.load_state_dict(state["sparse_opt"])
+            if state.get("sparse_schedule") is not None:  # checkpoints from before lr_decay have none
+                self.sparse_schedule.load_state_dict(state["sparse_schedule"])
         if self.sync is not None:
             self.sync.load_state_dict(state["sync"] or {})
         self.steps = int(state["steps"])

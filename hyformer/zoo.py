@@ -72,6 +72,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # beyond the paper (issue #15): the candidate meets every history in query generation
     "hyformer-pool-all": A("HyFormer, every sequence's pooling token in every query's Global Info", "", {"query_pool_all": True}),
     "hyformer-full-kv": A("HyFormer, LONGER layers' queries decode the full-length sequence", "", {"longer_full_kv": True}),
+    "hyformer-target-attn": A(
+        "HyFormer, the candidate's tokens also decode every sequence (target attention)", "", {"target_attention": True}
+    ),
     # §3.4.1 sequence-encoder options of HyFormer itself
     "hyformer-transformer-seqs": A("HyFormer, Full Transformer on every sequence", "", {"seq_encoder": "transformer"}),
     "hyformer-swiglu-seqs": A("HyFormer, SwiGLU on every sequence", "", {"seq_encoder": "swiglu"}),

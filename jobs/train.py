@@ -60,6 +60,8 @@ class TrainConfig:
     weight_decay: float = 1e-5  # dense AdamW weight decay
     warmup_steps: int = 100  # dense LR warmup (linear), in optimiser updates
     clip_norm: float = 1.0  # dense gradient-norm clipping (0: off)
+    lr_decay: str = "none"  # "cosine": both learning rates decay to min_lr_ratio x peak over the run's steps
+    min_lr_ratio: float = 0.1
     sparse_optimizer: str = "rowwise_adagrad"  # embedding tables: rowwise_adagrad | adagrad | adamw (with the dense)
     sparse_lr: float = 0.05  # learning rate of the sparse optimiser
     grad_sync: str = "ddp"  # "ddp" (synchronous) | "async" (paper §3.8.2: dense gradients applied one step late)
@@ -213,7 +215,8 @@ def train_fn_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if tc.grad_sync == "async":
         broadcast_parameters(model)  # what DDP does at construction
-    learner = Learner(model, tc.optim(), device)
+    steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * ray.train.get_context().get_world_size()))
+    learner = Learner(model, tc.optim(), device, total_steps=steps_per_epoch * tc.epochs)
     pos, restored, history = Position(), -1, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         pos, history = restore_checkpoint(checkpoint, raw, learner)
@@ -226,7 +229,7 @@ def train_fn_per_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if tc.val_days else None
     # early stopping starts afresh after a restart (the weights of epochs before it are not kept)
     stopper = EarlyStopping(tc.patience) if tc.val_days else None
-    steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * ray.train.get_context().get_world_size()))
+    first_epoch = pos.epoch  # the stopper's epoch 0
     while pos.epoch < tc.epochs:
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size, collate_fn=collate, device=device,
@@ -260,9 +263,9 @@ def train_fn_per_worker(config: dict) -> None:
     if stopper is not None:  # the model of the best validation epoch is the result: one more report with it
         keep = broadcast_flag(rank == 0 and stopper.restore(raw))
         if keep:
-            best = stopper.best_epoch
+            best = first_epoch + stopper.best_epoch
             files = None
-            m = dict(history[best]) | {"epoch": len(history), "best_epoch": float(best)}
+            m = next(h for h in history if h["epoch"] == best) | {"epoch": len(history), "best_epoch": float(best)}
             if rank == 0:
                 pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device))
                 m |= metrics(pred)
@@ -384,6 +387,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = Trai
     g.add_argument("--lr", type=float, default=d.lr, help="dense AdamW peak learning rate")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="dense LR linear warmup (updates)")
     g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="dense gradient-norm clipping, 0: off")
+    g.add_argument("--lr-decay", choices=("none", "cosine"), default=d.lr_decay, help="after warmup: constant LRs, or a half cosine to min_lr_ratio x peak over the run")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="with --lr-decay cosine: the last step's LR / peak")
     g.add_argument("--sparse-optimizer", default=d.sparse_optimizer, choices=("rowwise_adagrad", "adagrad", "adamw"), help="optimiser of the embedding tables")
     g.add_argument("--sparse-lr", type=float, default=d.sparse_lr)
     g.add_argument("--grad-sync", default=d.grad_sync, choices=("ddp", "async"), help="ddp: synchronous; async: paper §3.8.2, dense gradients all-reduced during the next step and applied one step late")

@@ -159,6 +159,7 @@ GOLDEN = {
     "din": [0.02769054, 0.14800447, 0.15835582, 0.14997220],
     "hyformer-pool-all": [0.05988395, -0.23568761, -0.23734495, -0.22811633],
     "hyformer-full-kv": [0.07834665, -0.03747410, -0.08146751, -0.08827488],
+    "hyformer-target-attn": [0.07834665, -0.03619776, -0.09020961, -0.07926740],
 }
 
 
@@ -226,6 +227,44 @@ def test_full_kv_lets_longer_queries_decode_events_older_than_l_h() -> None:
         assert k_first.shape[2] == (16 if full_kv else 4) and k_second.shape[2] == 4
         assert mask_first.sum(dim=1).tolist() == ([16] * 4 if full_kv else [4] * 4)
         torch.testing.assert_close(model.score(batch, memory), model(batch), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["hyformer", "two_stage"])
+def test_target_attention_lets_the_candidate_decode_every_sequence(arch: str) -> None:
+    """target_attention adds no parameters: the candidate's tokens are one more query of each decoder, so with every
+    sequence empty the model equals the plain one, with events it differs, and KV reuse still holds."""
+    plain_cfg = dataclasses.replace(CFG, arch=arch, query_source="target")  # queries see the candidate, not the pools
+    config = dataclasses.replace(plain_cfg, target_attention=True)
+    model, plain = build(config), build(plain_cfg)
+    assert [p.shape for p in model.parameters()] == [p.shape for p in plain.parameters()]
+    empty = make_batch(config, 4, lens={s: 0 for s, _ in config.sequences})
+    torch.testing.assert_close(model(empty), plain(empty), rtol=0, atol=0)
+    full = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    assert (model(full) - plain(full)).abs().amax() > 1e-4
+    torch.testing.assert_close(model.score(full, model.encode_sequences(full)), model(full), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="target_attention=True needs target_groups"):
+        dataclasses.replace(CFG, target_attention=True, target_groups=())
+
+
+@pytest.mark.parametrize("name", ["hyformer", "longer-rankmixer", "mtgr-longer", "din"])
+def test_id_bias_adds_each_ids_own_scalar_to_the_logit(name: str) -> None:
+    """id_bias: the first-order term starts at exactly zero and adds, per row, the scalars of its NS ids."""
+    config = arch_cfg(name, id_bias=True)
+    model = build(config)
+    batch = make_batch(config, 6)
+    plain = build(arch_cfg(name))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".id_bias." not in k})
+    torch.testing.assert_close(model(batch), plain(batch), rtol=0, atol=0)  # zero at the start
+    item = int(batch["ns_item"][0, 0])
+    with torch.no_grad():
+        model.tokenizer.id_bias["item"].weight[item] = 0.5
+    has_item = (batch["ns_item"][:, 0] == item) | (batch["ns_cross"][:, 1] == item)  # the item space is in both groups
+    shift = model(batch) - plain(batch)
+    expected = 0.5 * ((batch["ns_item"][:, 0] == item).float() + (batch["ns_cross"][:, 1] == item).float())
+    torch.testing.assert_close(shift, expected, rtol=0, atol=1e-6)
+    assert has_item[0]
+    if hasattr(model, "score"):  # KV reuse keeps the term
+        torch.testing.assert_close(model.score(batch, model.encode_sequences(batch)), model(batch), rtol=0, atol=1e-6)
 
 
 def test_feature_selection_and_compression() -> None:

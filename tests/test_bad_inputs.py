@@ -51,6 +51,8 @@ def day_rows(table: str, day: dt.date) -> dict[str, list]:
             label=[1, 0, 0, 1, 0, 0],
             watch_time_s=[12.5, 0.0, 0.0, 30.0, 0.0, 0.0],
             p_click=[0.3, 0.1, 0.1, 0.4, 0.05, 0.05],
+            p_click_ns=[0.2, 0.1, 0.1, 0.3, 0.05, 0.05],
+            p_click_seq=[0.1, 0.05, 0.05, 0.1, 0.02, 0.02],
         )
     if table == "search_events":
         return dict(

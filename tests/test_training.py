@@ -244,6 +244,24 @@ def test_early_stopping_keeps_the_best_epochs_weights_and_stops_after_patience()
         EarlyStopping(patience=0)
 
 
+def test_cosine_decay_takes_both_learning_rates_from_peak_to_the_floor_over_total_steps():
+    torch.manual_seed(0)
+    config = OptimConfig(lr=1e-2, sparse_lr=0.04, warmup_steps=2, lr_decay="cosine", min_lr_ratio=0.1)
+    with pytest.raises(ValueError, match="total_steps"):
+        Learner(build_model(CONFIG), config)
+    learner = Learner(build_model(CONFIG), config, total_steps=6)
+    dense, sparse = [], []
+    for b in batches() + batches():  # 8 steps: 2 warmup, 4 decaying, then held at the floor
+        sparse.append(learner.sparse_opt.param_groups[0]["lr"])
+        dense.append(learner.step(b)["lr"])
+    # dense: warmup 0.005, 0.01; then 0.01 * (0.1 + 0.9 * (1 + cos(pi * k / 4)) / 2) for k = 0..4; the floor after
+    expected = [0.005, 0.01, 0.01, 0.01 * (0.1 + 0.9 * 0.8535534), 0.0055, 0.01 * (0.1 + 0.9 * 0.1464466), 0.001, 0.001]
+    assert dense == pytest.approx(expected, rel=1e-6)
+    # sparse: no warmup, the same decay factor (peak for the first warmup_steps + 1 updates)
+    assert sparse == pytest.approx([0.04 * e / 0.01 for e in [0.01, 0.01] + expected[2:]], rel=1e-6)
+    assert OptimConfig().decay(10**6, None) == 1.0  # "none": constant, no total needed
+
+
 def test_optim_config_rejects_unknown_choices():
     with pytest.raises(ValueError, match="grad_sync"):
         OptimConfig(grad_sync="sometimes")
