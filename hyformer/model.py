@@ -421,6 +421,7 @@ class Tokenizer(nn.Module):
         self.seq_tables = {s: c.seq_table(s) for s, _ in c.sequences}
         self.merge = c.merge_sequences
         self.hide = c.hide_sequences
+        self.id_dropout = c.id_dropout
         # merge_sequences orders events by age: the "dt" side-info id (log2-minute age bucket) when events carry it
         self.age_field = c.seq_fields.index("dt") if "dt" in c.seq_fields else None
         self.tables = nn.ModuleDict({n: nn.Embedding(vocab, c.emb_dim, padding_idx=0) for n, vocab in c.id_spaces})
@@ -460,8 +461,17 @@ class Tokenizer(nn.Module):
     def ns_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
         """One D-wide token per NS group: (B, M, D)."""
         return torch.stack(
-            [proj(self.embed(batch[f"ns_{g}"], self.ns_spaces[g])) for g, proj in self.ns_proj.items()], dim=1
+            [proj(self.embed(self.drop_ids(batch[f"ns_{g}"]), self.ns_spaces[g])) for g, proj in self.ns_proj.items()],
+            dim=1,
         )  # (B, M, D)
+
+    def drop_ids(self, ids: Tensor) -> Tensor:
+        """id_dropout: in training, each NS id is replaced by 0 (missing, the zero padding row) with probability p,
+        so the model also learns to score an impression from the ids it has left (a cold item from its side
+        features); the identity in eval mode."""
+        if not (self.training and self.id_dropout > 0):
+            return ids
+        return ids.masked_fill(torch.rand(ids.shape, device=ids.device) < self.id_dropout, 0)  # (B, F)
 
     def seq_tokens(self, batch: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Per sequence (h (B, L_s, Ds), valid mask (B, L_s)); one merged sequence with merge_sequences."""
@@ -726,6 +736,7 @@ class HyFormerConfig:
     # sequence's decoder (DIN-style target attention, the decoder's own weights), the decoded values added to them
     target_attention: bool = False
     hide_sequences: bool = False  # ablation ("no-seq"): every sequence event is masked, the model sees NS tokens only
+    id_dropout: float = 0.0  # training only: each NS id is replaced by 0 (missing) with this probability
     id_bias: bool = False  # a first-order term: one learned scalar per NS id added to the logit (Tokenizer.first_order)
     arch: str = "hyformer"  # one of ARCHS
     # (sequence, table): the uniq_<table> key a sequence's inv_<sequence> indexes when the batch carries
@@ -778,8 +789,9 @@ class HyFormerConfig:
                 fail(f"{f}={getattr(self, f)!r} must be an int >= 0 (0 = off)")
         if not all(isinstance(h, int) and h >= 1 for h in self.head_hidden):
             fail(f"head_hidden={self.head_hidden!r} must be ints >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            fail(f"dropout={self.dropout} must be in [0, 1)")
+        for f in ("dropout", "id_dropout"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                fail(f"{f}={getattr(self, f)} must be in [0, 1)")
         for what, value, allowed in (
             ("attn_impl", self.attn_impl, ATTN_IMPLS), ("arch", self.arch, ARCHS),
             ("interaction", self.interaction, INTERACTIONS), ("query_source", self.query_source, QUERY_SOURCES),

@@ -267,6 +267,32 @@ def test_id_bias_adds_each_ids_own_scalar_to_the_logit(name: str) -> None:
         torch.testing.assert_close(model.score(batch, model.encode_sequences(batch)), model(batch), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["hyformer", "din"])
+def test_id_dropout_blanks_ns_ids_in_training_only(name: str) -> None:
+    """id_dropout: eval scores are those of the same weights without it; in training, each NS id is replaced by
+    the missing id 0 with probability p, exactly as if the batch had carried 0 there."""
+    config = arch_cfg(name, id_dropout=0.5)
+    model, plain = build(config), build(arch_cfg(name))
+    plain.load_state_dict(model.state_dict())
+    batch = make_batch(config, 64)
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(batch), plain(batch), rtol=0, atol=0)
+    ns = {k: v for k, v in batch.items() if k.startswith("ns_")}
+    kept = model.tokenizer.train().drop_ids(ns["ns_item"])
+    assert model.tokenizer.eval().drop_ids(ns["ns_item"]) is ns["ns_item"]
+    dropped = (kept == 0) & (ns["ns_item"] != 0)
+    assert ((kept == ns["ns_item"]) | dropped).all() and 0.3 < dropped.float().mean() < 0.7
+    model.train()
+    torch.manual_seed(7)
+    out = model(batch)
+    torch.manual_seed(7)  # the same draws, applied by hand to the batch of the plain model
+    blanked = dict(batch, **{f"ns_{g}": model.tokenizer.drop_ids(ns[f"ns_{g}"]) for g, _ in config.ns_groups})
+    plain.eval()
+    model.eval()
+    torch.testing.assert_close(out, plain(blanked), rtol=0, atol=1e-6)
+    assert (out - model(batch)).abs().amax() > 1e-4
+
+
 def test_feature_selection_and_compression() -> None:
     config = dataclasses.replace(CFG, query_groups=("query", "item"))
     batch = make_batch(config, 4)
