@@ -77,6 +77,9 @@ SEQ_ENCODERS = ("transformer", "longer", "swiglu")
 # of them with build_model.
 ARCHS = ("hyformer", "two_stage", "unified", "din")
 INTERACTIONS = ("rankmixer", "transformer", "wukong")  # feature interaction of "two_stage" (Table 1)
+# dense (non-embedding) weights at the start: PyTorch's defaults (U(±1/sqrt(fan_in)) for Linear) or N(0, 0.02²) with
+# zero biases for every Linear and per-token FFN (BERT / GPT-2 style); RankingModel.init_dense
+DENSE_INITS = ("default", "normal")
 QUERY_SOURCES = ("global", "ns", "target")  # Global Info of §3.3.2 / without pooling / candidate only (Table 2)
 
 
@@ -736,6 +739,7 @@ class HyFormerConfig:
     # sequence's decoder (DIN-style target attention, the decoder's own weights), the decoded values added to them
     target_attention: bool = False
     hide_sequences: bool = False  # ablation ("no-seq"): every sequence event is masked, the model sees NS tokens only
+    dense_init: str = "default"  # one of DENSE_INITS, applied by hyformer.zoo.build_model
     id_dropout: float = 0.0  # training only: each NS id is replaced by 0 (missing) with this probability
     id_bias: bool = False  # a first-order term: one learned scalar per NS id added to the logit (Tokenizer.first_order)
     arch: str = "hyformer"  # one of ARCHS
@@ -793,7 +797,7 @@ class HyFormerConfig:
             if not 0.0 <= getattr(self, f) < 1.0:
                 fail(f"{f}={getattr(self, f)} must be in [0, 1)")
         for what, value, allowed in (
-            ("attn_impl", self.attn_impl, ATTN_IMPLS), ("arch", self.arch, ARCHS),
+            ("attn_impl", self.attn_impl, ATTN_IMPLS), ("arch", self.arch, ARCHS), ("dense_init", self.dense_init, DENSE_INITS),
             ("interaction", self.interaction, INTERACTIONS), ("query_source", self.query_source, QUERY_SOURCES),
         ):
             if value not in allowed:
@@ -1027,6 +1031,21 @@ class RankingModel(nn.Module):
         if not 0.0 < positive_rate < 1.0:
             raise ValueError(f"positive_rate must be in (0, 1), got {positive_rate}")
         self.head[-1].bias.fill_(math.log(positive_rate / (1.0 - positive_rate)))
+        return self
+
+    @torch.no_grad()
+    def init_dense(self, std: float = 0.02) -> RankingModel:
+        """config.dense_init="normal": every Linear and per-token FFN weight ~ N(0, std²), their biases 0 (BERT /
+        GPT-2's initialisation); embeddings, norms, positions and token-mixing weights keep theirs."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, PerTokenFFN):
+                for w, b in ((m.w1, m.b1), (m.w2, m.b2)):
+                    nn.init.normal_(w, 0.0, std)
+                    nn.init.zeros_(b)
         return self
 
     def set_attn_impl(self, impl: str) -> RankingModel:

@@ -93,11 +93,8 @@ def architecture(name: str) -> Architecture:
 
 def build_model(config: HyFormerConfig) -> RankingModel:
     """The model of `config.arch`: HyFormer ("hyformer", "two_stage"), Unified ("unified") or DIN ("din")."""
-    if config.arch == "unified":
-        return Unified(config)
-    if config.arch == "din":
-        return DIN(config)
-    return HyFormer(config)
+    model = Unified(config) if config.arch == "unified" else DIN(config) if config.arch == "din" else HyFormer(config)
+    return model.init_dense() if config.dense_init == "normal" else model
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> RankingModel:

@@ -293,6 +293,28 @@ def test_id_dropout_blanks_ns_ids_in_training_only(name: str) -> None:
     assert (out - model(batch)).abs().amax() > 1e-4
 
 
+@pytest.mark.parametrize("name", ["hyformer", "longer-rankmixer", "mtgr-longer", "din"])
+def test_dense_init_normal_draws_every_linear_from_n_0_002(name: str) -> None:
+    """dense_init="normal": build_model draws every Linear / per-token FFN weight from N(0, 0.02²), biases 0; the
+    embedding tables keep their own init; "default" leaves PyTorch's (uniform, nonzero biases)."""
+    from hyformer.model import PerTokenFFN
+
+    model = build_model(arch_cfg(name, dense_init="normal"))
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights += [w for m in model.modules() if isinstance(m, PerTokenFFN) for w in (m.w1, m.w2)]
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert weights and all(float(b.abs().max()) == 0.0 for b in biases)
+    flat = torch.cat([w.detach().flatten() for w in weights])
+    assert abs(float(flat.std()) - 0.02) < 0.002 and abs(float(flat.mean())) < 0.002
+    emb = torch.cat([t.weight.detach()[1:].flatten() for t in model.tokenizer.tables.values()])
+    assert abs(float(emb.std()) - 0.02) < 0.002  # the embedding init (0.02 too, drawn by init_embedding)
+    default = build_model(arch_cfg(name))
+    assert any(float(m.bias.abs().max()) > 0 for m in default.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert model(make_batch(model.config, 4)).shape == (4,)
+    with pytest.raises(ValueError, match="dense_init"):
+        arch_cfg(name, dense_init="xavier")
+
+
 def test_feature_selection_and_compression() -> None:
     config = dataclasses.replace(CFG, query_groups=("query", "item"))
     batch = make_batch(config, 4)
