@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -125,6 +126,17 @@ def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], shuffle: bo
     """The stored samples of ``days`` (one file per day and shard); ``shuffle``: files in a seeded random order."""
     ds = ray.data.read_parquet(fs.sample_files(days), partitioning=None).drop_columns(["day"])  # strings: no tensors
     return ds.randomize_block_order(seed=seed) if shuffle else ds
+
+
+def positive_rate(ds: ray.data.Dataset) -> float:
+    """The share of label-1 rows, summed over a stream of label batches. Not ``Dataset.mean``: an aggregate runs
+    shuffle tasks, which cannot be scheduled inside a Ray Tune trial's placement group (workflows/tune.py)."""
+    positives, rows = 0.0, 0
+    for batch in ds.select_columns(["label"]).iter_batches(batch_size=65_536, batch_format="numpy"):
+        positives, rows = positives + float(batch["label"].sum()), rows + len(batch["label"])
+    if not rows:
+        raise ValueError("no training rows: the positive rate is undefined")
+    return positives / rows
 
 
 # --- worker side --------------------------------------------------------------------------------------------------
@@ -263,7 +275,7 @@ def train_fn_per_worker(config: dict) -> None:
     if stopper is not None:  # the model of the best validation epoch is the result: one more report with it
         keep = broadcast_flag(rank == 0 and stopper.restore(raw))
         if keep:
-            best = first_epoch + stopper.best_epoch
+            best = broadcast_value(first_epoch + stopper.best_epoch if rank == 0 else None)  # only rank 0 validates
             files = None
             m = next(h for h in history if h["epoch"] == best) | {"epoch": len(history), "best_epoch": float(best)}
             if rank == 0:
@@ -277,11 +289,16 @@ def train_fn_per_worker(config: dict) -> None:
 
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's ``flag`` on every worker (a decision only rank 0 can make, which every worker must follow)."""
+    return bool(broadcast_value(bool(flag)))
+
+
+def broadcast_value(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every worker; the value itself without a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [bool(flag)]
+        box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
-    return bool(flag)
+    return value
 
 
 # --- driver side --------------------------------------------------------------------------------------------------
@@ -346,7 +363,7 @@ def train(
     loop_config = {
         "train": tc.to_dict(), "model": mc.to_dict(), "features": fs.cfg.to_dict(), "timelines": ray.put(timelines),
         "init_state": None if init_state is None else ray.put(init_state), "train_rows": datasets["train"].count(),
-        "positive_rate": float(datasets["train"].mean("label")) if tc.prior_bias else None,
+        "positive_rate": positive_rate(model_dataset(fs, fs.days[:first_val], shuffle=False)) if tc.prior_bias else None,
     }
     trainer = TorchTrainer(
         train_fn_per_worker,
