@@ -93,7 +93,7 @@ def architecture(name: str) -> Architecture:
 
 def build_model(config: HyFormerConfig) -> RankingModel:
     """The model of `config.arch`: HyFormer ("hyformer", "two_stage"), Unified ("unified") or DIN ("din")."""
-    model = Unified(config) if config.arch == "unified" else DIN(config) if config.arch == "din" else HyFormer(config)
+    model = {"unified": Unified, "din": DIN}.get(config.arch, HyFormer)(config)
     return model.init_dense() if config.dense_init == "normal" else model
 
 

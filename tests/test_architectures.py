@@ -275,7 +275,8 @@ def test_id_dropout_blanks_ns_ids_in_training_only(name: str) -> None:
     model, plain = build(config), build(arch_cfg(name))
     plain.load_state_dict(model.state_dict())
     batch = make_batch(config, 64)
-    model.eval(), plain.eval()
+    model.eval()
+    plain.eval()
     torch.testing.assert_close(model(batch), plain(batch), rtol=0, atol=0)
     ns = {k: v for k, v in batch.items() if k.startswith("ns_")}
     kept = model.tokenizer.train().drop_ids(ns["ns_item"])
@@ -287,7 +288,6 @@ def test_id_dropout_blanks_ns_ids_in_training_only(name: str) -> None:
     out = model(batch)
     torch.manual_seed(7)  # the same draws, applied by hand to the batch of the plain model
     blanked = dict(batch, **{f"ns_{g}": model.tokenizer.drop_ids(ns[f"ns_{g}"]) for g, _ in config.ns_groups})
-    plain.eval()
     model.eval()
     torch.testing.assert_close(out, plain(blanked), rtol=0, atol=1e-6)
     assert (out - model(batch)).abs().amax() > 1e-4
