@@ -50,7 +50,8 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import write_results
-from hyformer.model import HyFormer, HyFormerConfig
+from hyformer.config import HyFormerConfig
+from hyformer.model import HyFormer
 from hyformer.profile import count_params
 from hyformer.testing import make_batch
 from hyformer.zoo import build_model
@@ -59,7 +60,7 @@ Batch = dict[str, Tensor]
 
 # preset -> (HyFormerConfig constructor, overrides); every preset runs with attn_impl="sdpa"
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "serving": ("paper", {"sequences": (("long", 1000), ("search", 50), ("feed", 50))}),
+    "serving": ("paper", {"sequences": {"long": 1000, "search": 50, "feed": 50}}),
     "paper": ("paper", {}),
     "tiny": ("tiny", {}),
 }
@@ -78,7 +79,7 @@ def make_inputs(config: HyFormerConfig, m: int, seed: int = 0) -> tuple[Batch, B
     request: 1 row (its seq_*/len_* keys are read); candidates: m rows of ns_* keys; baseline: the m candidate rows,
     each with its own (materialised) copy of the request's sequences.
     """
-    full = {s: L for s, L in config.sequences}
+    full = dict(config.schema.sequences)
     request = {k: v for k, v in make_batch(config, 1, lens=full, seed=seed).items() if k.startswith(("seq_", "len_"))}
     candidates = {k: v for k, v in make_batch(config, m, seed=seed + 1).items() if k.startswith("ns_")}
     baseline = candidates | {k: v.repeat_interleave(m, dim=0) for k, v in request.items()}  # (m, ...) copies
@@ -234,7 +235,7 @@ def run_benchmark(
 def table(res: dict[str, Any]) -> str:
     mach, cfg = res["machine"], res["config"]
     where = mach.get("gpu", f"{mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads")
-    seqs = ", ".join(f"{s} {L}" for s, L in cfg["sequences"])
+    seqs = ", ".join(f"{s} {L}" for s, L in dict(cfg.get("schema", cfg)["sequences"]).items())
     lines = [
         f"KV reuse across candidates, preset `{res['preset']}` (sequences {seqs}; D={cfg['d_model']}, "
         f"Ds={cfg['d_seq'] or cfg['d_model']}, {cfg['n_layers']} layers, {res['dense_params'] / 1e6:.0f}M dense "

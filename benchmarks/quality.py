@@ -60,7 +60,7 @@ from features.materialize import Materializer, Timelines
 from features.synth import SynthConfig
 from hyformer.counting import CountingBaseline
 from hyformer.metrics import group_auc
-from hyformer.model import HyFormerConfig
+from hyformer.config import HyFormerConfig
 from hyformer.profile import count_params, profile
 from hyformer.training import EarlyStopping, Learner
 from hyformer.zoo import ARCHITECTURES, build_model
@@ -569,7 +569,7 @@ class Tracker:
         import mlflow
 
         with mlflow.start_run(run_name=f"{spec.row} seed {run['seed']}", nested=True):
-            mlflow.log_params({"row": spec.row, "arch": spec.arch, "seed": run["seed"], **{f"model.{k}": str(v)[:500] for k, v in spec.model.to_dict().items() if k != "id_spaces"}})
+            mlflow.log_params({"row": spec.row, "arch": spec.arch, "seed": run["seed"], **{f"model.{k}": str(v)[:500] for k, v in spec.model.to_dict().items() if k != "schema"}})
             mlflow.log_params({f"train.{k}": v for k, v in tc.to_dict().items() if k != "model"})
             mlflow.log_params({f"features.{k}": v for k, v in spec.features.to_dict().items() if k != "vocab"})
             mlflow.log_metrics({k: v for k, v in run.items() if k.startswith("eval_") and math.isfinite(v)})

@@ -67,7 +67,7 @@ from benchmarks.kv_reuse import machine_info
 from benchmarks.common import synthesize_cached, write_results
 from features.build import FeatureConfig
 from features.synth import SynthConfig
-from hyformer.model import HyFormerConfig
+from hyformer.config import HyFormerConfig
 from hyformer.profile import profile
 from hyformer.testing import make_batch
 from hyformer.training import Learner, OptimConfig
@@ -86,7 +86,7 @@ def small_config() -> HyFormerConfig:
     """The "small" preset (module doc): ~0.7 s per training step at batch 256 on 2 CPU cores."""
     return HyFormerConfig.tiny(
         d_model=128, d_seq=32, n_heads=4, emb_dim=16, ffn_mult=4, head_hidden=(256,),
-        sequences=(("long", 512), ("search", 50), ("feed", 50)),
+        sequences={"long": 512, "search": 50, "feed": 50},
         seq_encoder={"long": "longer", "search": "transformer", "feed": "transformer"}, longer_queries=100,
     )
 
@@ -119,7 +119,7 @@ def step_row(
     torch.manual_seed(seed)
     model = build_model(config).to(device).train()
     learner = Learner(model, OptimConfig(precision="bf16" if device.type == "cuda" else "fp32"), device)
-    full = dict(config.sequences)
+    full = dict(config.schema.sequences)
     batches = [
         {k: v.to(device) for k, v in make_batch(config, batch_size, lens=full, seed=seed + i).items()}
         for i in range(N_BATCHES)

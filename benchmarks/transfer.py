@@ -277,13 +277,14 @@ def table(res: dict[str, Any]) -> str:
     def ms(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}"
 
-    seqs = dict(cfg["sequences"])
+    schema = cfg.get("schema", cfg)  # results written before the model config nested its input schema: flat
+    seqs = dict(schema["sequences"])
     header = (
         f"Host-to-device bytes and time per training batch, naive (B, L, F) arrays vs dedup ID tables (§3.8.1), on "
         f"{mach['device']} ({where}, torch {mach['torch']}; 1-min load average {mach['loadavg_1min']:.1f} at start, "
         f"{mach['loadavg_1min_end']:.1f} at end). Synthetic data `--scale {res['scale']}`, "
         f"{res['window']['days']}-day window ({res['window']['samples']:,} samples); batch {res['batch_size']} "
-        f"({order}) from the training days; F = {len(cfg['seq_fields'])} ids per event, search/feed L = "
+        f"({order}) from the training days; F = {len(schema['seq_fields'])} ids per event, search/feed L = "
         f"{seqs['search']}/{seqs['feed']}. Model D = {cfg['d_model']}, {cfg['n_layers']} layers, fp32, sdpa. Median "
         f"of {res['batches']} batches after {res['warmup']} warm-up. H2D: {res['h2d']}."
     )

@@ -1,6 +1,11 @@
-"""HyFormer CTR model (arXiv 2601.12681) and the paper's baselines in pure PyTorch. See hyformer/model.py."""
+"""HyFormer CTR model (arXiv 2601.12681) and the paper's baselines in pure PyTorch.
 
-from hyformer.model import HyFormer, HyFormerConfig
+config.py (InputSchema, HyFormerConfig) <- layers.py (building blocks) <- model.py (HyFormer, Figure 1)
+<- baselines.py (TwoStage, Unified, DIN) <- zoo.py (every row by name; build, load). Training: training.py.
+"""
+
+from hyformer.config import HyFormerConfig, InputSchema
+from hyformer.model import HyFormer
 from hyformer.zoo import ARCHITECTURES, build_model, load_model
 
-__all__ = ["ARCHITECTURES", "HyFormer", "HyFormerConfig", "build_model", "load_model"]
+__all__ = ["ARCHITECTURES", "HyFormer", "HyFormerConfig", "InputSchema", "build_model", "load_model"]

@@ -1,25 +1,130 @@
-"""Unified-block baselines of Table 1 (MTGR / OneTrans, §4.1.2) and a DIN reference row, on HyFormer's tokenizer
-and building blocks.
+"""The paper's baselines (Table 1) and a DIN reference row, on HyFormer's tokenizer and building blocks.
 
-The two-stage baselines (LONGER or Full Transformer, then RankMixer, Transformer or Wukong) are HyFormer's own parts
-without boosting inside the layers: `HyFormerConfig(arch="two_stage", interaction=...)` in hyformer/model.py.
-DIN (arch="din") is not in the paper's tables: it is the classic target-attention baseline a ranking engineer
-expects next to HyFormer.
+    TokenTransformer, WukongLayer   the Transformer and Wukong feature-interaction blocks of Table 1 (RankMixer's
+                                    block is layers.QueryBoost); make_interaction picks one
+    TwoStage         BaseArch: LONGER or Full Transformer sequence modelling, then RankMixer / Transformer / Wukong
+                     interaction (HyFormer's own parts without boosting inside the layers)
+    MixedAttention, UnifiedBlock, Unified   MTGR / OneTrans (§4.1.2, UniArch): one token stream, unified blocks
+    TargetAttention, DIN            the classic target-attention baseline a ranking engineer expects next to
+                                    HyFormer (not in the paper's tables)
 
-Shape notation as in hyformer/model.py (B, S, M, L, D, Ds, H).
+Build any of them by name with hyformer.zoo. Shape notation as in hyformer/model.py (B, S, M, L, D, Ds, H, T).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hyformer.model import (
-    MLP, HyFormerConfig, PerTokenFFN, RankingModel, Tokenizer, attention, head_mlp, merge_sequences,
+from hyformer.config import INTERACTIONS, HyFormerConfig
+from hyformer.layers import (
+    MLP, CrossAttention, PerTokenFFN, QueryBoost, Tokenizer, attention, head_mlp, merge_sequences,
 )
+from hyformer.model import HyFormer, RankingModel
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two-stage: sequence modelling, then feature interaction (Table 1's BaseArch)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TokenTransformer(nn.Module):
+    """Self-attention feature interaction over the T tokens (Table 1's "Full Transformer" interaction):
+    x = x + SelfAttn(norm(x)); x = x + PerTokenFFN(norm(x)).
+
+    The FFN is per token, as in RankMixer and Query Boosting, so this block differs from the RankMixer block only
+    in how tokens exchange information (attention instead of parameter-free token mixing) and has about as many
+    parameters (the paper reports 416M vs 386M for the two).
+    """
+
+    def __init__(self, n_tokens: int, d_model: int, n_heads: int, ffn_mult: int, dropout: float, attn_impl: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = CrossAttention(d_model, d_model, n_heads, dropout, attn_impl)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = PerTokenFFN(n_tokens, d_model, ffn_mult * d_model, d_model, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        everything = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # (B, T): no padding among tokens
+        y = self.norm1(x)  # (B, T, D)
+        x = x + self.attn(y, y, everything)  # (B, T, D)
+        return x + self.ffn(self.norm2(x))  # (B, T, D)
+
+
+class WukongLayer(nn.Module):
+    """One Wukong interaction layer (Zhang et al., arXiv 2403.02545) on T tokens, the third interaction of Table 1:
+
+        X' = LayerNorm(Concat(FMB(X), LCB(X)) + X)
+        FMB(X) = MLP(LayerNorm(flatten(X X^T Y)))  -> T_fm tokens   (factorization machine block, "optimized FM":
+                                                                     the T x T dot-product matrix projected by a
+                                                                     learned Y (T, k) to T x k)
+        LCB(X) = W X                               -> T - T_fm tokens (linear compression block)
+
+    T_fm = T // 2 and k = min(T, 16) are our choices (Wukong tunes them per model). The MLP's hidden width is set
+    so that the block has about the parameters of a RankMixer block with the same T, D and ffn_mult (T per-token
+    FFNs of 2 * ffn_mult * D^2): the paper compares the interactions at about equal parameters (385M vs 386M).
+    The output keeps T tokens so blocks stack and the head is unchanged.
+    """
+
+    def __init__(self, n_tokens: int, d_model: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        T, k = n_tokens, min(n_tokens, 16)
+        self.n_fm = max(1, T // 2)
+        self.y = nn.Parameter(torch.randn(T, k) / math.sqrt(T))
+        self.fm_norm = nn.LayerNorm(T * k)
+        hidden = max(1, round(T * 2 * ffn_mult * d_model**2 / (T * k + self.n_fm * d_model)))
+        self.fm_mlp = nn.Sequential(nn.Linear(T * k, hidden), nn.GELU(), nn.Linear(hidden, self.n_fm * d_model))
+        self.lcb = nn.Linear(T, T - self.n_fm, bias=False) if T > self.n_fm else None
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        fm = x @ (x.transpose(1, 2) @ self.y)  # (B, T, k) = X X^T Y without forming the (T, T) matrix
+        fm = self.fm_mlp(self.fm_norm(fm.flatten(1))).view(B, self.n_fm, D)  # (B, T_fm, D)
+        parts = [fm]
+        if self.lcb is not None:
+            parts.append(self.lcb(x.transpose(1, 2)).transpose(1, 2))  # (B, T - T_fm, D)
+        return self.norm(x + self.dropout(torch.cat(parts, dim=1)))  # (B, T, D)
+
+
+def make_interaction(config: HyFormerConfig) -> nn.Module:
+    """One feature-interaction block over the T tokens for arch="two_stage" (config.interaction, Table 1)."""
+    c = config
+    if c.interaction == "rankmixer":  # RankMixer's block is token mixing + per-token FFN, i.e. Query Boosting
+        return QueryBoost(c.n_tokens, c.d_model, c.ffn_mult, c.dropout)
+    if c.interaction == "transformer":
+        return TokenTransformer(c.n_tokens, c.d_model, c.n_heads, c.ffn_mult, c.dropout, c.attn_impl)
+    if c.interaction == "wukong":
+        return WukongLayer(c.n_tokens, c.d_model, c.ffn_mult, c.dropout)
+    raise ValueError(f"unknown interaction {c.interaction!r}; expected one of {INTERACTIONS}")
+
+
+class TwoStage(HyFormer):
+    """Table 1's BaseArch on HyFormer's parts: every sequence's queries decode their own sequence at every layer
+    with no Query Boosting inside the layers, so the queries of different sequences and the NS tokens do not meet
+    until the n_layers interaction blocks after the last layer (config.interaction: RankMixer, Transformer or
+    Wukong). KV reuse works as in HyFormer (encode_sequences / score)."""
+
+    arch = "two_stage"
+    query_boosting = False
+
+    def __init__(self, config: HyFormerConfig) -> None:
+        super().__init__(config)
+        self.interaction = nn.ModuleList(make_interaction(config) for _ in range(config.n_layers))
+
+    def interact(self, x: Tensor) -> Tensor:
+        for block in self.interaction:
+            x = block(x)  # (B, T, D)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unified blocks (MTGR / OneTrans) and DIN
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class MixedAttention(nn.Module):
@@ -110,11 +215,11 @@ class Unified(RankingModel):
     (§2), so there are no generated queries and no Query Generation parameters.
     """
 
+    arch = "unified"
+
     def __init__(self, config: HyFormerConfig) -> None:
-        super().__init__()
-        if config.arch != "unified":
-            raise ValueError(f"Unified builds arch 'unified', not {config.arch!r}: use build_model")
-        c = self.config = config
+        super().__init__(config)
+        c = config
         self.tokenizer = Tokenizer(c)
         full = c.seq_encoder == "transformer"
         self.blocks = nn.ModuleList(UnifiedBlock(c, full, last=i == c.n_layers - 1) for i in range(c.n_layers))
@@ -177,20 +282,20 @@ class DIN(RankingModel):
     With merge_sequences the Tokenizer returns one merged sequence and S = 1.
     """
 
+    arch = "din"
+
     def __init__(self, config: HyFormerConfig) -> None:
-        super().__init__()
-        if config.arch != "din":
-            raise ValueError(f"DIN builds arch 'din', not {config.arch!r}: use build_model")
-        if not config.target_groups:
+        super().__init__(config)
+        c = config
+        if not c.schema.target_groups:
             raise ValueError(
-                "DIN needs target_groups, the NS groups of the candidate item (the query of its target attention); "
-                "got target_groups=()"
+                "DIN needs target_groups (the schema's NS groups of the candidate item, the query of its target "
+                "attention); got target_groups=()"
             )
-        c = self.config = config
         self.tokenizer = Tokenizer(c)
-        groups = [g for g, _ in c.ns_groups]
+        groups = list(c.schema.ns_groups)
         self.register_buffer(
-            "target_index", torch.tensor([groups.index(g) for g in c.target_groups]), persistent=False
+            "target_index", torch.tensor([groups.index(g) for g in c.schema.target_groups]), persistent=False
         )
         self.target_proj = nn.Linear(c.d_model, c.seq_width)
         self.units = nn.ModuleList(TargetAttention(c) for _ in c.seq_plan)

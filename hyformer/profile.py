@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hyformer.model import HyFormerConfig
+from hyformer.config import HyFormerConfig
 from hyformer.testing import make_batch
 from hyformer.training import split_parameters
 from hyformer.zoo import ARCHITECTURES, build_model
@@ -66,7 +66,7 @@ def profile(config: HyFormerConfig, batch: int = 2048) -> Profile:
     config = dataclasses.replace(config, attn_impl="reference")
     with torch.device("meta"):
         model = build_model(config)
-    full = {s: L for s, L in config.sequences}
+    full = dict(config.schema.sequences)
     inputs = {k: v.to("meta") for k, v in make_batch(config, batch, lens=full).items()}
     dense, sparse = count_params(model)
     counter = FlopCounterMode(display=False)

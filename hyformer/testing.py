@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hyformer.model import HyFormerConfig
+from hyformer.config import HyFormerConfig
 
 
 def make_batch(
@@ -22,7 +22,8 @@ def make_batch(
     NS ids are uniform over [0, vocab) (0 = missing happens); valid events have ids >= 1; padding events are 0.
     """
     g = torch.Generator().manual_seed(seed)
-    vocab = dict(config.id_spaces)
+    schema = config.schema
+    vocab = schema.id_spaces
     lens = lens or {}
 
     def ids(spaces: tuple[str, ...], *shape: int, low: int) -> Tensor:
@@ -30,9 +31,9 @@ def make_batch(
         return torch.stack(cols, dim=-1)  # (*shape, F)
 
     batch: dict[str, Tensor] = {}
-    for group, spaces in config.ns_groups:
+    for group, spaces in schema.ns_groups.items():
         batch[f"ns_{group}"] = ids(spaces, batch_size, low=0)  # (B, F_g)
-    for s, max_len in config.sequences:
+    for s, max_len in schema.sequences.items():
         if s in lens:
             n = torch.as_tensor(lens[s], dtype=torch.long).expand(batch_size).clone()  # (B,)
         else:
@@ -40,7 +41,7 @@ def make_batch(
         if bool((n < 0).any() or (n > max_len).any()):
             raise ValueError(f"lens for {s!r} must be in [0, {max_len}], got {n.tolist()}")
         valid = torch.arange(max_len)[None, :] < n[:, None]  # (B, L)
-        batch[f"seq_{s}"] = ids(config.seq_fields, batch_size, max_len, low=1) * valid[..., None]  # (B, L, F_e)
+        batch[f"seq_{s}"] = ids(schema.seq_fields, batch_size, max_len, low=1) * valid[..., None]  # (B, L, F_e)
         batch[f"len_{s}"] = n
     batch["label"] = torch.randint(0, 2, (batch_size,), generator=g).float()
     return batch

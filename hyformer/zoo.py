@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
-from hyformer.baselines import DIN, Unified
-from hyformer.model import HyFormer, HyFormerConfig, RankingModel
+from hyformer.baselines import DIN, TwoStage, Unified
+from hyformer.config import HyFormerConfig
+from hyformer.model import HyFormer, RankingModel
+
+MODELS: dict[str, type[RankingModel]] = {cls.arch: cls for cls in (HyFormer, TwoStage, Unified, DIN)}  # config.arch
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,8 @@ def architecture(name: str) -> Architecture:
 
 
 def build_model(config: HyFormerConfig) -> RankingModel:
-    """The model of `config.arch`: HyFormer ("hyformer", "two_stage"), Unified ("unified") or DIN ("din")."""
-    model = {"unified": Unified, "din": DIN}.get(config.arch, HyFormer)(config)
+    """The model of `config.arch` (MODELS: HyFormer, TwoStage, Unified or DIN), dense_init applied."""
+    model = MODELS[config.arch](config)
     return model.init_dense() if config.dense_init == "normal" else model
 
 

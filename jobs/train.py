@@ -38,7 +38,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines
-from hyformer import ARCHITECTURES, HyFormerConfig, build_model
+from hyformer import ARCHITECTURES, HyFormerConfig, InputSchema, build_model
 from hyformer.model import RankingModel
 from hyformer.training import EarlyStopping, Learner, NonFiniteError, OptimConfig, broadcast_parameters, warm_start
 from hyformer.zoo import architecture
@@ -94,19 +94,27 @@ class TrainConfig:
 PAPER_ENCODERS = {"long": "longer", "search": "transformer", "feed": "transformer"}
 
 
+def input_schema(fs: FeatureSet) -> InputSchema:
+    """What the feature set's batches hold: its id spaces and vocabularies, NS groups, sequence side info and lengths,
+    and the dedup table each sequence indexes (the one place the model's inputs are derived from the features)."""
+    return InputSchema(
+        id_spaces=dict(sorted(fs.cfg.vocab.items())),
+        ns_groups={g: tuple(space for _, space in cols) for g, cols in NS_GROUPS.items()},
+        seq_fields=fs.cfg.seq_fields,
+        sequences={s: fs.cfg.seq_len(s) for s in SEQUENCES},
+        seq_tables={s: SEQ_STREAM[s] for s in SEQUENCES},  # long and search index the search-event table
+        target_groups=("item",),  # the candidate's features: queries of query_source="target"
+    )
+
+
 def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyformer", hide_sequences: bool = False) -> HyFormerConfig:
     """The config of architecture ``arch`` whose inputs match a feature set (id spaces, groups, sequences and their
     lengths), then ``overrides`` (which win over the architecture's own settings). ``hide_sequences``: the model
     masks every sequence event, in training and wherever it is scored later (it is part of the saved config)."""
     base = HyFormerConfig(
-        id_spaces=tuple(sorted(fs.cfg.vocab.items())),
-        ns_groups=tuple((g, tuple(space for _, space in cols)) for g, cols in NS_GROUPS.items()),
-        seq_fields=fs.cfg.seq_fields,
-        sequences=tuple((s, fs.cfg.seq_len(s)) for s in SEQUENCES),
-        target_groups=("item",),  # the candidate's features: queries of query_source="target"
-        seq_tables=tuple((s, SEQ_STREAM[s]) for s in SEQUENCES),  # long and search index the search-event table
+        schema=input_schema(fs),
         attn_impl="sdpa",  # the fused kernel; tests hold it equal to "reference"
-        seq_encoder=tuple(PAPER_ENCODERS.items()),
+        seq_encoder=PAPER_ENCODERS,
     )
     return architecture(arch).config(base, (overrides or {}) | ({"hide_sequences": True} if hide_sequences else {}))
 

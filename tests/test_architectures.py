@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyformer import ARCHITECTURES, HyFormer, HyFormerConfig, build_model, load_model
-from hyformer.baselines import DIN, Unified
-from hyformer.model import QueryGenerator, WukongLayer, merge_sequences
+from hyformer.baselines import DIN, TwoStage, Unified, WukongLayer
+from hyformer.layers import merge_sequences
+from hyformer.model import QueryGenerator
 from hyformer.testing import make_batch
 from hyformer.zoo import architecture
 
@@ -24,7 +25,7 @@ NAMES = list(ARCHITECTURES)
 
 
 def arch_cfg(name: str, **overrides) -> HyFormerConfig:
-    return dataclasses.replace(ARCHITECTURES[name].config(CFG), **overrides)
+    return ARCHITECTURES[name].config(CFG).replace(**overrides)
 
 
 def build(config: HyFormerConfig, seed: int = 0):
@@ -34,7 +35,7 @@ def build(config: HyFormerConfig, seed: int = 0):
 
 def mixed_lens(config: HyFormerConfig, n: int) -> dict[str, list[int]]:
     """Rows with 0, 1, L and L/2 events (repeating), per sequence."""
-    return {s: ([0, 1, L, L // 2] * n)[:n] for s, L in config.sequences}
+    return {s: ([0, 1, L, L // 2] * n)[:n] for s, L in config.schema.sequences.items()}
 
 
 def loss_grads(model, batch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -81,7 +82,7 @@ def test_padding_is_masked_and_rows_are_independent(name: str) -> None:
     model = build(config)
     batch = make_batch(config, 4, lens=mixed_lens(config, 4))
     noisy = dict(batch)
-    for s, L in config.sequences:  # junk ids at padded positions
+    for s, L in config.schema.sequences.items():  # junk ids at padded positions
         pad = torch.arange(L)[None, :] >= batch[f"len_{s}"][:, None]  # (B, L)
         noisy[f"seq_{s}"] = torch.where(pad[..., None], torch.full_like(batch[f"seq_{s}"], 3), batch[f"seq_{s}"])
     torch.testing.assert_close(model(noisy), model(batch), rtol=0, atol=1e-5)
@@ -112,8 +113,8 @@ def test_reference_and_sdpa_agree_on_outputs_and_gradients(name: str, case: str)
     ref = build(config).train()
     fast = copy.deepcopy(ref).set_attn_impl("sdpa")
     assert fast.config.attn_impl == "sdpa"
-    lens = {"mixed": mixed_lens(config, 6), "empty": {s: 0 for s, _ in config.sequences},
-            "full": dict(config.sequences)}[case]
+    lens = {"mixed": mixed_lens(config, 6), "empty": {s: 0 for s in config.schema.sequences},
+            "full": dict(config.schema.sequences)}[case]
     batch = make_batch(config, 6, lens=lens)
     out_ref, g_ref = loss_grads(ref, batch)
     out_fast, g_fast = loss_grads(fast, batch)
@@ -197,7 +198,7 @@ def with_new_ids(batch: dict[str, Tensor], key: str) -> dict[str, Tensor]:
 )
 def test_query_sources_read_exactly_their_inputs(source: str, changes: str, moves_queries: bool) -> None:
     config = dataclasses.replace(CFG, query_source=source)
-    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    batch = make_batch(config, 4, lens={s: L for s, L in config.schema.sequences.items()})
     moved = (queries(config, batch) - queries(config, with_new_ids(batch, changes))).abs().amax()
     assert (moved > 1e-6) == moves_queries, (source, changes, float(moved))
 
@@ -237,13 +238,13 @@ def test_target_attention_lets_the_candidate_decode_every_sequence(arch: str) ->
     config = dataclasses.replace(plain_cfg, target_attention=True)
     model, plain = build(config), build(plain_cfg)
     assert [p.shape for p in model.parameters()] == [p.shape for p in plain.parameters()]
-    empty = make_batch(config, 4, lens={s: 0 for s, _ in config.sequences})
+    empty = make_batch(config, 4, lens={s: 0 for s in config.schema.sequences})
     torch.testing.assert_close(model(empty), plain(empty), rtol=0, atol=0)
-    full = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    full = make_batch(config, 4, lens={s: L for s, L in config.schema.sequences.items()})
     assert (model(full) - plain(full)).abs().amax() > 1e-4
     torch.testing.assert_close(model.score(full, model.encode_sequences(full)), model(full), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="target_attention=True needs target_groups"):
-        dataclasses.replace(CFG, target_attention=True, target_groups=())
+        CFG.replace(target_attention=True, target_groups=())
 
 
 @pytest.mark.parametrize("name", ["hyformer", "longer-rankmixer", "mtgr-longer", "din"])
@@ -287,7 +288,7 @@ def test_id_dropout_blanks_ns_ids_in_training_only(name: str) -> None:
     torch.manual_seed(7)
     out = model(batch)
     torch.manual_seed(7)  # the same draws, applied by hand to the batch of the plain model
-    blanked = dict(batch, **{f"ns_{g}": model.tokenizer.drop_ids(ns[f"ns_{g}"]) for g, _ in config.ns_groups})
+    blanked = dict(batch, **{f"ns_{g}": model.tokenizer.drop_ids(ns[f"ns_{g}"]) for g in config.schema.ns_groups})
     model.eval()
     torch.testing.assert_close(out, plain(blanked), rtol=0, atol=1e-6)
     assert (out - model(batch)).abs().amax() > 1e-4
@@ -297,7 +298,7 @@ def test_id_dropout_blanks_ns_ids_in_training_only(name: str) -> None:
 def test_dense_init_normal_draws_every_linear_from_n_0_002(name: str) -> None:
     """dense_init="normal": build_model draws every Linear / per-token FFN weight from N(0, 0.02²), biases 0; the
     embedding tables keep their own init; "default" leaves PyTorch's (uniform, nonzero biases)."""
-    from hyformer.model import PerTokenFFN
+    from hyformer.layers import PerTokenFFN
 
     model = build_model(arch_cfg(name, dense_init="normal"))
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -332,7 +333,7 @@ def test_queries_per_sequence_are_allocated_by_name() -> None:
     config = dataclasses.replace(CFG, n_queries={"long": 3, "search": 1, "feed": 1}, d_model=40)  # T = 5 + 5
     assert config.n_tokens == 10 and [p[2] for p in config.seq_plan] == [3, 1, 1]
     model = build(config)
-    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    batch = make_batch(config, 4, lens={s: L for s, L in config.schema.sequences.items()})
     q = model.query_gen(model.tokenizer.ns_tokens(batch), model.encode_sequences(batch).pooled)
     assert q.shape == (4, 5, 40)
     assert model.layers[0].n_queries == [3, 1, 1] and model(batch).shape == (4,)
@@ -362,15 +363,15 @@ def test_merge_sequences_orders_events_by_age_then_recency_rank() -> None:
 def test_merged_sequence_puts_the_most_recent_events_of_any_sequence_first() -> None:
     """With the "dt" side info (age bucket), the merged stream starts with the youngest events whatever sequence
     holds them, so LONGER's L_H recent-event queries are not all long-sequence events."""
-    config = arch_cfg("hyformer-merge-seq", seq_fields=("item", "author", "action", "dt"), id_spaces=CFG.id_spaces + (("dt", 24),))
+    config = arch_cfg("hyformer-merge-seq", seq_fields=("item", "author", "action", "dt"), id_spaces={**CFG.schema.id_spaces, "dt": 24})
     model = build(config)
     batch = make_batch(config, 3, lens={"long": 16, "search": 3, "feed": 2})
     age = {"long": 20, "search": 1, "feed": 5}  # search youngest, then feed, long oldest
-    for s, _ in config.sequences:
+    for s in config.schema.sequences:
         batch[f"seq_{s}"][..., 3] = torch.where(batch[f"seq_{s}"][..., 0] > 0, age[s], 0)
     ((merged, mask),) = model.tokenizer.seq_tokens(batch)
     model.tokenizer.merge = False
-    apart = dict(zip([s for s, _ in config.sequences], model.tokenizer.seq_tokens(batch)))
+    apart = dict(zip([s for s in config.schema.sequences], model.tokenizer.seq_tokens(batch)))
     expected = torch.cat([apart["search"][0][:, :3], apart["feed"][0][:, :2], apart["long"][0][:, :16]], dim=1)
     torch.testing.assert_close(merged[:, :21], expected, rtol=0, atol=0)
     assert mask[:, :21].all() and not mask[:, 21:].any()
@@ -399,7 +400,7 @@ def test_two_stage_keeps_each_sequence_apart_until_the_interaction(arch: str, is
     before the interaction stage; in HyFormer, Query Boosting mixes them in every layer (same target-only query)."""
     config = arch_cfg(arch)
     model = build(config)
-    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    batch = make_batch(config, 4, lens={s: L for s, L in config.schema.sequences.items()})
     changed = with_new_ids(batch, "seq_feed")
     moved = (first_layer_queries_of_long(model, batch) - first_layer_queries_of_long(model, changed)).abs().amax()
     assert (moved < 1e-6) == isolated
@@ -411,7 +412,7 @@ def test_unified_blocks_cross_attend_or_self_attend(encoder: str, updates_sequen
     config = arch_cfg(f"mtgr-{encoder}")
     model = build(config)
     assert isinstance(model, Unified) and config.n_tokens == CFG.n_ns
-    batch = make_batch(config, 3, lens={s: L for s, L in config.sequences})
+    batch = make_batch(config, 3, lens={s: L for s, L in config.schema.sequences.items()})
     x = model.tokenizer.ns_tokens(batch)
     h, mask = merge_sequences(model.tokenizer.seq_tokens(batch))
     _, h1 = model.blocks[0](x, h, mask)
@@ -459,7 +460,7 @@ def test_din_attention_weights_follow_the_candidate() -> None:
     the weights and the pooled tokens; other NS groups do not reach them (they only meet them in the head)."""
     config = arch_cfg("din")
     model = build(config)
-    batch = make_batch(config, 4, lens={s: L for s, L in config.sequences})
+    batch = make_batch(config, 4, lens={s: L for s, L in config.schema.sequences.items()})
     pooled, weights = din_parts(model, batch)
     swapped = dict(batch, ns_item=batch["ns_item"].roll(1, dims=0))  # each row scores another row's candidate
     pooled_sw, weights_sw = din_parts(model, swapped)
@@ -512,7 +513,7 @@ def test_kv_reuse_scores_equal_per_candidate_scoring(name: str, impl: str) -> No
     config = arch_cfg(name, attn_impl=impl, seq_encoder={"long": "longer", "search": "transformer", "feed": "swiglu"})
     model = build(config)
     R, m = 3, 5
-    requests = make_batch(config, R, lens={s: [0, 1, L] for s, L in config.sequences}, seed=1)
+    requests = make_batch(config, R, lens={s: [0, 1, L] for s, L in config.schema.sequences.items()}, seed=1)
     candidates = make_batch(config, R * m, seed=2)  # its ns_* keys: one candidate per row, request-major
     repeated = {k: v.repeat_interleave(m, dim=0) for k, v in requests.items() if k.startswith(("seq_", "len_"))}
     per_candidate = model({**candidates, **repeated})
@@ -545,16 +546,15 @@ def test_kv_reuse_scores_equal_per_candidate_scoring(name: str, impl: str) -> No
 )
 def test_invalid_architecture_configs_raise(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        dataclasses.replace(CFG, **overrides)
+        CFG.replace(**overrides)
 
 
 def test_models_refuse_the_wrong_arch() -> None:
-    with pytest.raises(ValueError, match="use build_model"):
+    with pytest.raises(ValueError, match="HyFormer builds arch 'hyformer', not 'unified': use hyformer.zoo.build_model"):
         HyFormer(arch_cfg("mtgr-longer"))
-    with pytest.raises(ValueError, match="use build_model"):
-        Unified(CFG)
-    with pytest.raises(ValueError, match="use build_model"):
-        DIN(CFG)
+    for cls in (TwoStage, Unified, DIN):
+        with pytest.raises(ValueError, match=f"{cls.__name__} builds arch .* use hyformer.zoo.build_model"):
+            cls(CFG)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ def dedup(batch: dict[str, Tensor], config: HyFormerConfig, tables: dict[str, st
     """seq_<s> -> uniq_<table> (row 0 = padding) + inv_<s>, by hand: the contract the data pipeline produces."""
     out = {k: v for k, v in batch.items() if not k.startswith("seq_")}
     for table in set(tables.values()):
-        members = [s for s, _ in config.sequences if tables[s] == table]
+        members = [s for s in config.schema.sequences if tables[s] == table]
         events = torch.cat([batch[f"seq_{s}"].flatten(0, 1) for s in members])  # (sum B*L, F)
         uniq, inv = torch.unique(torch.cat([torch.zeros_like(events[:1]), events]), dim=0, return_inverse=True)
         assert (uniq[0] == 0).all()  # the all-zero padding event sorts first
@@ -595,7 +595,7 @@ def test_dedup_tables_give_the_values_and_gradients_of_the_full_sequences(name: 
         torch.testing.assert_close(g_dedup[n], g_full[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_from_checkpoint_of_the_wrong_class_is_a_clear_error(tmp_path) -> None:
-    build(arch_cfg("mtgr-longer")).save(tmp_path)
-    with pytest.raises(TypeError, match="holds a Unified .* not a HyFormer: use hyformer.load_model"):
-        HyFormer.from_checkpoint(tmp_path)
+@pytest.mark.parametrize("name, cls", [("hyformer", HyFormer), ("longer-wukong", TwoStage), ("mtgr-longer", Unified), ("din", DIN)])
+def test_load_model_rebuilds_the_class_of_the_saved_architecture(tmp_path, name: str, cls: type) -> None:
+    build(arch_cfg(name)).save(tmp_path)
+    assert type(load_model(tmp_path)) is cls

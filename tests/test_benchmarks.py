@@ -43,7 +43,7 @@ def test_transfer_benchmark_runs_and_writes_its_results(tmp_path):
     assert res["model_overrides"]["d_model"] == 16 and res["model_overrides"]["seq_encoder"]["long"] == "longer"
     assert [r["long_len"] for r in res["rows"]] == [8, 24]
     for r in res["rows"]:
-        assert dict(r["config"]["sequences"])["long"] == r["long_len"]
+        assert r["config"]["schema"]["sequences"]["long"] == r["long_len"]
         assert 0 < r["unique_ratio"] <= 1 and 0 < r["fill_long"] <= 1
         naive, dedup = r["naive"], r["dedup"]
         for fmt in (naive, dedup):

@@ -1,4 +1,5 @@
-"""jobs/import_logs.py: user logs (CSV/Parquet) mapped onto the contract pass ingest; mapping errors name what is wrong.
+"""jobs/import_logs.py with features/mapping.py and features/movielens.py: user logs (CSV/Parquet) mapped onto the
+contract pass ingest; mapping errors name what is wrong.
 
 Hand-written inputs small enough to read the right answer off them: a MovieLens-100K-format folder (u.data, u.item,
 u.user) imported with the ``movielens`` profile and ingested (the one Ray test), and a generic mapping of a Parquet
@@ -15,10 +16,10 @@ import os
 import polars as pl
 import pytest
 
+from features.mapping import MappingError, ValueParseError, parse_mapping, ts_ms
+from features.movielens import movielens_mapping
 from features.schema import DAILY_TABLES, TABLES, day_start_ms
-from jobs.import_logs import (
-    MappingError, ValueParseError, import_logs, main, movielens_mapping, parse_mapping, read_idmap, ts_ms,
-)
+from jobs.import_logs import import_logs, main, read_idmap
 
 END = dt.date(1998, 4, 22)
 DAYS = [END - dt.timedelta(days=2), END - dt.timedelta(days=1), END]

@@ -14,21 +14,21 @@ import pytest
 import torch
 from torch import Tensor
 
-from hyformer import HyFormer, HyFormerConfig
-from hyformer.model import (
+from hyformer import HyFormer, HyFormerConfig, load_model
+from hyformer.layers import (
     CrossAttention,
     LongerEncoderLayer,
     PerTokenFFN,
-    QueryDecoder,
     SwiGLUEncoderLayer,
     TokenMixer,
     TransformerEncoderLayer,
     attention,
 )
+from hyformer.model import QueryDecoder
 from hyformer.testing import make_batch
 
 CFG = HyFormerConfig.tiny()
-MAX_LEN = dict(CFG.sequences)
+MAX_LEN = dict(CFG.schema.sequences)
 IMPLS = ("reference", "sdpa")
 # §3.4.1 encoder settings: one name for every sequence, or one per sequence ("mixed").
 MIXED = {"long": "longer", "search": "transformer", "feed": "swiglu"}
@@ -50,7 +50,7 @@ def lens_for(case: str, config: HyFormerConfig = CFG, batch_size: int = 6) -> di
     if case == "random":
         return None
     out = {}
-    for s, L in config.sequences:
+    for s, L in config.schema.sequences.items():
         if case == "empty":
             out[s] = [0] * batch_size
         elif case == "one":
@@ -239,7 +239,7 @@ def test_padding_ids_do_not_change_output(impl: str, encoder: str) -> None:
     batch = make_batch(CFG, 6, lens=lens_for("mixed"))
     noisy = dict(batch)
     g = torch.Generator().manual_seed(1)
-    for s, L in CFG.sequences:
+    for s, L in CFG.schema.sequences.items():
         pad = torch.arange(L)[None, :] >= batch[f"len_{s}"][:, None]  # (B, L)
         junk = torch.randint(1, 5, batch[f"seq_{s}"].shape, generator=g)  # ids valid in every tiny table
         noisy[f"seq_{s}"] = torch.where(pad[..., None], junk, batch[f"seq_{s}"])
@@ -248,10 +248,10 @@ def test_padding_ids_do_not_change_output(impl: str, encoder: str) -> None:
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
-@pytest.mark.parametrize("seq", [s for s, _ in CFG.sequences])
+@pytest.mark.parametrize("seq", [s for s in CFG.schema.sequences])
 def test_valid_events_change_only_their_row(seq: str, encoder: str) -> None:
     model = build(enc_cfg(encoder))
-    batch = make_batch(CFG, 4, lens={s: 3 for s, _ in CFG.sequences})
+    batch = make_batch(CFG, 4, lens={s: 3 for s in CFG.schema.sequences})
     changed = dict(batch)
     changed[f"seq_{seq}"] = batch[f"seq_{seq}"].clone()
     changed[f"seq_{seq}"][0, 2] = torch.tensor([7, 8, 2])  # last valid event of row 0
@@ -263,14 +263,14 @@ def test_valid_events_change_only_their_row(seq: str, encoder: str) -> None:
 def test_ns_features_matter_and_extra_keys_are_ignored() -> None:
     model = build()
     batch = make_batch(CFG, 4)
-    changed = dict(batch, ns_query=(batch["ns_query"] + 1) % dict(CFG.id_spaces)["query"], extra=torch.ones(3))
+    changed = dict(batch, ns_query=(batch["ns_query"] + 1) % dict(CFG.schema.id_spaces)["query"], extra=torch.ones(3))
     assert (model(batch) - model(changed)).abs().min() > 1e-6
     no_label = {k: v for k, v in batch.items() if k != "label"}
     torch.testing.assert_close(model(no_label), model(batch), rtol=0, atol=0)
 
 
 def test_several_queries_per_sequence() -> None:
-    config = CFG.tiny(ns_groups=CFG.ns_groups[:2], n_queries=2, target_groups=())  # T = 2*3 + 2 = 8
+    config = CFG.tiny(ns_groups=dict(list(CFG.schema.ns_groups.items())[:2]), n_queries=2, target_groups=())  # T = 2*3 + 2 = 8
     model = build(config)
     for case in LEN_CASES:
         logits = model(make_batch(config, 5, lens=lens_for(case, config, 5)))
@@ -420,10 +420,10 @@ def test_output_bias_starts_at_the_positive_rates_log_odds() -> None:
 
 def test_embedding_tables_start_small_with_a_zero_padding_row() -> None:
     """Every table of every architecture: N(0, 0.02²) rows (not torch's N(0, 1)) and an exactly zero padding row."""
-    from hyformer.model import EMB_INIT_STD
+    from hyformer.layers import EMB_INIT_STD
     from hyformer.zoo import ARCHITECTURES, build_model
 
-    big = dataclasses.replace(CFG, id_spaces=tuple((n, 4000) for n, _ in CFG.id_spaces))  # enough rows for a std
+    big = CFG.replace(id_spaces={n: 4000 for n in CFG.schema.id_spaces})  # enough rows for a std
     for name, arch in ARCHITECTURES.items():
         torch.manual_seed(0)
         model = build_model(arch.config(big))
@@ -442,11 +442,14 @@ def test_embedding_tables_start_small_with_a_zero_padding_row() -> None:
 def test_config_json_round_trip_and_dict_form() -> None:
     d = json.loads(json.dumps(CFG.to_dict()))
     assert HyFormerConfig.from_dict(d) == CFG
-    as_dicts = dataclasses.replace(
-        CFG, id_spaces=dict(CFG.id_spaces), ns_groups={g: list(c) for g, c in CFG.ns_groups},
-        sequences=dict(CFG.sequences), head_hidden=[32],
+    as_pairs = CFG.replace(  # lists of pairs (the JSON of configs saved before the schema was split out)
+        id_spaces=list(CFG.schema.id_spaces.items()), ns_groups=[[g, list(c)] for g, c in CFG.schema.ns_groups.items()],
+        sequences=list(CFG.schema.sequences.items()), head_hidden=[32],
     )
-    assert as_dicts == CFG and hash(as_dicts) == hash(CFG)
+    assert as_pairs == CFG and hash(as_pairs) == hash(CFG)
+    flat = {k: v for k, v in d.items() if k != "schema"} | d["schema"]  # the pre-split checkpoint layout
+    assert HyFormerConfig.from_dict(flat) == CFG
+    assert isinstance(CFG.schema.sequences, dict) and list(CFG.schema.sequences) == ["long", "search", "feed"]
     assert (CFG.n_seq, CFG.n_ns, CFG.n_tokens) == (3, 5, 8)
     with pytest.raises(dataclasses.FrozenInstanceError):
         CFG.d_model = 64  # type: ignore[misc]
@@ -456,9 +459,9 @@ def test_config_json_round_trip_and_dict_form() -> None:
 
 def test_per_sequence_encoders_round_trip_through_dict_json_and_checkpoint(tmp_path) -> None:
     config = enc_cfg("mixed")
-    assert config.seq_encoder == tuple(MIXED.items())  # stored frozen, like the other mapping fields
-    assert config == dataclasses.replace(CFG, seq_encoder=list(MIXED.items())) and hash(config)
-    assert [config.encoder_of(s) for s, _ in config.sequences] == ["longer", "transformer", "swiglu"]
+    assert config.seq_encoder == MIXED  # stored as a dict, like the schema's mapping fields
+    assert config == CFG.replace(seq_encoder=list(MIXED.items())) and hash(config)
+    assert [config.encoder_of(s) for s in config.schema.sequences] == ["longer", "transformer", "swiglu"]
     d = json.loads(json.dumps(config.to_dict()))
     assert HyFormerConfig.from_dict(d) == config
     assert HyFormerConfig.from_dict({**d, "seq_encoder": MIXED}) == config  # a JSON object works too
@@ -466,7 +469,7 @@ def test_per_sequence_encoders_round_trip_through_dict_json_and_checkpoint(tmp_p
     encoders = [type(dec.encoder) for dec in model.layers[0].decoders]
     assert encoders == [LongerEncoderLayer, TransformerEncoderLayer, SwiGLUEncoderLayer]
     model.save(tmp_path / "ckpt")
-    loaded = HyFormer.from_checkpoint(tmp_path / "ckpt").eval()
+    loaded = load_model(tmp_path / "ckpt").eval()
     assert loaded.config == config
     batch = make_batch(CFG, 5)
     torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
@@ -485,11 +488,11 @@ def test_config_saved_before_per_sequence_encoders_still_loads() -> None:
     torch.testing.assert_close(model(batch), torch.tensor(GOLDEN["transformer"]), rtol=0, atol=1e-5)
 
 
-def test_save_and_from_checkpoint_give_identical_outputs(tmp_path) -> None:
+def test_save_and_load_model_give_identical_outputs(tmp_path) -> None:
     model = build()
     model.save(tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"config.json", "model.pt"}
-    loaded = HyFormer.from_checkpoint(tmp_path / "ckpt").eval()
+    loaded = load_model(tmp_path / "ckpt").eval()
     assert loaded.config == model.config
     batch = make_batch(CFG, 5)
     torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
@@ -524,14 +527,14 @@ def test_save_and_from_checkpoint_give_identical_outputs(tmp_path) -> None:
 )
 def test_invalid_config_raises(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        dataclasses.replace(CFG, **overrides)
+        CFG.replace(**overrides)
 
 
 def test_paper_preset_shapes() -> None:
     config = HyFormerConfig.paper()
-    assert dict(config.sequences) == {"long": 3000, "search": 50, "feed": 50}
+    assert dict(config.schema.sequences) == {"long": 3000, "search": 50, "feed": 50}
     assert (config.n_ns, config.n_seq, config.n_queries, config.n_tokens) == (13, 3, 1, 16)
-    assert [config.encoder_of(s) for s, _ in config.sequences] == ["longer", "transformer", "transformer"]
+    assert [config.encoder_of(s) for s in config.schema.sequences] == ["longer", "transformer", "transformer"]
     assert config.longer_queries == 100
     assert config.d_model % config.n_tokens == 0
     with torch.device("meta"):  # no memory: shapes only

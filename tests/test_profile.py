@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hyformer import ARCHITECTURES
-from hyformer.model import HyFormer, HyFormerConfig
+from hyformer import HyFormer, HyFormerConfig
 from hyformer.profile import count_params, main, profile
 
 
@@ -15,7 +15,7 @@ def test_dense_plus_sparse_is_every_parameter_and_sparse_is_the_embedding_tables
     model = HyFormer(cfg)
     dense, sparse = count_params(model)
     assert dense + sparse == sum(p.numel() for p in model.parameters())
-    assert sparse == sum(vocab * cfg.emb_dim for _, vocab in cfg.id_spaces)
+    assert sparse == sum(vocab * cfg.emb_dim for vocab in cfg.schema.id_spaces.values())
     p = profile(cfg, batch=8)
     assert (p.dense_params, p.sparse_params) == (dense, sparse)
 

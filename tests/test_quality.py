@@ -81,7 +81,7 @@ def test_suites_have_the_papers_rows(feature_set):
         (arch, length, info) for length in (16, 64) for arch in ("longer-rankmixer", "hyformer") for info in (3, 7)
     ]
     for s in side:
-        assert len(s.model.seq_fields) == s.features.side_info and dict(s.model.sequences)["long"] == s.features.long_len
+        assert len(s.model.schema.seq_fields) == s.features.side_info and s.model.schema.sequences["long"] == s.features.long_len
     sizes = ({"d_model": 16, "d_seq": 8, "n_layers": 1}, {"d_model": 32, "d_seq": 8, "n_layers": 2})
     scaling = quality.scaling_specs(feature_set, SMALL, sizes)
     params = {s.row: quality.dense_params(s.model) for s in scaling}

@@ -54,7 +54,7 @@ def test_train_reports_every_metric_per_epoch(trained, feature_set):
 
 
 def test_checkpoint_reproduces_the_reported_eval_predictions(trained, feature_set):
-    model = HyFormer.from_checkpoint(trained.checkpoint_dir).eval()
+    model = load_model(trained.checkpoint_dir).eval()
     saved = dict(np.load(f"{trained.checkpoint_dir}/eval_predictions.npz"))
     batch = eval_batch(feature_set)
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_mlflow_run_holds_metrics_plots_and_a_loadable_registered_model(trained,
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "plots")}
     assert {"plots/roc.png", "plots/calibration.png", "plots/loss.png"} <= artifacts
     # the registered version is a pyfunc that scores a DataFrame (one row per candidate) anywhere
-    reference = HyFormer.from_checkpoint(trained.checkpoint_dir).eval()
+    reference = load_model(trained.checkpoint_dir).eval()
     batch = eval_batch(feature_set)
     frame = to_frame({k: v.numpy() for k, v in batch.items()})
     probs = mlflow.pyfunc.load_model(f"models:/hyformer/{version}").predict(frame)

@@ -107,7 +107,7 @@ def assert_trajectories_equal(got, want, atol=1e-6):
 def test_parameters_split_into_embedding_tables_and_the_rest():
     model = build_model(CONFIG)
     dense, sparse = split_parameters(model)
-    assert len(sparse) == len(CONFIG.id_spaces) and all(p.dim() == 2 for p in sparse)
+    assert len(sparse) == len(CONFIG.schema.id_spaces) and all(p.dim() == 2 for p in sparse)
     assert len(dense) + len(sparse) == len(list(model.parameters()))
 
 
@@ -213,8 +213,8 @@ def test_resume_from_a_state_dict_continues_the_async_trajectory_exactly():
 def test_warm_start_copies_old_rows_into_grown_tables_and_rejects_other_architectures():
     torch.manual_seed(0)
     old = build_model(CONFIG)
-    grown = dict(CONFIG.id_spaces) | {"item": 120}
-    new = build_model(dataclasses.replace(CONFIG, id_spaces=tuple(grown.items())))
+    grown = dict(CONFIG.schema.id_spaces) | {"item": 120}
+    new = build_model(CONFIG.replace(id_spaces=grown))
     fresh_rows = new.tokenizer.tables["item"].weight[100:].detach().clone()
     adapted = warm_start(new, old.state_dict())
     assert adapted == ["tokenizer.tables.item.weight: 100 -> 120 rows"]
