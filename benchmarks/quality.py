@@ -43,7 +43,6 @@ import datetime as dt
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import torch
 
 from benchmarks.common import synthesize_cached, write_results
 from benchmarks.kv_reuse import machine_info
+from benchmarks.quality_report import COUNTING, REFERENCE, SCALING_ARCHS, scaling_plots, summarize, table
 from features.build import FeatureConfig
 from features.materialize import Materializer, Timelines
 from features.synth import SynthConfig
@@ -62,20 +62,20 @@ from hyformer.counting import CountingBaseline
 from hyformer.metrics import group_auc
 from hyformer.config import HyFormerConfig
 from hyformer.profile import count_params, profile
-from hyformer.training import EarlyStopping, Learner
+from hyformer.loop import LoopConfig, run_epochs
+from hyformer.training import Learner, OptimConfig
 from hyformer.zoo import ARCHITECTURES, build_model
 from jobs.build_features import FeatureSet
 from jobs.common import log, setup_logging
 from jobs.evaluate import metrics, predict
-from jobs.train import PAPER_ENCODERS, TrainConfig, model_config
+from jobs.train import PAPER_ENCODERS, match_width, model_config
+from jobs.train_config import TrainConfig
 
 SUITES = ("tables", "side-info", "scaling")
 END = dt.date(2026, 11, 22)
-REFERENCE = "longer-rankmixer"  # the paper's production baseline: every delta is against it
 PAPER_ROWS = tuple(n for n, a in ARCHITECTURES.items() if a.table in ("1", "2"))  # 9 of Table 1 + 4 more of Table 2
 # reference rows a ranking engineer checks first: counting (smoothed positive rates + logistic regression, no neural
 # network: hyformer/counting.py), HyFormer blind to its sequences, and DIN's target attention over the sequences
-COUNTING = "counting"
 REFERENCE_ROWS = (COUNTING, "hyformer-no-seq", "din")
 # beyond the paper (issue #15): switches that let the candidate meet the history, each measured as a row
 BEYOND_ROWS = ("hyformer-pool-all", "hyformer-full-kv", "hyformer-target-attn")
@@ -92,12 +92,7 @@ SCALING_SIZES: tuple[dict[str, int], ...] = (
     dict(d_model=64, d_seq=32, n_layers=2),
     dict(d_model=128, d_seq=48, n_layers=3),
 )
-SCALING_ARCHS = ("hyformer", REFERENCE)
 WIDTHS = tuple(range(8, 513, 4))  # d_model candidates when matching budgets
-EVAL_KEYS = (
-    "eval_auc", "eval_query_auc", "eval_user_auc", "eval_logloss", "eval_oracle_auc", "eval_oracle_query_auc",
-    "eval_oracle_ns_auc", "eval_oracle_seq_auc",
-)
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -119,14 +114,12 @@ def logs_window(data_dir: str, end: dt.date, days: int, cfg: FeatureConfig) -> F
     ``jobs.import_logs``), ingested and built by the real jobs on a local Ray cluster (stopped afterwards)."""
     import ray
 
-    from jobs.build_features import build_features
+    from jobs.build_features import logs_to_features
     from jobs.common import init_ray
-    from jobs.ingest import ingest
 
     init_ray()
     try:
-        ingest(data_dir, end, days)
-        return build_features(data_dir, end, days, cfg)
+        return logs_to_features(data_dir, end, days, cfg)[1]
     finally:
         ray.shutdown()
 
@@ -208,21 +201,7 @@ def dense_params(cfg: HyFormerConfig) -> int:
 
 def matched_config(fs: FeatureSet, arch: str, overrides: dict[str, Any], target: int) -> HyFormerConfig:
     """``arch`` at the valid ``d_model`` whose dense parameter count is closest to ``target``."""
-    best: tuple[float, HyFormerConfig] | None = None
-    for width in WIDTHS:
-        try:
-            cfg = arch_config(fs, overrides | {"d_model": width}, arch)
-        except ValueError:  # a width the architecture cannot split into its heads / tokens
-            continue
-        n = dense_params(cfg)
-        gap = abs(n - target) / target
-        if best is None or gap < best[0]:
-            best = (gap, cfg)
-        if n > 2 * target:  # params grow with the width: no closer one beyond
-            break
-    if best is None:
-        raise ValueError(f"{arch}: no valid d_model in {WIDTHS[0]}..{WIDTHS[-1]} with overrides {overrides}")
-    return best[1]
+    return match_width(fs, overrides, arch, lambda cfg: abs(dense_params(cfg) - target) / target, WIDTHS)
 
 
 @dataclass(frozen=True)
@@ -242,42 +221,42 @@ def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu") -> dict[str, Any]:
     """Train ``spec`` for ``tc.epochs`` epochs from seed ``seed`` on ``device`` (bf16 autocast on CUDA, as the Ray
-    Train workers); evaluate on the held-out days."""
+    Train workers) with the workers' training loop (hyformer/loop.py) in this process; evaluate on the held-out days."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = build_model(spec.model)
     if tc.prior_bias:
         model.init_output_bias(float(np.mean(win.train["label"])))
     model = model.to(dev)
-    learner = Learner(model, tc.optim(), dev, total_steps=math.ceil(win.n_train / win.batch_size) * tc.epochs)
-    stopper = EarlyStopping(tc.patience) if win.val is not None else None
+    steps = math.ceil(win.n_train / win.batch_size)
+    learner = Learner(model, tc.optim, dev, total_steps=steps * tc.epochs)
     eval_batches = win.eval_batches(spec.features)
-    history, t0 = [], time.perf_counter()
-    for epoch in range(tc.epochs):
-        batches = win.train_batches(spec.features, seed, epoch)
-        losses, t_epoch = [], time.perf_counter()
-        for i, batch in enumerate(batches, 1):
-            losses.append(learner.step(_on(batch, dev))["loss"])
-            if i % 100 == 0:
-                log.info("  %s seed %d epoch %d: %d/%d batches, loss %.4f", spec.row, seed, epoch + 1, i, len(batches), np.mean(losses[-100:]))
-        h = {"train_loss": float(np.mean(losses)), "train_seconds": time.perf_counter() - t_epoch}
-        h["eval_auc"] = metrics(predict(model, (_on(b, dev) for b in eval_batches)))["eval_auc"]  # the curve, not a choice
-        if stopper is not None:
-            h["val_auc"] = metrics(predict(model, (_on(b, dev) for b in win.eval_batches(spec.features, "val"))))["eval_auc"]
-            stop = stopper.update(model, h["val_auc"])
-        history.append(h)
-        if stopper is not None and stop:
-            break
-    if stopper is not None:
-        stopper.restore(model)
+
+    def evaluate(split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        batches = eval_batches if split == "eval" else win.eval_batches(spec.features, split)
+        pred = predict(model, (_on(b, dev) for b in batches))
+        return metrics(pred), pred
+
+    def batches(epoch: int):
+        return (_on(b, dev) for b in win.train_batches(spec.features, seed, epoch))
+
+    loop = LoopConfig(
+        epochs=tc.epochs, steps_per_epoch=steps, batch_size=win.batch_size, validate=win.val is not None,
+        patience=tc.patience, log_every=100,
+    )
+    t0 = time.perf_counter()
+    history = run_epochs(learner, model, batches, evaluate, loop)
     train_seconds = time.perf_counter() - t0
+    epochs = [h for h in history if "best_epoch" not in h]  # the epochs trained (the last entry may be the best one)
     pred = predict(model, (_on(b, dev) for b in eval_batches))
     m = metrics(pred) | {"eval_user_auc": group_auc(pred["label"], pred["prob"], win.eval["user_id"])}
     m["eval_mean_len_long"] = float(torch.cat([b["len_long"] for b in eval_batches]).float().mean())  # events seen
-    m["best_epoch"] = float(stopper.best_epoch + 1 if stopper is not None else len(history))
+    m["best_epoch"] = history[-1].get("best_epoch", epochs[-1]["epoch"]) + 1.0
+    keep = ("train_loss", "train_seconds", "eval_auc", "val_auc")
     return {
-        "row": spec.row, "arch": spec.arch, "seed": seed, **dict(spec.tags), **m, "history": history,
-        "train_seconds": train_seconds, "samples_per_s": len(history) * win.n_train / train_seconds,
+        "row": spec.row, "arch": spec.arch, "seed": seed, **dict(spec.tags), **m,
+        "history": [{k: h[k] for k in keep if k in h} for h in epochs],
+        "train_seconds": train_seconds, "samples_per_s": len(epochs) * win.n_train / train_seconds,
     }
 
 
@@ -352,191 +331,6 @@ def describe(specs: list[Spec], batch: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-# --- summary and output ----------------------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float]) -> dict[str, float | None]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return {
-        "mean": statistics.fmean(vals) if vals else None,
-        "std": statistics.stdev(vals) if len(vals) > 1 else None,
-        "n": len(vals),
-    }
-
-
-def summarize(runs: list[dict[str, Any]], sizes: dict[str, dict[str, Any]], rows: list[str]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for row in rows:
-        rs = [r for r in runs if r["row"] == row]
-        out[row] = {k: mean_std([r.get(k) for r in rs]) for k in (*EVAL_KEYS, "eval_mean_len_long", "samples_per_s")} | sizes[row]
-        out[row] |= {k: rs[0][k] for k in ("arch", "label", "table", "long_len", "side_info", "size") if rs and k in rs[0]}
-    return out
-
-
-def _pm(stat: dict[str, float | None], spec: str = ".4f") -> str:
-    if stat["mean"] is None:
-        return "-"
-    return f"{stat['mean']:{spec}}" + (f" ± {stat['std']:{spec}}" if stat["std"] is not None else "")
-
-
-def paired_delta(runs: list[dict[str, Any]], row: str, ref: str, key: str = "eval_auc") -> dict[str, float | None]:
-    """Relative difference (%) of ``row``'s ``key`` to ``ref``'s, seed by seed (the same batches and held-out rows):
-    mean and sample std over the seeds."""
-    a = {r["seed"]: r[key] for r in runs if r["row"] == row}
-    b = {r["seed"]: r[key] for r in runs if r["row"] == ref}
-    return mean_std([100 * (a[k] - b[k]) / b[k] for k in sorted(a) if k in b])
-
-
-def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
-    """Hanley & McNeil (1982): the standard error of an AUC measured on ``positives`` + ``negatives`` rows, i.e. how
-    much it would move on another sample of held-out rows of the same size."""
-    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (positives * negatives)
-    return math.sqrt(max(var, 0.0))
-
-
-def _delta(res: dict[str, Any], row: str, ref: str) -> str:
-    if row == ref:
-        return "ref."
-    d = paired_delta(res["runs"], row, ref)
-    if d["mean"] is None:
-        return "-"
-    return f"{d['mean']:+.2f}%" + (f" ± {d['std']:.2f}" if d["std"] is not None else "")
-
-
-def table(res: dict[str, Any]) -> str:
-    """The suite's Markdown table (+ the setup line)."""
-    s, suite = res["summary"], res["suite"]
-    w = res["window"]
-    first = res["runs"][0]
-    positives = round(first["eval_rows"] * first["eval_ctr"])
-    se = auc_standard_error(first["eval_auc"], positives, int(first["eval_rows"]) - positives)
-    ref_text = "the same architecture and length with side info 3" if suite == "side-info" else f"{REFERENCE} (of the same size)"
-    lines = [
-        f"Suite `{suite}`: {w['train_samples']:,} training samples ({w['train_days']} days), {w['eval_samples']:,} held-out rows "
-        f"({w['eval_days']} days, {w['eval_requests']:,} requests, {positives:,} clicks), {res['epochs']} epoch(s), "
-        f"{res['seeds']} seeds: mean ± sample std over the seeds. ΔAUC: relative AUC difference to {ref_text}, seed by seed "
-        f"(same batches, same rows), mean ± std. One AUC on these rows has a sampling error of ±{se:.4f} (Hanley-McNeil): "
-        "differences between models on the same rows vary less, but one smaller than that may not hold on other days.",
-        "",
-    ]
-    has_oracle = any(r["eval_oracle_auc"]["mean"] is not None for r in s.values())
-    oracle_cols = " | oracle AUC | oracle query AUC" if has_oracle else ""
-    lines += _ceilings(s)
-    if suite == "side-info":
-        lines += [
-            f"| long seq (mean events seen) | architecture | side info | AUC | ΔAUC (side 3 → 7) | query AUC | dense params (M) | GFLOPs/step{oracle_cols} |",
-            "|---|---|---:|---:|---:|---:|---:|---:" + ("|---:|---:|" if has_oracle else "|"),
-        ]
-        for row, r in s.items():
-            base = row.replace("side=7", "side=3")
-            d = _delta(res, row, base) if r["side_info"] == 7 else "-"
-            lines.append(
-                f"| {r['long_len']} ({r['eval_mean_len_long']['mean']:.0f}) | {r['arch']} | {r['side_info']} | {_pm(r['eval_auc'])} | {d} | {_pm(r['eval_query_auc'])} | "
-                f"{r['dense_params'] / 1e6:.3f} | {r['train_gflops']:.2f}" + _oracle(r, has_oracle) + " |"
-            )
-    else:
-        lines += _main_table(res, has_oracle)
-    return "\n".join(lines) + "\n"
-
-
-def _stat(r: dict[str, Any], key: str) -> dict[str, Any]:
-    """A summary statistic of a row; results written before the key existed have none."""
-    return r.get(key, {"mean": None, "std": None, "n": 0})
-
-
-def _ceilings(s: dict[str, Any]) -> list[str]:
-    """The oracle's AUC split by what each part of the click model needs (synthetic logs), and how much of the gap
-    between HyFormer without sequences and the oracle each row closes."""
-    any_row = next(iter(s.values()))
-    if _stat(any_row, "eval_oracle_ns_auc")["mean"] is None:
-        return []
-    ceil = {k: _stat(any_row, k)["mean"] for k in ("eval_oracle_auc", "eval_oracle_ns_auc", "eval_oracle_seq_auc")}
-    lines = [
-        f"Ceilings on these rows (the click model's true probability, AUC): every term {ceil['eval_oracle_auc']:.4f}; "
-        f"without the history-only terms (current interest, favourite authors) {ceil['eval_oracle_ns_auc']:.4f}; the "
-        f"history-only terms alone {ceil['eval_oracle_seq_auc']:.4f}. What sequences can add is about the first minus "
-        "the second (a model without sequences still sees the user and query ids, so this is a guide, not a bound).",
-        "",
-    ]
-    if "hyformer-no-seq" in s:
-        floor = s["hyformer-no-seq"]["eval_auc"]["mean"]
-        gap = ceil["eval_oracle_auc"] - floor
-        closed = ", ".join(
-            f"{row} {100 * (r['eval_auc']['mean'] - floor) / gap:+.0f}%" for row, r in s.items() if row != "hyformer-no-seq" and gap > 0
-        )
-        lines += [f"Share of the gap between `hyformer-no-seq` ({floor:.4f}) and the oracle closed: {closed}.", ""]
-    return lines
-
-
-def _main_table(res: dict[str, Any], has_oracle: bool) -> list[str]:
-    """Tables 1-2 and scaling: one row per model, deltas paired by seed against the suite's references."""
-    s, suite = res["summary"], res["suite"]
-    refs = [("ΔAUC", None)]  # None: the row's own reference (LONGER + RankMixer of the same size)
-    if suite == "tables":
-        refs += [(f"ΔAUC vs {name}", row) for name, row in (("HyFormer", "hyformer"), ("counting", COUNTING)) if row in s]
-    user_auc = any(_stat(r, "eval_user_auc")["mean"] is not None for r in s.values())
-    first = "| size | architecture | d_model / d_seq / layers" if suite == "scaling" else "| table | architecture | d_model"
-    heads = ["AUC", *(h for h, _ in refs), "query AUC", *(["user AUC"] if user_auc else []), "logloss", "dense params (M)", "GFLOPs/step"]
-    heads += ["oracle AUC", "oracle query AUC"] if has_oracle else []
-    lines = [f"{first} | " + " | ".join(heads) + " |", "|---|---|---|" + "---:|" * len(heads)]
-    for row, r in s.items():
-        ref = f"{REFERENCE} size={r['size']}" if suite == "scaling" else REFERENCE
-        if suite == "scaling":
-            head = f"| {r['size']} | {r['arch']} | {r['d_model']} / {r.get('d_seq', '-')} / {r.get('n_layers', '-')}"
-        else:
-            head = f"| {r.get('table') or '-'} | {r.get('label', row)} (`{row}`) | {r['d_model']}"
-        cells = [_pm(r["eval_auc"]), *(_delta(res, row, other or ref) for _, other in refs), _pm(r["eval_query_auc"])]
-        cells += [_pm(r["eval_user_auc"])] if user_auc else []
-        cells += [_pm(r["eval_logloss"]), f"{r['dense_params'] / 1e6:.3f}", f"{r['train_gflops']:.2f}"]
-        lines.append(f"{head} | " + " | ".join(cells) + _oracle(r, has_oracle) + " |")
-    return lines
-
-
-def _oracle(r: dict[str, Any], has_oracle: bool) -> str:
-    # the oracle scores the same rows whatever the seed: its mean is its value
-    mean = lambda k: "-" if r[k]["mean"] is None else f"{r[k]['mean']:.4f}"
-    return f" | {mean('eval_oracle_auc')} | {mean('eval_oracle_query_auc')}" if has_oracle else ""
-
-
-def scaling_plots(res: dict[str, Any], out_dir: str) -> list[str]:
-    """AUC vs dense params and vs training FLOPs (log x), one line per architecture, seeds' std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    s = res["summary"]
-    for x_key, x_label, fname in (
-        ("dense_params", "dense parameters", "scaling_params.png"),
-        ("train_gflops", "training GFLOPs per step (batch 256)", "scaling_flops.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for arch in SCALING_ARCHS:
-            rows = sorted((r for r in s.values() if r["arch"] == arch), key=lambda r: r[x_key])
-            ax.errorbar(
-                [r[x_key] for r in rows], [r["eval_auc"]["mean"] for r in rows],
-                yerr=[r["eval_auc"]["std"] or 0.0 for r in rows], marker="o", capsize=3, label=ARCHITECTURES[arch].label,
-            )
-        # the oracle is named in the title, not drawn: a line at its level would flatten the curves' differences
-        oracle = [r["eval_oracle_auc"]["mean"] for r in s.values() if r["eval_oracle_auc"]["mean"] is not None]
-        ax.set_xscale("log")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("held-out AUC (mean ± std over seeds)")
-        title = f"AUC vs {x_label.split(' (')[0]} ({res['seeds']} seeds)"
-        ax.set_title(title + (f"\noracle AUC on the same rows: {statistics.fmean(oracle):.4f}" if oracle else ""), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = f"{out_dir}/{fname}"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 # --- MLflow ----------------------------------------------------------------------------------------------------------
 
 
@@ -570,7 +364,7 @@ class Tracker:
 
         with mlflow.start_run(run_name=f"{spec.row} seed {run['seed']}", nested=True):
             mlflow.log_params({"row": spec.row, "arch": spec.arch, "seed": run["seed"], **{f"model.{k}": str(v)[:500] for k, v in spec.model.to_dict().items() if k != "schema"}})
-            mlflow.log_params({f"train.{k}": v for k, v in tc.to_dict().items() if k != "model"})
+            mlflow.log_params({f"train.{k}": v for k, v in tc.flat().items() if k != "model"})
             mlflow.log_params({f"features.{k}": v for k, v in spec.features.to_dict().items() if k != "vocab"})
             mlflow.log_metrics({k: v for k, v in run.items() if k.startswith("eval_") and math.isfinite(v)})
             mlflow.log_metrics({"dense_params": size["dense_params"], "train_gflops": size["train_gflops"], "samples_per_s": run["samples_per_s"]})
@@ -667,8 +461,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--long-lens", default="128,512", help="side-info: the long-sequence lengths compared")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--train", default="{}", help='TrainConfig overrides as JSON, e.g. \'{"sparse_lr": 0.02}\' (jobs.train\'s fields)')
+    p.add_argument("--lr", type=float, default=OptimConfig().lr)
+    p.add_argument("--train", default="{}", help='TrainConfig overrides as JSON, e.g. \'{"sparse_lr": 0.02}\' (jobs/train_config.py: its fields, optimiser fields plain or as optim.<name>)')
     p.add_argument("--device", default="cpu", help="cpu | cuda: where the models train (bf16 autocast on CUDA)")
     p.add_argument("--rows", default=",".join(TABLE_ROWS), help="tables: the architectures (hyformer.zoo names)")
     p.add_argument("--model", default="{}", help="HyFormerConfig overrides of the base model, as JSON")
@@ -714,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--rows: unknown architectures {unknown}; choose from {sorted(ARCHITECTURES)}")
     sizes = tuple(json.loads(a.sizes)) if a.sizes else SCALING_SIZES
     base = BASE_MODEL | json.loads(a.model)
-    tc = TrainConfig(**{"epochs": a.epochs, "lr": a.lr} | json.loads(a.train) | {"seed": 0, "model": base})
+    tc = TrainConfig.from_dict({"epochs": a.epochs, "lr": a.lr} | json.loads(a.train) | {"seed": 0, "model": base})
     win = Window(fs, a.eval_days, a.val_days)
     tracker = Tracker(a.work, a.experiment, enabled=not a.no_mlflow)
     with tracker.start(name, {"suite": a.suite, "seeds": a.seeds, "epochs": a.epochs, "base_model": json.dumps(base), "features": fs.root, "eval_days": a.eval_days}):

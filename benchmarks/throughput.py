@@ -75,7 +75,8 @@ from hyformer.zoo import ARCHITECTURES, architecture, build_model
 from jobs.build_features import FeatureSet, build_features
 from jobs.common import init_ray, log, setup_logging
 from jobs.ingest import ingest
-from jobs.train import TrainConfig, train
+from jobs.train import train
+from jobs.train_config import TrainConfig
 
 PARTS = ("step", "workers")
 MODES = ("ddp", "async")
@@ -204,8 +205,8 @@ def build_window(work: str, scale: float, days: int) -> tuple[FeatureSet, dict[s
 def train_run(fs: FeatureSet, mode: str, seed: int, epochs: int, batch_size: int, storage: str) -> dict[str, Any]:
     """One jobs.train.train run with `WORKERS` CPU workers; its throughput and last-epoch metrics."""
     tc = TrainConfig(
-        epochs=epochs, batch_size=batch_size, workers=WORKERS, cpus_per_worker=1, grad_sync=mode, seed=seed,
-        model=WORKERS_MODEL,
+        epochs=epochs, batch_size=batch_size, workers=WORKERS, cpus_per_worker=1, optim=OptimConfig(grad_sync=mode),
+        seed=seed, model=WORKERS_MODEL,
     )
     name = f"throughput-{mode}-seed{seed}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 DAY_FORMAT = "%Y-%m-%d"
+PART_FILE = "part-0.parquet"  # the one file of a partition that this project writes (logs, clean, quarantine)
 MS_PER_DAY = 86_400_000
 
 

@@ -14,10 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.schema import TABLES
+from features.schema import PART_FILE, TABLES
 from features.synth_world import World
 
-PART_FILE = "part-0.parquet"
 SORT_BY = {"search_events": ("ts", "user_id", "item_id"), "feed_events": ("ts", "user_id", "item_id")}
 
 

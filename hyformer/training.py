@@ -26,7 +26,7 @@ Precision: ``"bf16"`` runs the forward under ``torch.autocast`` (weights, gradie
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -70,30 +70,41 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         return None
 
 
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adamw")
+GRAD_SYNCS = ("ddp", "async")
+PRECISIONS = ("auto", "fp32", "bf16")
+LR_DECAYS = ("none", "cosine")
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002 - argparse's name
+    """A config field with its help text and allowed values (jobs/train_config.py makes the command-line flags of
+    them, so each knob is written once)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 2e-3  # dense AdamW peak learning rate
-    weight_decay: float = 1e-5  # dense AdamW decoupled weight decay
-    warmup_steps: int = 100  # dense LR rises linearly from lr/warmup_steps to lr over this many updates (0: none)
-    clip_norm: float = 1.0  # clip the dense gradient's global L2 norm (0: no clipping)
+    lr: float = setting(2e-3, "dense AdamW peak learning rate")
+    weight_decay: float = setting(1e-5, "dense AdamW decoupled weight decay")
+    warmup_steps: int = setting(100, "dense LR rises linearly from lr/warmup_steps to lr over this many updates (0: none)")
+    clip_norm: float = setting(1.0, "clip the dense gradient's global L2 norm (0: no clipping)")
     # "cosine": after warmup both learning rates follow a half cosine from their peak down to min_lr_ratio x peak at
-    # the Learner's total_steps (the last batches then move the weights little: less seed-to-seed noise); "none":
-    # constant after warmup
-    lr_decay: str = "none"
-    min_lr_ratio: float = 0.1
-    sparse_optimizer: str = "rowwise_adagrad"  # embedding tables: "rowwise_adagrad" | "adagrad" | "adamw" (= dense)
-    sparse_lr: float = 0.05  # learning rate of the sparse optimiser (ignored for "adamw": uses lr)
-    grad_sync: str = "ddp"  # "ddp": synchronous; "async": §3.8.2 dense all-reduce overlapped, applied a step late
-    precision: str = "auto"  # "auto" (bf16 on CUDA, else fp32) | "fp32" | "bf16" (autocast forward)
+    # the Learner's total_steps (the last batches then move the weights little: less seed-to-seed noise)
+    lr_decay: str = setting("none", "after warmup: constant LRs, or a half cosine to min_lr_ratio x peak over the run", LR_DECAYS)
+    min_lr_ratio: float = setting(0.1, "with lr_decay cosine: the last step's LR / peak")
+    sparse_optimizer: str = setting("rowwise_adagrad", "optimiser of the embedding tables (adamw: the dense one's)", SPARSE_OPTIMIZERS)
+    sparse_lr: float = setting(0.05, "learning rate of the sparse optimiser (ignored for adamw: uses lr)")
+    grad_sync: str = setting(
+        "ddp", "ddp: synchronous; async: paper §3.8.2, dense gradients all-reduced during the next step and applied one step late",
+        GRAD_SYNCS,
+    )
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere", PRECISIONS)
 
     def __post_init__(self):
-        choices = {
-            "sparse_optimizer": ("rowwise_adagrad", "adagrad", "adamw"), "grad_sync": ("ddp", "async"),
-            "precision": ("auto", "fp32", "bf16"), "lr_decay": ("none", "cosine"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"OptimConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for f in fields(self):
+            allowed = f.metadata["choices"]
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"OptimConfig.{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
         if self.lr <= 0 or self.sparse_lr <= 0 or self.warmup_steps < 0 or self.clip_norm < 0:
             raise ValueError(f"OptimConfig: lr, sparse_lr > 0 and warmup_steps, clip_norm >= 0 required, got {self}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

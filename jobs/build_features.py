@@ -29,7 +29,9 @@ import os
 import resource
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -38,7 +40,8 @@ import ray
 from features.build import BUILD_VERSION, RELEVANCE, SIDE_INFO, STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
 from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
-from jobs.common import absolute, clean_root, init_ray, log, replace_dir, setup_logging
+from jobs.common import absolute, atomic_write_json, clean_root, init_ray, log, replace_dir, setup_logging
+from jobs.ingest import TableCounts, ingest
 
 STORE_VERSION = 2
 READ_SIDE = ("long_len", "search_len", "feed_len", "side_info")
@@ -160,13 +163,6 @@ def open_store(data_dir: str, cfg: FeatureConfig) -> tuple[str, FeatureConfig]:
     return root, cfg
 
 
-def atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    os.replace(tmp, path)
-
-
 def stale_days(root: str, data_dir: str, day_list: list[str], store_id: str, force: bool) -> tuple[list[str], dict[str, dict]]:
     """Days of the window to (re)build: from the first whose stored fingerprint differs from the expected one on.
 
@@ -217,6 +213,21 @@ def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConf
     atomic_write_json(fs.path(), {"days": day_list, "samples": n, "built": todo, "config": cfg.to_dict()})
     log.info("features: window %s..%s = %d samples (%d day(s) built) -> %s", day_list[0], day_list[-1], n, len(todo), fs.path())
     return fs
+
+
+def _call(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def logs_to_features(
+    data_dir: str, end: dt.date, days: int, cfg: FeatureConfig, force: bool = False, step: Callable = _call,
+) -> tuple[dict[str, TableCounts], FeatureSet]:
+    """What every entry point that trains needs first: ingest the ``days``-day window ending at ``end`` (unchanged
+    days are skipped), then build its features (only stale days unless ``force``). ``step(name, fn, *args)`` runs
+    each part; the workflows pass jobs.common.stage, which names the part that failed. Returns the ingest counts per
+    table and the feature window."""
+    counts = step("ingest", ingest, data_dir, end, days)
+    return counts, step("features", build_features, data_dir, end, days, cfg, force=force)
 
 
 def main(argv: list[str] | None = None) -> None:

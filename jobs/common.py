@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
 from pathlib import Path
 
 import ray
+from filelock import FileLock, Timeout
 
 log = logging.getLogger("hyformer")
 
@@ -36,14 +42,65 @@ def init_ray(num_cpus: int | None = None) -> None:
         # cluster: Ray Train V2's placement-group cleaner finds its cluster through it, and with several local Ray
         # instances on one host it otherwise fails ("Found multiple active Ray instances") and a finished or stopped
         # run (e.g. a Tune trial stopped by ASHA) keeps its workers' CPUs for good.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_port=port, log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # progress is logged per stage; bars garble `ray job logs`
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data without progress bars (progress is logged per stage; bars garble `ray job logs`) and warnings only; in
+    every process that runs Ray Data (the driver, a Tune trial's own process)."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Exit(IntEnum):
+    """The daily workflow's exit codes (for schedulers: 0 and 3 are both a healthy day); jobs/submit.py passes them
+    through from a Ray job. The docstring after each is what the submit wrapper prints."""
+
+    PROMOTED = 0  # trained and promoted, or the date was already done and promoted
+    FAILED = 1  # a stage failed (named on stderr)
+    USAGE = 2  # bad arguments (argparse)
+    NOT_PROMOTED = 3  # trained and registered, the champion is kept (reason logged)
+    LOCKED = 75  # EX_TEMPFAIL: another run holds the data directory's lock
+
+
+class Locked(RuntimeError):
+    """Another run holds the data directory's lock; the message names it (pid, host, since when)."""
+
+
+@contextmanager
+def data_dir_lock(data_dir: str, timeout: float = 0.0) -> Iterator[None]:
+    """Hold ``<data_dir>/locks/daily.lock`` (one run writes the data directory at a time), with the holder named in
+    ``daily.holder.json`` while it is held. Raises Locked after ``timeout`` seconds (0: at once)."""
+    os.makedirs(f"{data_dir}/locks", exist_ok=True)
+    lock = FileLock(f"{data_dir}/locks/daily.lock", timeout=timeout)
+    holder = Path(f"{data_dir}/locks/daily.holder.json")
+    try:
+        lock.acquire()
+    except Timeout:
+        who = holder.read_text() if holder.exists() else "unknown"
+        raise Locked(f"{data_dir} is locked by another run ({who}); waited {timeout:g} s") from None
+    try:
+        since = dt.datetime.now().isoformat(timespec="seconds")
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+class ReconcileError(RuntimeError):
+    """Row counts that do not add up (read != written + dropped, read != clean + quarantined): a bug, never let it
+    pass silently."""
 
 
 class StageFailed(RuntimeError):
@@ -82,6 +139,25 @@ def quarantine_root(data_dir: str) -> str:
     from features.schema import SCHEMA_VERSION
 
     return f"{data_dir}/quarantine/v{SCHEMA_VERSION}"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (Ray workers, CI and job logs have no display)."""
+    import matplotlib  # noqa: PLC0415 - only the stages that plot pay for the import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def atomic_write_json(path: str, obj: object) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary sibling and ``os.replace``: readers see the old file or
+    the new one, never half of one. numpy scalars become numbers, other unknown objects strings."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+    os.replace(tmp, path)
 
 
 def replace_dir(new: str | None, final: str, trash: str | None = None) -> None:

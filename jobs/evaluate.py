@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hyformer.metrics import auc, group_auc, logloss
+from jobs.common import pyplot
 
 PARTIAL_ORACLES = {"oracle_ns": "p_click_ns", "oracle_seq": "p_click_seq"}  # metric prefix -> optional batch key
 
@@ -61,10 +62,7 @@ def metrics(pred: Mapping[str, np.ndarray], prefix: str = "eval_") -> dict[str, 
 
 def plots(pred: Mapping[str, np.ndarray], path_prefix: str) -> list[str]:
     """ROC curve (model and oracle) and calibration plot as PNG files; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     y = pred["label"].astype(bool)
     paths = []

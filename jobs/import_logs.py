@@ -39,18 +39,13 @@ from features.mapping import (
     raise_errors, to_contract, utc_day,
 )
 from features.movielens import movielens_mapping
-from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, TABLES, logs_root, parse_day, table_dir
+from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, PART_FILE, TABLES, logs_root, parse_day, table_dir
 from features.validate import DIM_KEY
-from jobs.common import DEFAULT_DATA_DIR, absolute, log, replace_dir, setup_logging
+from jobs.common import DEFAULT_DATA_DIR, ReconcileError, absolute, atomic_write_json, log, replace_dir, setup_logging
 
-PART_FILE = "part-0.parquet"
 IDMAPS = "_idmaps"  # logs/v1/_idmaps/<space>.parquet: key (the source value as text), id (int64, from 0)
 REPORT = "_import.json"
 PROFILES = {"movielens": movielens_mapping}  # --profile NAME: NAME(source, positive_rating) -> mapping
-
-
-class ReconcileError(RuntimeError):
-    """rows read != rows written + rows dropped: a bug, never let it pass silently."""
 
 
 def load_mapping(path: str) -> dict:
@@ -225,10 +220,7 @@ def import_logs(data_dir: str, specs: dict[str, TableSpec], mapping: dict | None
     write(data_dir, frames, idmaps, reports)
     window, gaps = complete_window({t: days_on_disk(data_dir, t) for t in DAILY_TABLES})
     report = ImportReport(data_dir, {t: reports[t] for t in specs}, idstats, window, gaps)
-    tmp = f"{logs_root(data_dir)}/{REPORT}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report.to_dict() | {"mapping": mapping}, f, indent=1, default=str)
-    os.replace(tmp, f"{logs_root(data_dir)}/{REPORT}")
+    atomic_write_json(f"{logs_root(data_dir)}/{REPORT}", report.to_dict() | {"mapping": mapping})
     for r in report.tables.values():
         log.info("import %s: read %d = written %d + dropped %s%s", r.table, r.read, r.written, r.dropped or 0,
                  f" ({r.days} days, {r.first_day}..{r.last_day})" if r.days else "")

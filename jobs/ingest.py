@@ -40,15 +40,14 @@ import polars as pl
 import pyarrow.parquet as pq
 import ray
 
-from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, TABLES, logs_root, parse_day, table_dir, window
+from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, PART_FILE, TABLES, logs_root, parse_day, table_dir, window
 from features.validate import (
     DIM_KEY, FILE, RAW, REASON, REFERENCES, ROW, RULES_VERSION, ContractError, check_schema, read_log_file,
     validate_partition,
 )
-from jobs.common import absolute, clean_root, init_ray, log, quarantine_root, replace_dir, setup_logging
+from jobs.common import ReconcileError, absolute, atomic_write_json, clean_root, init_ray, log, quarantine_root, replace_dir, setup_logging
 
 MANIFEST = "_manifest.json"
-PART_FILE = "part-0.parquet"
 
 
 class MissingPartitionError(FileNotFoundError):
@@ -57,10 +56,6 @@ class MissingPartitionError(FileNotFoundError):
 
 class EmptyPartitionError(ValueError):
     """A partition exists but holds 0 rows: a logging outage, not data."""
-
-
-class ReconcileError(RuntimeError):
-    """read != clean + quarantined: a bug, never let it pass silently."""
 
 
 ERRORS = {e.__name__: e for e in (ContractError, EmptyPartitionError, MissingPartitionError, ReconcileError)}
@@ -308,10 +303,7 @@ def ingest(data_dir: str, end: dt.date, days: int = 70, force: bool = False) -> 
         "end": end.strftime(DAY_FORMAT), "days": days, "force": force, "rules_version": RULES_VERSION,
         "dims_fingerprint": dims_fp, "counts": {t: asdict(c) for t, c in counts.items()}, "partitions": partitions,
     }
-    tmp = f"{clean_root(data_dir)}/_ingest.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, f"{clean_root(data_dir)}/_ingest.json")
+    atomic_write_json(f"{clean_root(data_dir)}/_ingest.json", summary)
     return counts
 
 

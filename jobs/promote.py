@@ -13,7 +13,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from jobs.build_features import FeatureSet
+from features.build import FeatureConfig
+from features.schema import parse_day
+from jobs.build_features import FeatureSet, build_features
 from jobs.common import log
 from jobs.evaluate import metrics
 from jobs.register import RegisteredModel
@@ -54,7 +56,11 @@ def decide(challenger: Mapping[str, float], champion: Mapping[str, float] | None
 
 def evaluate_registered(reg: RegisteredModel, data_dir: str, fs: FeatureSet, out_dir: str) -> dict[str, float]:
     """Score a registered version on the held-out (last) day of ``fs``, with its own feature config over the same
-    window of days; returns the metrics of jobs.evaluate (``eval_*``) and writes the scores to ``out_dir``."""
+    window of days (built first when it is another feature store than ``fs``'s); returns the metrics of jobs.evaluate
+    (``eval_*``) and writes the scores to ``out_dir``."""
+    if reg.features and reg.features.get("vocab") != fs.cfg.vocab:  # another store: make sure its days are built too
+        own = FeatureConfig(**{k: v for k, v in reg.features.items() if k != "vocab"})
+        build_features(data_dir, parse_day(fs.days[-1]), len(fs.days), own)
     window = scoring_window(data_dir, reg.features or fs.cfg.to_dict(), fs.days[-1], len(fs.days))
     res = score(window, reg.model, out_dir)
     m = metrics(read_scores(res.path))

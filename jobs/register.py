@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 import hyformer
 from hyformer import load_model
 from hyformer.model import RankingModel
-from jobs.common import log
+from jobs.common import log, pyplot
 from jobs.evaluate import plots
 
 EXPERIMENT = "hyformer-daily"
@@ -207,10 +207,7 @@ def registered_checkpoint(data_dir: str, spec: str | None, name: str, dest: str)
 
 
 def loss_curve(history: list[dict[str, float]], path_prefix: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -305,10 +302,7 @@ def daily_history(data_dir: str, name: str) -> list[dict]:
 
 def per_day_plot(history: list[dict], path: str) -> str:
     """Query-level AUC per date: each day's challenger (filled: promoted), the champion on the same day, the oracle."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = sorted(history, key=lambda h: h["date"])
     dates = [h["date"] for h in rows]

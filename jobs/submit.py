@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from jobs.common import Exit
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = "workflows/daily_train.py"  # relative to the working dir
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -41,14 +43,13 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
 UPLOAD_EXCLUDES = [".git", ".venv", "/data"]  # gitignore-style, relative to the working dir; .gitignore applies too
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
-# The workflow's exit codes (workflows/daily_train.py), returned unchanged.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_PROMOTED, EXIT_LOCKED = 0, 1, 2, 3, 75
+# The workflow's exit codes (jobs.common.Exit), returned unchanged, and what the wrapper says of each.
 MEANING = {
-    EXIT_OK: "trained and promoted, or nothing to do",
-    EXIT_FAILED: "failed",
-    EXIT_USAGE: "usage error",
-    EXIT_NOT_PROMOTED: "trained but not promoted (champion kept)",
-    EXIT_LOCKED: "another run holds the data directory's lock",
+    Exit.PROMOTED: "trained and promoted, or nothing to do",
+    Exit.FAILED: "failed",
+    Exit.USAGE: "usage error",
+    Exit.NOT_PROMOTED: "trained but not promoted (champion kept)",
+    Exit.LOCKED: "another run holds the data directory's lock",
 }
 
 
@@ -130,8 +131,8 @@ def job_exit_code(info: Any) -> int:
         raise ValueError(f"job is not finished: {status}")
     code = info.driver_exit_code
     if code is None:  # the driver never ran or never finished: runtime env failure, stopped, lost node
-        return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
-    return int(code) if 0 <= int(code) <= 255 else EXIT_FAILED  # negative: the driver was killed by a signal
+        return Exit.PROMOTED if status == "SUCCEEDED" else Exit.FAILED
+    return int(code) if 0 <= int(code) <= 255 else Exit.FAILED  # negative: the driver was killed by a signal
 
 
 def follow_logs(client: JobClient, job_id: str, out: TextIO) -> None:
@@ -177,7 +178,7 @@ def submit(
             raise UsageError(f"{Path(working_dir) / WORKFLOW} not found: --working-dir must be the project root")
     except UsageError as e:
         say(str(e))
-        return EXIT_USAGE
+        return Exit.USAGE
     submission_id = submission_id or default_submission_id(workflow_args, time.time())
     entrypoint = workflow_entrypoint(workflow_args)
     try:
@@ -185,7 +186,7 @@ def submit(
         job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env(working_dir, environ))
     except Exception as e:  # noqa: BLE001 - unreachable cluster, auth, duplicate id: all "could not run"
         say(f"could not submit to {address}: {type(e).__name__}: {e}")  # Ray's auth errors say which token is missing
-        return EXIT_FAILED
+        return Exit.FAILED
     say(f"submitted {job_id} to {address}: {entrypoint}")
     try:
         follow_logs(client, job_id, out)
@@ -196,7 +197,7 @@ def submit(
         return 128 + e.signum
     code = job_exit_code(info)
     say(f"job {job_id} {status_name(info.status)}, driver exit code {info.driver_exit_code} -> exit {code} ({MEANING.get(code, 'workflow exit code')})")
-    if code != EXIT_OK and info.driver_exit_code is None and getattr(info, "message", None):
+    if code != Exit.PROMOTED and info.driver_exit_code is None and getattr(info, "message", None):
         say(f"ray: {info.message}")
     return code
 

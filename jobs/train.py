@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,55 +38,15 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines
-from hyformer import ARCHITECTURES, HyFormerConfig, InputSchema, build_model
+from hyformer import HyFormerConfig, InputSchema, build_model
+from hyformer.loop import Hooks, LoopConfig, Position, run_epochs
 from hyformer.model import RankingModel
-from hyformer.training import EarlyStopping, Learner, NonFiniteError, OptimConfig, broadcast_parameters, warm_start
+from hyformer.training import Learner, NonFiniteError, broadcast_parameters, warm_start
 from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import absolute, init_ray, log, setup_logging
 from jobs.evaluate import metrics, predict
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    # passes over the training days (at most, with val_days: early stopping picks the best). One: sparse-id CTR models
-    # overfit from the second pass on (their tables memorise; on the synthetic logs held-out AUC fell 0.696 -> 0.608
-    # in epoch 2, docs/results.md), the "one-epoch phenomenon" of CTR models. Use --val-days to let data decide.
-    epochs: int = 1
-    val_days: int = 0  # days before the held-out day kept out of training; their AUC picks the epoch (early stopping)
-    prior_bias: bool = True  # a cold start's output bias = logit(the training days' positive rate) (init_output_bias)
-    patience: int = 1  # with val_days: stop after this many epochs without a better validation AUC
-    batch_size: int = 256  # per worker
-    lr: float = 2e-3  # dense AdamW peak learning rate
-    weight_decay: float = 1e-5  # dense AdamW weight decay
-    warmup_steps: int = 100  # dense LR warmup (linear), in optimiser updates
-    clip_norm: float = 1.0  # dense gradient-norm clipping (0: off)
-    lr_decay: str = "none"  # "cosine": both learning rates decay to min_lr_ratio x peak over the run's steps
-    min_lr_ratio: float = 0.1
-    sparse_optimizer: str = "rowwise_adagrad"  # embedding tables: rowwise_adagrad | adagrad | adamw (with the dense)
-    sparse_lr: float = 0.05  # learning rate of the sparse optimiser
-    grad_sync: str = "ddp"  # "ddp" (synchronous) | "async" (paper §3.8.2: dense gradients applied one step late)
-    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
-    workers: int = 1  # Ray Train workers (one per GPU with gpu=True)
-    gpu: bool = False  # CUDA workers + nccl; else CPU workers + gloo
-    cpus_per_worker: float = 2.0  # logical CPUs each worker reserves (= its torch threads)
-    checkpoint_every: int = 0  # also checkpoint every N steps within an epoch (0: at epoch ends only)
-    max_failures: int = 2  # Ray Train restarts the workers from the last checkpoint this many times
-    init_from: str | None = None  # warm start: a checkpoint directory (config.json + model.pt) of the same architecture
-    hide_sequences: bool = False  # ablation: the model masks every sequence event (HyFormerConfig.hide_sequences)
-    seed: int = 0  # model init and data shuffling
-    log_every: int = 50  # progress line every N steps (rank 0)
-    arch: str = "hyformer"  # a name of hyformer.zoo.ARCHITECTURES: HyFormer or a baseline/ablation of Tables 1-2
-    model: dict = field(default_factory=dict)  # HyFormerConfig overrides (d_model, n_layers, n_queries, ...)
-
-    def __post_init__(self):
-        self.optim()  # validates the optimiser fields
-
-    def optim(self) -> OptimConfig:
-        return OptimConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimConfig)})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+from jobs.train_config import TrainConfig, add_train_arguments, train_config
 
 
 # §3.4.1 encoders as the paper uses them (HyFormerConfig.paper()): LONGER-style on the long sequence, Full Transformer
@@ -119,6 +79,31 @@ def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyf
     return architecture(arch).config(base, (overrides or {}) | ({"hide_sequences": True} if hide_sequences else {}))
 
 
+def match_width(
+    fs: FeatureSet, overrides: dict, arch: str, distance: Callable[[HyFormerConfig], float], widths: Iterable[int],
+) -> HyFormerConfig:
+    """The model_config of ``arch`` at the ``d_model`` among ``widths`` (ascending) that the architecture accepts and
+    whose ``distance`` is smallest (ties: the wider). Token mixing splits D into T = queries + NS tokens parts and
+    attention splits it into heads, so which widths are valid depends on the rest of the config. ``distance`` must
+    fall, then rise, with the width (e.g. |d_model - target| or |dense params - target|): the search stops once it
+    rises past the best. Raises the config's own error (naming the violated rule) when no width is valid."""
+    best: tuple[tuple[float, int], HyFormerConfig] | None = None
+    for d in widths:
+        try:
+            cfg = model_config(fs, overrides | {"d_model": d}, arch)
+        except ValueError:  # a width the architecture cannot split into its heads / tokens
+            continue
+        key = (distance(cfg), -d)
+        if best is not None and key[0] > best[0][0]:
+            break
+        if best is None or key < best[0]:
+            best = (key, cfg)
+    if best is None:
+        model_config(fs, overrides, arch)  # raises the error naming the violated constraint
+        raise ValueError(f"{arch}: no valid d_model among the widths tried, with overrides {overrides}")
+    return best[1]
+
+
 class MaterializeCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate: a batch of stored samples -> dedup ID tables (``dedup=False``: full sequences)
     as CPU tensors (device: Ray)."""
@@ -148,15 +133,6 @@ def positive_rate(ds: ray.data.Dataset) -> float:
 
 
 # --- worker side --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Position:
-    """Where training stands: ``batch`` batches of ``epoch`` are done (and ``step`` optimiser steps in all)."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
 
 
 def save_checkpoint(directory: str, model: RankingModel, learner: Learner, pos: Position, history: list[dict]) -> None:
@@ -191,52 +167,27 @@ def report(metrics: dict, model: RankingModel, learner: Learner, pos: Position, 
         ray.train.report({"epoch": pos.epoch, "step": pos.step} | metrics, checkpoint=checkpoint)
 
 
-def train_epoch(learner: Learner, model: RankingModel, batches, tc: TrainConfig, pos: Position, history: list[dict], steps_per_epoch: int) -> dict[str, float]:
-    """Train one epoch from ``pos`` (skipping its ``pos.batch`` batches done before a restart), advancing ``pos``.
-    Every ``tc.checkpoint_every`` steps all workers report a checkpoint."""
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if pos.batch:
-        log.info("rank %d: epoch %d resumes after batch %d (skipping the batches done before the restart)", rank, pos.epoch, pos.batch)
-        batches = itertools.islice(batches, pos.batch, None)
-    losses, n, t0 = [], 0, time.perf_counter()
-    for batch in batches:
-        stats = learner.step(batch)
-        losses.append(stats["loss"])
-        n += len(batch["label"])
-        pos.batch, pos.step = pos.batch + 1, pos.step + 1
-        if rank == 0 and pos.batch % tc.log_every == 0:
-            rate = n * world / (time.perf_counter() - t0)
-            left = max(0, steps_per_epoch - pos.batch) * tc.batch_size * world / rate
-            log.info(
-                "epoch %d/%d step %d/%d: loss %.4f (last %d), grad norm %.3g, lr %.2g, %.0f samples/s (%d workers), epoch ETA %.0f s",
-                pos.epoch + 1, tc.epochs, pos.batch, steps_per_epoch, np.mean(losses[-tc.log_every :]), tc.log_every,
-                stats["grad_norm"], stats["lr"], rate, world, left,
-            )
-        if tc.checkpoint_every and pos.step % tc.checkpoint_every == 0:
-            report({"train_loss_recent": float(np.mean(losses[-tc.checkpoint_every :]))}, model, learner, pos, history)
-    dt = time.perf_counter() - t0
-    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_samples": float(n * world), "train_seconds": dt, "samples_per_s": n * world / max(dt, 1e-9)}
-
-
 def train_fn_per_worker(config: dict) -> None:
-    tc = TrainConfig(**config["train"])
+    """One Ray Train worker: build the model (prior bias, warm start), restore a checkpoint after a restart, and run
+    the training loop of hyformer/loop.py on this worker's shard, reporting every epoch (with a checkpoint)."""
+    tc = TrainConfig.from_dict(config["train"])
     mc = HyFormerConfig.from_dict(config["model"])
     torch.manual_seed(tc.seed)
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = build_model(mc)
     if tc.prior_bias:
         model.init_output_bias(config["positive_rate"])
     if config["init_state"] is not None:  # merged on the driver (load_init_state)
         model.load_state_dict(ray.get(config["init_state"]))
     raw = model
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if tc.grad_sync == "ddp" else None)
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if tc.optim.grad_sync == "ddp" else None)
     device = ray.train.torch.get_device()
-    if tc.grad_sync == "async":
+    if tc.optim.grad_sync == "async":
         broadcast_parameters(model)  # what DDP does at construction
-    steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * ray.train.get_context().get_world_size()))
-    learner = Learner(model, tc.optim(), device, total_steps=steps_per_epoch * tc.epochs)
+    steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * world))
+    learner = Learner(model, tc.optim, device, total_steps=steps_per_epoch * tc.epochs)
     pos, restored, history = Position(), -1, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         pos, history = restore_checkpoint(checkpoint, raw, learner)
@@ -244,60 +195,27 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0:
             log.info("restored from checkpoint at epoch %d batch %d (step %d)", pos.epoch, pos.batch, pos.step)
     collate = MaterializeCollate(ray.get(config["timelines"]), FeatureConfig(**config["features"]))
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval")
-    val_shard = ray.train.get_dataset_shard("val") if tc.val_days else None
-    # early stopping starts afresh after a restart (the weights of epochs before it are not kept)
-    stopper = EarlyStopping(tc.patience) if tc.val_days else None
-    first_epoch = pos.epoch  # the stopper's epoch 0
-    while pos.epoch < tc.epochs:
-        batches = train_shard.iter_torch_batches(
+    shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "eval", *(("val",) if tc.val_days else ()))}
+
+    def batches(epoch: int):
+        return shards["train"].iter_torch_batches(
             batch_size=tc.batch_size, collate_fn=collate, device=device,
-            local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + pos.epoch,
+            local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch,
         )
-        try:
-            m = train_epoch(learner, raw, batches, tc, pos, history, steps_per_epoch)
-        except NonFiniteError as e:  # on every worker at the same step: stop (no retry), and let the driver fail the run
-            log.error("rank %d: %s", rank, e)
-            # with a checkpoint (the parameters before the failing step), or the driver would not see these metrics
-            report({"nonfinite_step": float(pos.step)}, raw, learner, pos, history)
-            return
-        if pos.epoch == tc.epochs - 1:
-            learner.flush()  # async mode: apply the last averaged dense gradient
-        m = {"epoch": pos.epoch, "restored_step": float(restored), **m}
-        files, stop = None, False
-        if rank == 0:  # eval is not split: rank 0 scores the whole held-out day (and the validation days)
-            if val_shard is not None:
-                m["val_auc"] = metrics(predict(raw, val_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device)))["eval_auc"]
-                stop = stopper.update(raw, m["val_auc"]) and pos.epoch < tc.epochs - 1
-            pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device))
-            m |= metrics(pred)
-            files = {"eval_predictions.npz": pred}
-            log.info("epoch %d/%d: %s", pos.epoch + 1, tc.epochs, json.dumps({k: round(v, 5) for k, v in m.items()}))
-        history.append(m)
-        pos.epoch, pos.batch = pos.epoch + 1, 0
-        if stopper is not None and broadcast_flag(stop):  # every worker stops at the same epoch
-            log.info("rank %d: early stop after epoch %d: validation AUC has not improved for %d epoch(s)", rank, pos.epoch, tc.patience)
-            pos.epoch = tc.epochs
-        report(m, raw, learner, pos, history, files)
-    if stopper is not None:  # the model of the best validation epoch is the result: one more report with it
-        keep = broadcast_flag(rank == 0 and stopper.restore(raw))
-        if keep:
-            best = broadcast_value(first_epoch + stopper.best_epoch if rank == 0 else None)  # only rank 0 validates
-            files = None
-            m = next(h for h in history if h["epoch"] == best) | {"epoch": len(history), "best_epoch": float(best)}
-            if rank == 0:
-                pred = predict(raw, eval_shard.iter_torch_batches(batch_size=1024, collate_fn=collate, device=device))
-                m |= metrics(pred)
-                files = {"eval_predictions.npz": pred}
-                log.info("the model of epoch %d (best validation AUC %.5f) is the result", best + 1, stopper.best_score)
-            history.append(m)
-            report(m, raw, learner, pos, history, files)
 
+    def evaluate(split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        pred = predict(raw, shards[split].iter_torch_batches(batch_size=1024, collate_fn=collate, device=device))
+        return metrics(pred), pred
 
-def broadcast_flag(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every worker (a decision only rank 0 can make, which every worker must follow)."""
-    return bool(broadcast_value(bool(flag)))
+    loop = LoopConfig(
+        epochs=tc.epochs, steps_per_epoch=steps_per_epoch, batch_size=tc.batch_size, validate=bool(tc.val_days),
+        patience=tc.patience, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
+    )
+    hooks = Hooks(rank, world, broadcast_value, lambda m, files: report(m, raw, learner, pos, history, files))
+    try:
+        run_epochs(learner, raw, batches, evaluate, loop, pos, history, hooks, tags={"restored_step": float(restored)})
+    except NonFiniteError:  # reported with a checkpoint (the parameters before the failing step): the driver fails the run
+        return
 
 
 def broadcast_value(value: Any) -> Any:
@@ -340,6 +258,19 @@ def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tens
         raise ValueError(f"init_from={tc.init_from!r}: {e}") from e
     log.info("train: warm start from %s%s", path, f"; grown tables: {'; '.join(adapted)}" if adapted else "")
     return model.state_dict()
+
+
+def warm_start_state(fs: FeatureSet, tc: TrainConfig, from_champion: bool) -> tuple[TrainConfig, dict[str, torch.Tensor] | None]:
+    """``tc`` and the merged initial weights of its warm start (``load_init_state``; None without ``tc.init_from``).
+    ``from_champion`` (the daily default: ``tc.init_from`` is the champion's checkpoint): a champion of another shape
+    (e.g. a newly tuned config) is a cold start, logged, instead of an error; ``tc.init_from`` is then cleared."""
+    try:
+        return tc, load_init_state(tc, model_config(fs, tc.model, tc.arch, tc.hide_sequences))
+    except ValueError as e:
+        if not (from_champion and tc.init_from):
+            raise
+        log.warning("warm start: the champion cannot start this model (%s): training from scratch", e)
+        return dataclasses.replace(tc, init_from=None), None
 
 
 def train(
@@ -388,7 +319,7 @@ def train(
     )
     log.info(
         "train: %s, %d workers (%s, grad sync %s), %d training samples, days %s..%s, held out %s",
-        tc.arch, tc.workers, "gpu/nccl" if tc.gpu else "cpu/gloo", tc.grad_sync, loop_config["train_rows"], fs.days[0], fs.days[first_val - 1], fs.days[-1],
+        tc.arch, tc.workers, "gpu/nccl" if tc.gpu else "cpu/gloo", tc.optim.grad_sync, loop_config["train_rows"], fs.days[0], fs.days[first_val - 1], fs.days[-1],
     )
     result = trainer.fit()
     if "nonfinite_step" in (result.metrics or {}):
@@ -399,69 +330,6 @@ def train(
     with open(os.path.join(result.checkpoint.path, "history.json")) as f:
         history = [{k: float(v) for k, v in h.items()} for h in json.load(f)]
     return TrainResult(result.checkpoint.path, history[-1] | {"step": float(result.metrics["step"])}, history, mc, tc)
-
-
-def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = TrainConfig()) -> None:
-    """The training flags shared by this job's CLI and the daily workflow (read back by `train_config`)."""
-    d = defaults
-    g = p.add_argument_group("training (jobs.train)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training days (at most, with --val-days)")
-    g.add_argument("--val-days", type=int, default=d.val_days, help="days before the held-out one kept out of training; their AUC picks the best epoch (early stopping, 0: off)")
-    g.add_argument("--patience", type=int, default=d.patience, help="with --val-days: stop after this many epochs without a better validation AUC")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker")
-    g.add_argument("--lr", type=float, default=d.lr, help="dense AdamW peak learning rate")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="dense LR linear warmup (updates)")
-    g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="dense gradient-norm clipping, 0: off")
-    g.add_argument("--lr-decay", choices=("none", "cosine"), default=d.lr_decay, help="after warmup: constant LRs, or a half cosine to min_lr_ratio x peak over the run")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="with --lr-decay cosine: the last step's LR / peak")
-    g.add_argument("--sparse-optimizer", default=d.sparse_optimizer, choices=("rowwise_adagrad", "adagrad", "adamw"), help="optimiser of the embedding tables")
-    g.add_argument("--sparse-lr", type=float, default=d.sparse_lr)
-    g.add_argument("--grad-sync", default=d.grad_sync, choices=("ddp", "async"), help="ddp: synchronous; async: paper §3.8.2, dense gradients all-reduced during the next step and applied one step late")
-    g.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
-    g.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers")
-    g.add_argument("--gpu", action="store_true", help="one worker per GPU (nccl) instead of CPU/gloo")
-    g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker)
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="also checkpoint every N steps (0: epoch ends)")
-    g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint")
-    g.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES), help="HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py)")
-    g.add_argument("--model", default=json.dumps(d.model), help='HyFormerConfig overrides as JSON, e.g. \'{"d_model": 64}\'')
-    g.add_argument("--hide-sequences", action="store_true", help="ablation: mask every behaviour sequence out")
-    g.add_argument("--prior-bias", action=argparse.BooleanOptionalAction, default=d.prior_bias, help="start the output bias at logit(the training days' positive rate)")
-    g.add_argument("--seed", type=int, default=d.seed)
-
-
-def train_config(a: argparse.Namespace, **extra) -> TrainConfig:
-    """The TrainConfig of flags added by `add_train_arguments` (+ ``extra`` fields)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-    return TrainConfig(**({k: v for k, v in vars(a).items() if k in names} | {"model": json.loads(a.model)} | extra))
-
-
-def load_train_overrides(path: str) -> dict:
-    """The TrainConfig fields of a best_config.json written by workflows/tune.py (``{"train": {...}, "metric": ...}``).
-
-    Returns a dict of TrainConfig field -> value (``"model"``: the full HyFormerConfig overrides of the tuned model);
-    apply it over the run's own config, e.g. ``dataclasses.replace(tc, **load_train_overrides(path))``. Raises
-    ValueError when the file is not in that format or a field is unknown or invalid.
-    """
-    with open(path) as f:
-        doc = json.load(f)
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(doc, dict) or not isinstance(doc.get("train"), dict):
-        raise ValueError(f"{path}: not a tuning result (expected a JSON object with a 'train' object)")
-    unknown = sorted(set(doc["train"]) - train_fields)
-    if unknown:
-        raise ValueError(f"{path}: 'train' has fields TrainConfig does not know: {unknown}")
-    model = doc["train"].get("model", {})
-    if not isinstance(model, dict):
-        raise ValueError(f"{path}: 'train.model' must be an object of HyFormerConfig overrides")
-    unknown = sorted(set(model) - {f.name for f in dataclasses.fields(HyFormerConfig)})
-    if unknown:
-        raise ValueError(f"{path}: 'train.model' has fields HyFormerConfig does not know: {unknown}")
-    try:
-        TrainConfig(**doc["train"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: 'train' is not a valid TrainConfig: {e}") from e
-    return dict(doc["train"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -475,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     init_ray()
     fs = FeatureSet.load(absolute(a.features))
-    tc = train_config(a)
+    tc = train_config(a, init_from=a.init_from)
     res = train(fs, tc, a.storage or os.path.normpath(f"{fs.root}/../../../train"), a.name or f"train-{int(time.time())}")
     print(json.dumps({"checkpoint": res.checkpoint_dir, **res.metrics}))
 

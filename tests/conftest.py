@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from jobs.common import free_port
+
 END = dt.date(2026, 11, 22)
 DAYS = 5
 # Tiny but with enough history per user that sequences are non-trivial.
@@ -56,14 +58,6 @@ def feature_set(ingested):
     data_dir, _ = ingested
     _start_ray()
     return build_features(data_dir, END, DAYS, FeatureConfig(long_len=64, search_len=16, feed_len=16, n_shards=2))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

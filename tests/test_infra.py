@@ -407,9 +407,7 @@ def test_ops_doc_lists_every_exit_code():
         assert re.search(rf"^\| {code} \|", doc, re.M), f"exit code {code} missing from docs/operations_infra.md"
 
 
-def test_the_wrapper_knows_the_workflows_exit_codes():
-    from workflows.daily_train import Exit
+def test_the_wrapper_explains_every_exit_code_of_the_workflow():
+    from jobs.common import Exit
 
-    assert (sd.EXIT_OK, sd.EXIT_FAILED, sd.EXIT_USAGE, sd.EXIT_NOT_PROMOTED, sd.EXIT_LOCKED) == (
-        Exit.PROMOTED, Exit.FAILED, Exit.USAGE, Exit.NOT_PROMOTED, Exit.LOCKED,
-    )
+    assert set(sd.MEANING) == set(Exit) and [int(e) for e in Exit] == [0, 1, 2, 3, 75]

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from benchmarks import quality
+from benchmarks import quality, quality_report
 from hyformer.zoo import ARCHITECTURES
 from jobs.train import model_config
 
@@ -115,11 +115,11 @@ def test_cli_runs_a_suite_logs_mlflow_runs_and_writes_the_table(feature_set, tmp
         assert s["eval_oracle_auc"]["std"] == pytest.approx(0.0, abs=1e-12)  # the oracle scores the same rows
         assert s["dense_params"] > 0 and (s["train_gflops"] > 0) == (row != quality.COUNTING)  # counting: no network
     for r in res["runs"]:
-        assert all(math.isfinite(r[k]) for k in quality.EVAL_KEYS) and r["eval_rows"] == res["window"]["eval_samples"]
+        assert all(math.isfinite(r[k]) for k in quality_report.EVAL_KEYS) and r["eval_rows"] == res["window"]["eval_samples"]
     md = (tmp_path / "out" / "q.md").read_text()
     assert "(`hyformer`)" in md and "(`longer-rankmixer`)" in md and "| ref. |" in md  # the reference row
     assert "(`counting`)" in md and "ΔAUC vs counting" in md and "Ceilings on these rows" in md
-    paired = quality.paired_delta(res["runs"], "hyformer", "longer-rankmixer")
+    paired = quality_report.paired_delta(res["runs"], "hyformer", "longer-rankmixer")
     by_seed = {(r["row"], r["seed"]): r["eval_auc"] for r in res["runs"]}
     expected = [100 * (by_seed["hyformer", s] / by_seed["longer-rankmixer", s] - 1) for s in (0, 1)]
     assert paired["mean"] == pytest.approx(statistics.fmean(expected)) and f"{paired['mean']:+.2f}%" in md
@@ -173,8 +173,8 @@ def test_counting_baseline_learns_rates_and_never_sees_a_rows_own_label():
 
 def test_auc_standard_error_matches_hanley_mcneil():
     # at AUC 0.5, Q1 = Q2 = 1/3: SE = sqrt((0.25 + 198 / 12) / 10^4) = 0.0409 for 100 positives and 100 negatives
-    assert quality.auc_standard_error(0.5, 100, 100) == pytest.approx(0.0409, abs=1e-4)
-    assert quality.auc_standard_error(0.7, 600, 5400) < quality.auc_standard_error(0.7, 60, 540)  # more rows, less error
+    assert quality_report.auc_standard_error(0.5, 100, 100) == pytest.approx(0.0409, abs=1e-4)
+    assert quality_report.auc_standard_error(0.7, 600, 5400) < quality_report.auc_standard_error(0.7, 60, 540)  # more rows, less error
 
 
 def test_scaling_plots_are_written(tmp_path):
@@ -183,7 +183,7 @@ def test_scaling_plots_are_written(tmp_path):
         f"{arch} size={i}": {"arch": arch, "dense_params": 1e5 * (i + 1), "train_gflops": 2.0 * (i + 1), "eval_auc": stat(0.6 + i / 100), "eval_oracle_auc": stat(0.7)}
         for i in range(2) for arch in quality.SCALING_ARCHS
     }
-    paths = quality.scaling_plots({"summary": summary, "seeds": 2}, str(tmp_path))
+    paths = quality_report.scaling_plots({"summary": summary, "seeds": 2}, str(tmp_path))
     assert [p.rsplit("/", 1)[1] for p in paths] == ["scaling_params.png", "scaling_flops.png"]
     for p in paths:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

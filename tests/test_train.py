@@ -16,13 +16,15 @@ import pytest
 import torch
 
 from features.materialize import Materializer
-from hyformer import ARCHITECTURES, HyFormer, load_model
+from hyformer import ARCHITECTURES, load_model
 from jobs.evaluate import metrics
 from jobs.promote import decide, evaluate_registered
 from jobs.pyfunc import to_frame
 from jobs.register import champion, commit_decision, daily_record, load_registered, log_training_run
 from jobs.score import read_scores, score
-from jobs.train import TrainConfig, train
+from hyformer.training import OptimConfig
+from jobs.train import train
+from jobs.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -84,7 +86,7 @@ def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_
     """Paper §3.8.2 mode on 2 gloo workers, checkpointing every 8 steps; a worker is SIGKILLed after the first
     checkpoint is registered. Ray Train restarts the group, which resumes from the last checkpoint: every step of both epochs is
     trained once and the run finishes."""
-    tc = TrainConfig(epochs=2, batch_size=32, workers=2, cpus_per_worker=1, grad_sync="async", checkpoint_every=8, max_failures=1, model=TINY_MODEL)
+    tc = TrainConfig(epochs=2, batch_size=32, workers=2, cpus_per_worker=1, optim=OptimConfig(grad_sync="async"), checkpoint_every=8, max_failures=1, model=TINY_MODEL)
     stop, killed = threading.Event(), []
     watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(tmp_path / "test-kill", stop, killed), daemon=True)
     watcher.start()
@@ -216,7 +218,7 @@ def test_a_baseline_trains_through_the_same_job_by_name(feature_set, tmp_path):
 def test_early_stopping_on_validation_days_keeps_the_best_epochs_model(feature_set, tmp_path):
     """--val-days 1: the day before the held-out one leaves training and picks the epoch; two DDP workers stop at the
     same epoch (rank 0's decision is broadcast), and the result is the best validation epoch's model."""
-    tc = TrainConfig(epochs=3, batch_size=64, workers=2, cpus_per_worker=1, val_days=1, patience=1, lr=3e-2, model=TINY_MODEL)
+    tc = TrainConfig(epochs=3, batch_size=64, workers=2, cpus_per_worker=1, val_days=1, patience=1, optim=OptimConfig(lr=3e-2), model=TINY_MODEL)
     res = train(feature_set, tc, str(tmp_path), "test-early-stopping")
     epochs = [h for h in res.history if "best_epoch" not in h]
     assert all(math.isfinite(h["val_auc"]) for h in epochs) and 2 <= len(epochs) <= 3

@@ -1,4 +1,4 @@
-"""workflows/tune.py: a 2-trial Ray Tune run (Optuna + ASHA, Train V2 pattern) on the tiny window, MLflow runs, the
+"""jobs/tune.py (workflows/tune.py's tuning): a 2-trial Ray Tune run (Optuna + ASHA, Train V2 pattern) on the tiny window, MLflow runs, the
 best config file and its round trip into a TrainConfig."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import math
 import mlflow
 import pytest
 
-from jobs.train import TrainConfig
-from jobs.train import load_train_overrides
-from workflows.tune import METRIC, SMALL_SEARCH_SPACE, check_space, fit_width, trial_train_config, tune
+from jobs.train_config import TrainConfig, read_best_config
+from jobs.tune import METRIC, SMALL_SEARCH_SPACE, check_space, fit_width, trial_train_config, tune
 
 TINY_BASE = dict(n_heads=2, ffn_mult=1, head_hidden=(16,), emb_dim=8)
 TINY_SPACE = {
@@ -49,13 +48,14 @@ def test_two_trial_tune_run_writes_the_best_config_and_nested_mlflow_runs(ray_lo
     best = next(t for t in outcome.trials if t.trial_id == doc["trial"])
     assert doc["value"] == pytest.approx(best.history[-1][METRIC])
     assert doc["value"] == pytest.approx(max(t.history[-1][METRIC] for t in outcome.trials))
-    overrides = load_train_overrides(outcome.best_config_path)
+    overrides = read_best_config(outcome.best_config_path)
     assert overrides == doc["train"]
-    tc = TrainConfig(**overrides)
-    assert tc.lr == pytest.approx(best.params["lr"])
+    tc = TrainConfig.from_dict(overrides)
+    assert tc.optim.lr == pytest.approx(best.params["lr"]) and overrides["optim"]["lr"] == tc.optim.lr
     assert tc.model["d_model"] == 16 and tc.model["seq_encoder"] == best.params["model.seq_encoder"]
     assert tc.model["emb_dim"] == 8  # the base model overrides are kept
     assert "workers" not in overrides and "epochs" not in overrides  # run-time fields stay with the daily workflow
+    assert "grad_sync" not in overrides["optim"]
 
     # MLflow: one parent run with the results, and a child run per trial logged with its per-epoch metric
     client = mlflow.tracking.MlflowClient()
@@ -82,20 +82,24 @@ def test_two_trial_tune_run_writes_the_best_config_and_nested_mlflow_runs(ray_lo
         assert len(history) == len(next(t for t in outcome.trials if t.trial_id == trial_id).history)
 
 
-def test_load_train_overrides_rejects_other_files(tmp_path):
+def test_read_best_config_rejects_other_files_and_reads_the_flat_form(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train": {"lr": 1e-3, "d_model": 64}}))  # d_model belongs in "model"
     with pytest.raises(ValueError, match="d_model"):
-        load_train_overrides(str(bad))
+        read_best_config(str(bad))
     bad.write_text(json.dumps({"train": {"lr": 1e-3, "model": {"width": 64}}}))
     with pytest.raises(ValueError, match="width"):
-        load_train_overrides(str(bad))
+        read_best_config(str(bad))
     bad.write_text(json.dumps({"lr": 1e-3}))
     with pytest.raises(ValueError, match="'train'"):
-        load_train_overrides(str(bad))
+        read_best_config(str(bad))
     bad.write_text(json.dumps({"train": {"lr": 1e-3, "sparse_optimizer": "sgd"}}))
-    with pytest.raises(ValueError, match="valid TrainConfig"):
-        load_train_overrides(str(bad))
+    with pytest.raises(ValueError, match="not a valid training config.*sparse_optimizer"):
+        read_best_config(str(bad))
+    old = tmp_path / "old.json"  # written before the optimiser settings were nested under "optim"
+    old.write_text(json.dumps({"train": {"lr": 1e-3, "sparse_lr": 0.1, "batch_size": 32, "model": {"d_model": 16}}}))
+    tc = TrainConfig().override(read_best_config(str(old)))
+    assert (tc.optim.lr, tc.optim.sparse_lr, tc.batch_size, tc.model) == (1e-3, 0.1, 32, {"d_model": 16})
 
 
 def test_search_spaces_are_checked():
@@ -111,7 +115,7 @@ def test_widths_move_to_the_nearest_one_the_model_accepts(feature_set):
     assert fit_width(feature_set, {"d_model": 32, "n_heads": 2, "n_queries": 2}, "hyformer")["d_model"] == 22
     assert fit_width(feature_set, {"d_model": 32, "n_heads": 2, "n_queries": 1}, "hyformer")["d_model"] == 32
     tc = trial_train_config(feature_set, TrainConfig(model=TINY_BASE), {"lr": 0.003, "model.d_model": 40, "model.n_queries": 2})
-    assert tc.lr == 0.003 and tc.model["d_model"] == 44 and tc.model["emb_dim"] == 8
+    assert tc.optim.lr == 0.003 and tc.model["d_model"] == 44 and tc.model["emb_dim"] == 8
 
 
 def test_cli_exit_code_names_the_failing_stage(tmp_path, capsys):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+
+from jobs.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--days", "4", "--synth-scale", "0.3", "--long-len", "16", "--batch-size", "128"]
@@ -108,12 +109,6 @@ def test_a_second_run_on_a_locked_data_directory_exits_75_naming_the_holder(tmp_
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert "is locked by another run" in proc.stderr and "other-node" in proc.stderr
     assert not (data / "logs").exists()  # nothing was touched
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

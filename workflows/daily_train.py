@@ -32,37 +32,23 @@ import dataclasses  # noqa: E402
 import datetime as dt  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import socket  # noqa: E402
 import time  # noqa: E402
-from enum import IntEnum  # noqa: E402
 
-from filelock import FileLock, Timeout  # noqa: E402
 
 from features.build import RELEVANCE, SIDE_INFO, FeatureConfig  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
-from jobs.build_features import build_features  # noqa: E402
-from jobs.common import DEFAULT_DATA_DIR, StageFailed, absolute, init_ray, log, setup_logging, stage  # noqa: E402
-from jobs.ingest import ingest  # noqa: E402
+from jobs.build_features import logs_to_features  # noqa: E402
+from jobs.common import DEFAULT_DATA_DIR, Exit, Locked, StageFailed, absolute, data_dir_lock, init_ray, log, setup_logging, stage  # noqa: E402
 from jobs.promote import decide, evaluate_registered  # noqa: E402
 from jobs.register import champion, commit_decision, daily_record, load_registered, log_failed_run, log_training_run, registered_checkpoint  # noqa: E402
-from jobs.train import TrainConfig, add_train_arguments, load_init_state, load_train_overrides, model_config, train, train_config  # noqa: E402
+from jobs.train import train, warm_start_state  # noqa: E402
+from jobs.train_config import TrainConfig, add_train_arguments, read_best_config, train_config  # noqa: E402
 
 # The small synthetic default: a few minutes end to end on 2 CPU cores.
 DEMO_SYNTH = dict(users=1000, items=3000, authors=200, queries=400, requests_per_day=120, search_events_per_day=1500, feed_events_per_day=2500)
 # the quality suite's base model (benchmarks/quality.py BASE_MODEL, docs/results.md): LONGER on the long sequence
 DEMO_MODEL = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
-
-
-class Exit(IntEnum):
-    """The workflow's exit codes (for schedulers: 0 and 3 are both a healthy day)."""
-
-    PROMOTED = 0  # trained and promoted, or the date was already done and promoted
-    FAILED = 1  # a stage failed (named on stderr)
-    USAGE = 2  # bad arguments (argparse)
-    NOT_PROMOTED = 3  # trained and registered, the champion is kept (reason logged)
-    LOCKED = 75  # EX_TEMPFAIL: another run holds the data directory's lock
 
 
 OUTCOME_EXIT = {"promoted": Exit.PROMOTED, "kept": Exit.NOT_PROMOTED, "logged": Exit.PROMOTED}
@@ -73,16 +59,14 @@ def newest_log_day(data_dir: str) -> dt.date | None:
     return parse_day(days[-1]) if days else None
 
 
-def train_config_defaults(path: str | None) -> dict:
-    """Defaults for the training flags from a JSON file (``{"train": {TrainConfig fields}}``, e.g. workflows/tune.py's
-    best config); flags given on the command line still win."""
-    if path is None:
-        return {}
+def training_defaults(path: str | None) -> TrainConfig:
+    """The training flags' defaults: the demo's, with a best-config file's settings (workflows/tune.py) on top;
+    flags given on the command line still win."""
+    base = TrainConfig(epochs=1, model=DEMO_MODEL)
     try:
-        train = load_train_overrides(path)
+        return base if path is None else base.override(read_best_config(path))
     except (OSError, ValueError) as e:
         raise SystemExit(f"daily_train: --train-config: {e}") from e
-    return {k: (json.dumps(v) if k == "model" else v) for k, v in train.items()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,9 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another run's lock on the data directory (default 0: exit 75 at once)")
     p.add_argument("--train-config", default=None, help="JSON with defaults for the training flags, {\"train\": {...}} (e.g. the best config of workflows/tune.py)")
     p.add_argument("--no-register", action="store_true", help="log the MLflow run but do not register (nor promote) the model")
-    add_train_arguments(p, TrainConfig(epochs=1, model=DEMO_MODEL))
     pre, _ = p.parse_known_args(argv)
-    p.set_defaults(**train_config_defaults(pre.train_config))
+    add_train_arguments(p, training_defaults(pre.train_config))
     a = p.parse_args(argv)
     if (a.date_from is None) != (a.date_to is None):
         p.error("--from and --to go together")
@@ -140,9 +123,8 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
         log.info("daily %s: already done (run %s, outcome %s: %s); --force trains again", day, done["run_id"], done["outcome"], done.get("decision_reason", ""))
         return {"date": day, "outcome": done["outcome"], "already_done": True, "run_id": done["run_id"]}
     init_ray()
-    counts = stage("ingest", ingest, data_dir, date, a.days)
     fcfg = FeatureConfig(long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys)
-    fs = stage("features", build_features, data_dir, date, a.days, fcfg, force=a.rebuild_features)
+    counts, fs = logs_to_features(data_dir, date, a.days, fcfg, force=a.rebuild_features, step=stage)
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     models_dir = f"{data_dir}/train/registry/{run_name}"
     # the champion is downloaded once: the default warm start and the comparison after training use the same version
@@ -155,15 +137,11 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
         log.info("warm start: models:/%s/%s (version %s) downloaded to %s", a.arch, champ_version, champ_version, init_from)
     else:
         init_from = stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{models_dir}/init")
-    tc = train_config(a, init_from=init_from)
-    init_state = None  # merged once here and handed to train(), which would otherwise merge it again
-    if init_from and a.init_from == "champion":  # the default: a champion of another shape (e.g. a newly tuned config) is a cold start
-        try:
-            init_state = load_init_state(tc, model_config(fs, tc.model, tc.arch, tc.hide_sequences))
-        except ValueError as e:
-            log.warning("warm start: the champion cannot start this model (%s): training from scratch", e)
-            tc, init_from = dataclasses.replace(tc, init_from=None), None
-    configs = {"train": tc.to_dict(), "features": fs.cfg.to_dict()}
+    # merged once here and handed to train(); the default warm start from a champion of another shape (e.g. a newly
+    # tuned config) is a cold start
+    tc, init_state = stage("warm-start", warm_start_state, fs, train_config(a, init_from=init_from), a.init_from == "champion")
+    init_from = tc.init_from
+    configs = {"train": tc.flat(), "features": fs.cfg.to_dict()}
     try:
         res = stage("train", train, fs, tc, f"{data_dir}/train", run_name, init_state=init_state)
     except StageFailed as e:
@@ -171,9 +149,6 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
         raise
     champ_metrics = None
     if reg is not None:
-        if reg.features and reg.features.get("vocab") != fs.cfg.vocab:  # another store: make sure its days are built too
-            champ_cfg = FeatureConfig(**{k: v for k, v in reg.features.items() if k != "vocab"})
-            stage("features (champion)", build_features, data_dir, date, a.days, champ_cfg)
         champ_metrics = stage("evaluate champion", evaluate_registered, reg, data_dir, fs, f"{models_dir}/champion-scores")
     decision = decide(res.metrics, champ_metrics, a.promotion_margin)
     log.info("daily %s: %s", day, decision.reason)
@@ -199,33 +174,24 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
 def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
     """Every date in order under the data directory's lock; stops at the first failure."""
     data_dir = absolute(a.data_dir)
-    os.makedirs(f"{data_dir}/locks", exist_ok=True)
-    lock = FileLock(f"{data_dir}/locks/daily.lock", timeout=a.lock_timeout)
-    holder = Path(f"{data_dir}/locks/daily.holder.json")
     try:
-        lock.acquire()
-    except Timeout:
-        who = holder.read_text() if holder.exists() else "unknown"
-        print(f"daily_train: {data_dir} is locked by another run ({who}); waited {a.lock_timeout:g} s (--lock-timeout)", file=sys.stderr)
+        with data_dir_lock(data_dir, a.lock_timeout):
+            dates = dates_of(a, data_dir)
+            synthesize_if_empty(a, data_dir, dates)
+            summaries, code = [], Exit.PROMOTED
+            for date in dates:
+                try:
+                    s = run_day(a, data_dir, date)
+                except StageFailed as e:
+                    print(f"daily_train: {date}: {e}", file=sys.stderr)
+                    return Exit.FAILED, summaries
+                print("daily_train: day " + json.dumps(s), flush=True)
+                summaries.append(s)
+                code = OUTCOME_EXIT[s["outcome"]]
+            return code, summaries
+    except Locked as e:
+        print(f"daily_train: {e} (--lock-timeout)", file=sys.stderr)
         return Exit.LOCKED, []
-    try:
-        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": dt.datetime.now().isoformat(timespec="seconds")}))
-        dates = dates_of(a, data_dir)
-        synthesize_if_empty(a, data_dir, dates)
-        summaries, code = [], Exit.PROMOTED
-        for date in dates:
-            try:
-                s = run_day(a, data_dir, date)
-            except StageFailed as e:
-                print(f"daily_train: {date}: {e}", file=sys.stderr)
-                return Exit.FAILED, summaries
-            print("daily_train: day " + json.dumps(s), flush=True)
-            summaries.append(s)
-            code = OUTCOME_EXIT[s["outcome"]]
-        return code, summaries
-    finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
