@@ -40,7 +40,15 @@ from jobs.common import init_ray, log, setup_logging
 from jobs.ingest import ingest
 
 END = dt.date(2026, 11, 22)
-FULL = dict(users=2000, items=20000, authors=1000, queries=2000, requests_per_day=2000, search_events_per_day=40000, feed_events_per_day=40000)
+FULL = dict(
+    users=2000,
+    items=20000,
+    authors=1000,
+    queries=2000,
+    requests_per_day=2000,
+    search_events_per_day=40000,
+    feed_events_per_day=40000,
+)
 BATCH = 256
 
 
@@ -63,7 +71,12 @@ def synth_and_ingest(work: str, scale: float) -> dict:
         log.info("bench: synthesised in %.1f s", time.perf_counter() - t0)
     t0 = time.perf_counter()
     counts = ingest(data, END, 70)
-    return {"data": data, "synth": sizes, "ingest_seconds": time.perf_counter() - t0, "rows": {t: c.clean for t, c in counts.items()}}
+    return {
+        "data": data,
+        "synth": sizes,
+        "ingest_seconds": time.perf_counter() - t0,
+        "rows": {t: c.clean for t, c in counts.items()},
+    }
 
 
 def build_window(data: str, days: int, cfg: FeatureConfig) -> dict:
@@ -111,7 +124,12 @@ def read_side(fs, lengths: list[int], n_batches: int, stored_bytes_per_sample: f
         t0 = time.perf_counter()
         tl = f.timelines()
         load_s = time.perf_counter() - t0
-        row = {"long_len": L, "window_days": len(fs.days), "timelines_load_s": load_s, "timelines_mb": tl.nbytes() / 1e6}
+        row = {
+            "long_len": L,
+            "window_days": len(fs.days),
+            "timelines_load_s": load_s,
+            "timelines_mb": tl.nbytes() / 1e6,
+        }
         for dedup in (False, True):
             m = Materializer(tl, f.cfg, dedup=dedup)
             nbytes, ratios, t = 0, [], 0.0
@@ -139,28 +157,43 @@ def table(res: dict) -> str:
     lines = [
         f"Feature build on {res['machine']}, synthetic logs ({res['synth']}).",
         "",
-        "| window days | impressions | events | wall s | s/day | impressions/s/core | events/s/core | task peak RSS MB | stored B/sample (samples) | stored B/sample (all) |",
+        "| window days | impressions | events | wall s | s/day | impressions/s/core | events/s/core | task peak RSS MB "
+        "| stored B/sample (samples) | stored B/sample (all) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in res["builds"]:
         lines.append(
             f"| {b['days']} | {b['impressions']:,} | {b['events']:,} | {b['wall_s']:.1f} | {b['s_per_day']:.2f} | "
-            f"{b['impressions_per_s_per_core']:,.0f} | {b['events_per_s_per_core']:,.0f} | {b['task_peak_rss_mb']:.0f} | "
+            f"{b['impressions_per_s_per_core']:,.0f} | {b['events_per_s_per_core']:,.0f} | "
+            f"{b['task_peak_rss_mb']:.0f} | "
             f"{b['bytes_per_sample_samples']:.1f} | {b['bytes_per_sample_all']:.1f} |"
         )
     inc = res["increment"]
-    lines += ["", f"Daily increment: {inc['days_built']} day built in {inc['wall_s']:.1f} s on a {inc['window_days']}-day window.", ""]
     lines += [
-        "| L_long | timelines load s | timelines MB | naive ms/batch | naive seq B/sample | dedup ms/batch | dedup seq B/sample | unique ratio | stored B/sample |",
+        "",
+        f"Daily increment: {inc['days_built']} day built in {inc['wall_s']:.1f} s "
+        f"on a {inc['window_days']}-day window.",
+        "",
+    ]
+    lines += [
+        "| L_long | timelines load s | timelines MB | naive ms/batch | naive seq B/sample | dedup ms/batch "
+        "| dedup seq B/sample | unique ratio | stored B/sample |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["read_side"]:
         lines.append(
-            f"| {r['long_len']} | {r['timelines_load_s']:.1f} | {r['timelines_mb']:.0f} | {r['naive_ms_per_batch']:.1f} | "
-            f"{r['naive_seq_bytes_per_sample']:,.0f} | {r['dedup_ms_per_batch']:.1f} | {r['dedup_seq_bytes_per_sample']:,.0f} | "
+            f"| {r['long_len']} | {r['timelines_load_s']:.1f} | {r['timelines_mb']:.0f} | "
+            f"{r['naive_ms_per_batch']:.1f} | "
+            f"{r['naive_seq_bytes_per_sample']:,.0f} | {r['dedup_ms_per_batch']:.1f} | "
+            f"{r['dedup_seq_bytes_per_sample']:,.0f} | "
             f"{r['unique_ratio']:.3f} | {r['stored_bytes_per_sample']:.1f} |"
         )
-    lines += ["", f"Ingest of the 70 days (not part of the feature build): {res['ingest_seconds']:.1f} s. Driver peak RSS {res['driver_peak_rss_mb']:.0f} MB.", ""]
+    lines += [
+        "",
+        f"Ingest of the 70 days (not part of the feature build): {res['ingest_seconds']:.1f} s. "
+        f"Driver peak RSS {res['driver_peak_rss_mb']:.0f} MB.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -168,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the per-day traffic of the full size")
     p.add_argument("--work", default="/tmp/hyformer-bench-features", help="scratch folder (synthetic data is cached)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder for features.json / .md")
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder for features.json / .md"
+    )
     p.add_argument("--windows", default="7,35,70")
     p.add_argument("--lengths", default="100,1000,3000")
     p.add_argument("--batches", type=int, default=8, help="batches of 256 per read-side measurement")

@@ -92,9 +92,7 @@ def count_flops(config: HyFormerConfig, m: int) -> dict[str, int]:
     config = dataclasses.replace(config, attn_impl="reference")
     with torch.device("meta"):
         model = build_model(config)
-    request, candidates, baseline = (
-        {k: v.to("meta") for k, v in b.items()} for b in make_inputs(config, m)
-    )
+    request, candidates, baseline = ({k: v.to("meta") for k, v in b.items()} for b in make_inputs(config, m))
 
     def flops(fn: Callable[[], Any]) -> int:
         counter = FlopCounterMode(display=False)
@@ -114,9 +112,7 @@ def measure(
     model: HyFormer, config: HyFormerConfig, m: int, device: torch.device, warmup: int, repeats: int, seed: int = 0
 ) -> dict[str, Any]:
     """One row: both paths for one request with m candidates, timed alternately; see the module doc."""
-    request, candidates, baseline = (
-        {k: v.to(device) for k, v in b.items()} for b in make_inputs(config, m, seed)
-    )
+    request, candidates, baseline = ({k: v.to(device) for k, v in b.items()} for b in make_inputs(config, m, seed))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run_baseline() -> tuple[Tensor, float]:

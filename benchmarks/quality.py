@@ -1,10 +1,11 @@
-"""Model quality (issue #7): the paper's Tables 1-3 and its scaling curves, on the same logs, several seeds, next to
+r"""Model quality (issue #7): the paper's Tables 1-3 and its scaling curves, on the same logs, several seeds, next to
 the oracle.
 
     python -m benchmarks.quality --suite tables       # every Table 1 and Table 2 row, matched dense params, 3 seeds
     python -m benchmarks.quality --suite side-info    # Table 3: side info 3 vs 7 types x long-sequence length
     python -m benchmarks.quality --suite scaling      # HyFormer vs LONGER + RankMixer at 4 sizes: AUC vs params, FLOPs
-    python -m benchmarks.quality --suite tables --features DATA/features/v2/<store>/window-*.json --name quality_movielens
+    python -m benchmarks.quality --suite tables \
+        --features DATA/features/v2/<store>/window-*.json --name quality_movielens
 
 Data: by default the synthetic logs of ``features.synth`` (``--synth-scale`` x SynthConfig's per-day traffic over
 ``--days`` days, cached in ``--work``), ingested and built into a feature window by the real jobs (``jobs.ingest``,
@@ -38,7 +39,6 @@ Writes ``benchmarks/results/<name>.json`` (every run) and ``<name>.md`` (the tab
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -49,20 +49,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 
-from benchmarks.common import synthesize_cached, write_results
+from benchmarks.common import write_results
 from benchmarks.kv_reuse import machine_info
+from benchmarks.quality_data import Window, logs_window, synthetic_window
 from benchmarks.quality_report import COUNTING, REFERENCE, SCALING_ARCHS, scaling_plots, summarize, table
 from features.build import FeatureConfig
-from features.materialize import Materializer, Timelines
-from features.synth import SynthConfig
-from hyformer.counting import CountingBaseline
-from hyformer.metrics import group_auc
 from hyformer.config import HyFormerConfig
-from hyformer.profile import count_params, profile
+from hyformer.counting import CountingBaseline
 from hyformer.loop import LoopConfig, run_epochs
+from hyformer.metrics import group_auc
+from hyformer.profile import count_params, profile
 from hyformer.training import Learner, OptimConfig
 from hyformer.zoo import ARCHITECTURES, build_model
 from jobs.build_features import FeatureSet
@@ -72,7 +70,6 @@ from jobs.train import PAPER_ENCODERS, match_width, model_config
 from jobs.train_config import TrainConfig
 
 SUITES = ("tables", "side-info", "scaling")
-END = dt.date(2026, 11, 22)
 PAPER_ROWS = tuple(n for n, a in ARCHITECTURES.items() if a.table in ("1", "2"))  # 9 of Table 1 + 4 more of Table 2
 # reference rows a ranking engineer checks first: counting (smoothed positive rates + logistic regression, no neural
 # network: hyformer/counting.py), HyFormer blind to its sequences, and DIN's target attention over the sequences
@@ -84,7 +81,9 @@ TABLE_ROWS = REFERENCE_ROWS + PAPER_ROWS + BEYOND_ROWS
 COUNTING_KEYS = {"item": "ns_item_id", "user": "ns_user_id", "query": "ns_query_id", "query x item": "ns_query_item"}
 COUNTING_LABEL = "Counting: smoothed positive rates of item, user, query, query x item + logistic regression"
 # the base model of every suite (d_model is then matched per row in "tables", scaled in "scaling")
-BASE_MODEL: dict[str, Any] = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
+BASE_MODEL: dict[str, Any] = dict(
+    d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32
+)
 # scaling: (d_model, d_seq, n_layers), ~20x in dense parameters from the smallest to the largest
 SCALING_SIZES: tuple[dict[str, int], ...] = (
     dict(d_model=16, d_seq=8, n_layers=1),
@@ -93,96 +92,6 @@ SCALING_SIZES: tuple[dict[str, int], ...] = (
     dict(d_model=128, d_seq=48, n_layers=3),
 )
 WIDTHS = tuple(range(8, 513, 4))  # d_model candidates when matching budgets
-
-
-# --- data ----------------------------------------------------------------------------------------------------------
-
-
-def synthetic_window(work: str, scale: float, days: int, long_len: int) -> FeatureSet:
-    """Synthetic logs of ``days`` days ending at END (per-day traffic x ``scale``; cached in ``work``), ingested and
-    built into a feature window."""
-    base = SynthConfig()
-    sizes = {f.name: max(1, int(getattr(base, f.name) * scale)) for f in dataclasses.fields(SynthConfig) if f.name.endswith("_per_day")}
-    cfg = dataclasses.replace(base, days=days, **sizes)
-    data = f"{work}/data"
-    synthesize_cached(cfg, data, END)
-    return logs_window(data, END, days, FeatureConfig(long_len=long_len, search_len=50, feed_len=50))
-
-
-def logs_window(data_dir: str, end: dt.date, days: int, cfg: FeatureConfig) -> FeatureSet:
-    """The ``days``-day window ending at ``end`` of the raw logs in ``data_dir`` (the log contract, e.g. written by
-    ``jobs.import_logs``), ingested and built by the real jobs on a local Ray cluster (stopped afterwards)."""
-    import ray
-
-    from jobs.build_features import logs_to_features
-    from jobs.common import init_ray
-
-    init_ray()
-    try:
-        return logs_to_features(data_dir, end, days, cfg)[1]
-    finally:
-        ray.shutdown()
-
-
-def read_samples(fs: FeatureSet, days: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The stored samples of ``days`` as numpy columns (what a Ray Data batch holds), in stored order."""
-    frame = pl.read_parquet(fs.sample_files(days)).drop("day")
-    if frame.height == 0:
-        raise ValueError(f"{fs.root}: no samples on days {days[0]}..{days[-1]}")
-    return {c: frame[c].to_numpy() for c in frame.columns}
-
-
-@dataclass
-class Window:
-    """The training and held-out samples of a feature window, their events, and materialised batches, cached per
-    (read-side config, order): every model of a seed trains on the very same batches."""
-
-    fs: FeatureSet
-    eval_days: int
-    val_days: int = 0  # days before the held-out ones kept out of training to choose the epoch (early stopping)
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        n = len(self.fs.days)
-        if not (self.eval_days >= 1 and self.val_days >= 0 and self.eval_days + self.val_days < n):
-            raise ValueError(f"--eval-days {self.eval_days} + --val-days {self.val_days}: the window has {n} days (need >= 1 training day)")
-        first_val, first_eval = n - self.eval_days - self.val_days, n - self.eval_days
-        self.train_days, self.eval_day_list = self.fs.days[:first_val], self.fs.days[first_eval:]
-        self.val_day_list = self.fs.days[first_val:first_eval]
-        self.train = read_samples(self.fs, self.train_days)
-        self.eval = read_samples(self.fs, self.eval_day_list)
-        self.val = read_samples(self.fs, self.val_day_list) if self.val_days else None
-        self.timelines: Timelines = self.fs.timelines()
-        self._cache: dict[tuple, list[dict[str, torch.Tensor]]] = {}
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train["label"])
-
-    @property
-    def n_eval(self) -> int:
-        return len(self.eval["label"])
-
-    def _batches(self, cfg: FeatureConfig, split: str, order: np.ndarray, key: tuple) -> list[dict[str, torch.Tensor]]:
-        key = (json.dumps(cfg.to_dict(), sort_keys=True), split, *key)
-        if key not in self._cache:
-            if split == "train":  # keep one seed's training batches at a time (every config's), and every eval set
-                self._cache = {k: v for k, v in self._cache.items() if k[1] != "train" or k[2] == key[2]}
-            cols = {"train": self.train, "eval": self.eval, "val": self.val}[split]
-            m = Materializer(self.timelines, cfg)
-            self._cache[key] = [
-                {k: torch.from_numpy(v) for k, v in m({c: a[idx] for c, a in cols.items()}).items()}
-                for idx in np.array_split(order, max(1, math.ceil(len(order) / self.batch_size)))
-            ]
-        return self._cache[key]
-
-    def train_batches(self, cfg: FeatureConfig, seed: int, epoch: int) -> list[dict[str, torch.Tensor]]:
-        order = np.random.default_rng([seed, epoch]).permutation(self.n_train)
-        return self._batches(cfg, "train", order, (seed, epoch))
-
-    def eval_batches(self, cfg: FeatureConfig, split: str = "eval") -> list[dict[str, torch.Tensor]]:
-        """The held-out rows (``split="val"``: the validation rows) in stored order."""
-        return self._batches(cfg, split, np.arange(len(getattr(self, split)["label"])), ())
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
@@ -241,8 +150,12 @@ def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu"
         return (_on(b, dev) for b in win.train_batches(spec.features, seed, epoch))
 
     loop = LoopConfig(
-        epochs=tc.epochs, steps_per_epoch=steps, batch_size=win.batch_size, validate=win.val is not None,
-        patience=tc.patience, log_every=100,
+        epochs=tc.epochs,
+        steps_per_epoch=steps,
+        batch_size=win.batch_size,
+        validate=win.val is not None,
+        patience=tc.patience,
+        log_every=100,
     )
     t0 = time.perf_counter()
     history = run_epochs(learner, model, batches, evaluate, loop)
@@ -254,9 +167,14 @@ def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu"
     m["best_epoch"] = history[-1].get("best_epoch", epochs[-1]["epoch"]) + 1.0
     keep = ("train_loss", "train_seconds", "eval_auc", "val_auc")
     return {
-        "row": spec.row, "arch": spec.arch, "seed": seed, **dict(spec.tags), **m,
+        "row": spec.row,
+        "arch": spec.arch,
+        "seed": seed,
+        **dict(spec.tags),
+        **m,
         "history": [{k: h[k] for k in keep if k in h} for h in epochs],
-        "train_seconds": train_seconds, "samples_per_s": len(epochs) * win.n_train / train_seconds,
+        "train_seconds": train_seconds,
+        "samples_per_s": len(epochs) * win.n_train / train_seconds,
     }
 
 
@@ -273,13 +191,28 @@ def fit_counting(win: Window, seed: int) -> dict[str, Any]:
     m = metrics(pred) | {"eval_user_auc": group_auc(pred["label"], pred["prob"], win.eval["user_id"])}
     train_seconds = time.perf_counter() - t0
     return {
-        "row": COUNTING, "arch": COUNTING, "seed": seed, "table": "ref", "label": COUNTING_LABEL, **m,
-        "eval_mean_len_long": float("nan"), "history": [], "train_seconds": train_seconds,
-        "samples_per_s": win.n_train / train_seconds, "weights": model.weights.tolist(),
+        "row": COUNTING,
+        "arch": COUNTING,
+        "seed": seed,
+        "table": "ref",
+        "label": COUNTING_LABEL,
+        **m,
+        "eval_mean_len_long": float("nan"),
+        "history": [],
+        "train_seconds": train_seconds,
+        "samples_per_s": win.n_train / train_seconds,
+        "weights": model.weights.tolist(),
     }
 
 
-COUNTING_SIZE = {"dense_params": 2 * len(COUNTING_KEYS) + 1, "sparse_params": 0, "train_gflops": 0.0, "d_model": "-", "d_seq": "-", "n_layers": 0}
+COUNTING_SIZE = {
+    "dense_params": 2 * len(COUNTING_KEYS) + 1,
+    "sparse_params": 0,
+    "train_gflops": 0.0,
+    "d_model": "-",
+    "d_seq": "-",
+    "n_layers": 0,
+}
 
 
 # --- suites ----------------------------------------------------------------------------------------------------------
@@ -306,7 +239,15 @@ def side_info_specs(fs: FeatureSet, base: dict[str, Any], long_lens: tuple[int, 
         for arch in (REFERENCE, "hyformer"):
             for side in (3, 7):
                 f = fs.with_read_side(long_len=length, side_info=side)
-                specs.append(Spec(f"{arch} L={length} side={side}", arch, arch_config(f, base, arch), f.cfg, (("long_len", length), ("side_info", side))))
+                specs.append(
+                    Spec(
+                        f"{arch} L={length} side={side}",
+                        arch,
+                        arch_config(f, base, arch),
+                        f.cfg,
+                        (("long_len", length), ("side_info", side)),
+                    )
+                )
     return specs
 
 
@@ -325,8 +266,12 @@ def describe(specs: list[Spec], batch: int) -> dict[str, dict[str, Any]]:
     for s in specs:
         p = profile(s.model, batch)
         out[s.row] = {
-            "dense_params": p.dense_params, "sparse_params": p.sparse_params, "train_gflops": p.train_flops / 1e9,
-            "d_model": s.model.d_model, "d_seq": s.model.d_seq or s.model.d_model, "n_layers": s.model.n_layers,
+            "dense_params": p.dense_params,
+            "sparse_params": p.sparse_params,
+            "train_gflops": p.train_flops / 1e9,
+            "d_model": s.model.d_model,
+            "d_seq": s.model.d_seq or s.model.d_model,
+            "n_layers": s.model.n_layers,
         }
     return out
 
@@ -363,11 +308,24 @@ class Tracker:
         import mlflow
 
         with mlflow.start_run(run_name=f"{spec.row} seed {run['seed']}", nested=True):
-            mlflow.log_params({"row": spec.row, "arch": spec.arch, "seed": run["seed"], **{f"model.{k}": str(v)[:500] for k, v in spec.model.to_dict().items() if k != "schema"}})
+            mlflow.log_params(
+                {
+                    "row": spec.row,
+                    "arch": spec.arch,
+                    "seed": run["seed"],
+                    **{f"model.{k}": str(v)[:500] for k, v in spec.model.to_dict().items() if k != "schema"},
+                }
+            )
             mlflow.log_params({f"train.{k}": v for k, v in tc.flat().items() if k != "model"})
             mlflow.log_params({f"features.{k}": v for k, v in spec.features.to_dict().items() if k != "vocab"})
             mlflow.log_metrics({k: v for k, v in run.items() if k.startswith("eval_") and math.isfinite(v)})
-            mlflow.log_metrics({"dense_params": size["dense_params"], "train_gflops": size["train_gflops"], "samples_per_s": run["samples_per_s"]})
+            mlflow.log_metrics(
+                {
+                    "dense_params": size["dense_params"],
+                    "train_gflops": size["train_gflops"],
+                    "samples_per_s": run["samples_per_s"],
+                }
+            )
             for i, h in enumerate(run["history"]):
                 mlflow.log_metric("train_loss", h["train_loss"], step=i)
 
@@ -389,8 +347,15 @@ class Tracker:
 
 
 def run_suite(
-    suite: str, win: Window, base: dict[str, Any], tc: TrainConfig, seeds: int, tracker: Tracker,
-    long_lens: tuple[int, ...] = (128, 512), sizes: tuple[dict[str, int], ...] = SCALING_SIZES, rows: tuple[str, ...] = TABLE_ROWS,
+    suite: str,
+    win: Window,
+    base: dict[str, Any],
+    tc: TrainConfig,
+    seeds: int,
+    tracker: Tracker,
+    long_lens: tuple[int, ...] = (128, 512),
+    sizes: tuple[dict[str, int], ...] = SCALING_SIZES,
+    rows: tuple[str, ...] = TABLE_ROWS,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Every model of ``suite`` x ``seeds`` seeds on ``win``; returns the results (runs, summary, window, machine)."""
@@ -407,15 +372,34 @@ def run_suite(
     counting = suite == "tables" and COUNTING in rows
     if counting:
         sizes_of[COUNTING] = COUNTING_SIZE
-    log.info("quality: %s, %d models x %d seeds on %d training / %d held-out samples", suite, len(specs), seeds, win.n_train, win.n_eval)
+    log.info(
+        "quality: %s, %d models x %d seeds on %d training / %d held-out samples",
+        suite,
+        len(specs),
+        seeds,
+        win.n_train,
+        win.n_eval,
+    )
     for s in specs:
         z = sizes_of[s.row]
-        log.info("  %-40s d_model %3d, %.3fM dense params, %.2f GFLOPs/step", s.row, z["d_model"], z["dense_params"] / 1e6, z["train_gflops"])
+        log.info(
+            "  %-40s d_model %3d, %.3fM dense params, %.2f GFLOPs/step",
+            s.row,
+            z["d_model"],
+            z["dense_params"] / 1e6,
+            z["train_gflops"],
+        )
     runs, t0, total = [], time.perf_counter(), (len(specs) + counting) * seeds
     for seed in range(seeds):  # seed-major: every model of a seed reuses the seed's materialised batches
         if counting:
             runs.append(fit_counting(win, seed))
-            log.info("quality: %s seed %d: AUC %.4f, query AUC %.4f", COUNTING, seed, runs[-1]["eval_auc"], runs[-1]["eval_query_auc"])
+            log.info(
+                "quality: %s seed %d: AUC %.4f, query AUC %.4f",
+                COUNTING,
+                seed,
+                runs[-1]["eval_auc"],
+                runs[-1]["eval_query_auc"],
+            )
         for s in specs:
             r = fit(win, s, tc, seed, device)
             runs.append(r)
@@ -424,7 +408,15 @@ def run_suite(
             eta = (time.perf_counter() - t0) / done * (total - done)
             log.info(
                 "quality: [%d/%d] %s seed %d: AUC %.4f, query AUC %.4f (oracle %.4f) in %.0f s; ETA %.0f min",
-                done, total, s.row, seed, r["eval_auc"], r["eval_query_auc"], r.get("eval_oracle_auc", float("nan")), r["train_seconds"], eta / 60,
+                done,
+                total,
+                s.row,
+                seed,
+                r["eval_auc"],
+                r["eval_query_auc"],
+                r.get("eval_oracle_auc", float("nan")),
+                r["train_seconds"],
+                eta / 60,
             )
     eval_requests = len(np.unique(win.eval["request_id"]))
     return {
@@ -435,8 +427,15 @@ def run_suite(
         "base_model": base,
         "paper_encoders": PAPER_ENCODERS,  # jobs.train's default, for the rows whose architecture names no encoder
         "window": {
-            "store": fs.root, "features": fs.cfg.to_dict() | {"vocab": None}, "train_days": len(win.train_days), "eval_days": len(win.eval_day_list),
-            "first_day": fs.days[0], "last_day": fs.days[-1], "train_samples": win.n_train, "eval_samples": win.n_eval, "eval_requests": eval_requests,
+            "store": fs.root,
+            "features": fs.cfg.to_dict() | {"vocab": None},
+            "train_days": len(win.train_days),
+            "eval_days": len(win.eval_day_list),
+            "first_day": fs.days[0],
+            "last_day": fs.days[-1],
+            "train_samples": win.n_train,
+            "eval_samples": win.n_eval,
+            "eval_requests": eval_requests,
         },
         "machine": machine_info(torch.device(device)),
         "wall_seconds": time.perf_counter() - t0,
@@ -449,30 +448,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="Model quality: Tables 1-3 and scaling curves (module doc).")
     p.add_argument("--suite", choices=SUITES, help="required unless --render")
     p.add_argument("--features", default=None, help="a window-*.json of jobs.build_features (default: synthetic logs)")
-    p.add_argument("--data-dir", default=None, help="raw logs in the log contract (e.g. jobs.import_logs): ingest and build the window ending at --date")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="raw logs in the log contract (e.g. jobs.import_logs): ingest and build the window ending at --date",
+    )
     p.add_argument("--date", default=None, help="with --data-dir: the window's last day, YYYY-MM-DD")
-    p.add_argument("--relevance", default="category", choices=("category", "none"), help="with --data-dir: search/feed relevance (features.build)")
+    p.add_argument(
+        "--relevance",
+        default="category",
+        choices=("category", "none"),
+        help="with --data-dir: search/feed relevance (features.build)",
+    )
     p.add_argument("--work", default="/tmp/hyformer-quality", help="synthetic data, Ray and MLflow files")
     p.add_argument("--synth-scale", type=float, default=0.5, help="x SynthConfig's per-day traffic")
     p.add_argument("--days", type=int, default=28, help="days of synthetic logs (the window)")
     p.add_argument("--eval-days", type=int, default=3, help="held-out days at the window's end")
-    p.add_argument("--val-days", type=int, default=0, help="days before the held-out ones kept out of training to pick the epoch (early stopping on their AUC)")
+    p.add_argument(
+        "--val-days",
+        type=int,
+        default=0,
+        help="days before the held-out ones kept out of training to pick the epoch (early stopping on their AUC)",
+    )
     p.add_argument("--long-len", type=int, default=128, help="L_long of tables/scaling (side-info: --long-lens)")
     p.add_argument("--long-lens", default="128,512", help="side-info: the long-sequence lengths compared")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=OptimConfig().lr)
-    p.add_argument("--train", default="{}", help='TrainConfig overrides as JSON, e.g. \'{"sparse_lr": 0.02}\' (jobs/train_config.py: its fields, optimiser fields plain or as optim.<name>)')
+    p.add_argument(
+        "--train",
+        default="{}",
+        help="TrainConfig overrides as JSON, e.g. '{\"sparse_lr\": 0.02}' "
+        "(jobs/train_config.py: its fields, optimiser fields plain or as optim.<name>)",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda: where the models train (bf16 autocast on CUDA)")
     p.add_argument("--rows", default=",".join(TABLE_ROWS), help="tables: the architectures (hyformer.zoo names)")
     p.add_argument("--model", default="{}", help="HyFormerConfig overrides of the base model, as JSON")
     p.add_argument("--sizes", default=None, help="scaling: a JSON list of overrides, one per size")
     p.add_argument("--name", default=None, help="results name (default quality_<suite>)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    p.add_argument("--plots", default=os.path.join(os.path.dirname(__file__), "..", "docs", "img"), help="scaling plots folder")
+    p.add_argument(
+        "--plots", default=os.path.join(os.path.dirname(__file__), "..", "docs", "img"), help="scaling plots folder"
+    )
     p.add_argument("--experiment", default="hyformer-quality", help="MLflow experiment")
     p.add_argument("--no-mlflow", action="store_true")
-    p.add_argument("--render", default=None, help="only rewrite the .md (and scaling plots) of a results JSON, e.g. after a format change")
+    p.add_argument(
+        "--render",
+        default=None,
+        help="only rewrite the .md (and scaling plots) of a results JSON, e.g. after a format change",
+    )
     a = p.parse_args(argv)
     setup_logging()
     if a.render:
@@ -511,8 +535,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tc = TrainConfig.from_dict({"epochs": a.epochs, "lr": a.lr} | json.loads(a.train) | {"seed": 0, "model": base})
     win = Window(fs, a.eval_days, a.val_days)
     tracker = Tracker(a.work, a.experiment, enabled=not a.no_mlflow)
-    with tracker.start(name, {"suite": a.suite, "seeds": a.seeds, "epochs": a.epochs, "base_model": json.dumps(base), "features": fs.root, "eval_days": a.eval_days}):
-        res = run_suite(a.suite, win, base, tc, a.seeds, tracker, long_lens=long_lens, sizes=sizes, rows=rows, device=a.device)
+    with tracker.start(
+        name,
+        {
+            "suite": a.suite,
+            "seeds": a.seeds,
+            "epochs": a.epochs,
+            "base_model": json.dumps(base),
+            "features": fs.root,
+            "eval_days": a.eval_days,
+        },
+    ):
+        res = run_suite(
+            a.suite, win, base, tc, a.seeds, tracker, long_lens=long_lens, sizes=sizes, rows=rows, device=a.device
+        )
         res["command"] = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
         md = table(res)
         write_results(a.out, name, res, md)

@@ -15,8 +15,14 @@ REFERENCE = "longer-rankmixer"  # the paper's production baseline: every delta i
 COUNTING = "counting"  # the counting baseline's row (hyformer/counting.py)
 SCALING_ARCHS = ("hyformer", REFERENCE)
 EVAL_KEYS = (
-    "eval_auc", "eval_query_auc", "eval_user_auc", "eval_logloss", "eval_oracle_auc", "eval_oracle_query_auc",
-    "eval_oracle_ns_auc", "eval_oracle_seq_auc",
+    "eval_auc",
+    "eval_query_auc",
+    "eval_user_auc",
+    "eval_logloss",
+    "eval_oracle_auc",
+    "eval_oracle_query_auc",
+    "eval_oracle_ns_auc",
+    "eval_oracle_seq_auc",
 )
 
 
@@ -29,12 +35,18 @@ def mean_std(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(runs: list[dict[str, Any]], sizes: dict[str, dict[str, Any]], rows: list[str]) -> dict[str, dict[str, Any]]:
+def summarize(
+    runs: list[dict[str, Any]], sizes: dict[str, dict[str, Any]], rows: list[str]
+) -> dict[str, dict[str, Any]]:
     out = {}
     for row in rows:
         rs = [r for r in runs if r["row"] == row]
-        out[row] = {k: mean_std([r.get(k) for r in rs]) for k in (*EVAL_KEYS, "eval_mean_len_long", "samples_per_s")} | sizes[row]
-        out[row] |= {k: rs[0][k] for k in ("arch", "label", "table", "long_len", "side_info", "size") if rs and k in rs[0]}
+        out[row] = {
+            k: mean_std([r.get(k) for r in rs]) for k in (*EVAL_KEYS, "eval_mean_len_long", "samples_per_s")
+        } | sizes[row]
+        out[row] |= {
+            k: rs[0][k] for k in ("arch", "label", "table", "long_len", "side_info", "size") if rs and k in rs[0]
+        }
     return out
 
 
@@ -56,7 +68,9 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     """Hanley & McNeil (1982): the standard error of an AUC measured on ``positives`` + ``negatives`` rows, i.e. how
     much it would move on another sample of held-out rows of the same size."""
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (positives * negatives)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (
+        positives * negatives
+    )
     return math.sqrt(max(var, 0.0))
 
 
@@ -76,12 +90,19 @@ def table(res: dict[str, Any]) -> str:
     first = res["runs"][0]
     positives = round(first["eval_rows"] * first["eval_ctr"])
     se = auc_standard_error(first["eval_auc"], positives, int(first["eval_rows"]) - positives)
-    ref_text = "the same architecture and length with side info 3" if suite == "side-info" else f"{REFERENCE} (of the same size)"
+    ref_text = (
+        "the same architecture and length with side info 3"
+        if suite == "side-info"
+        else f"{REFERENCE} (of the same size)"
+    )
     lines = [
-        f"Suite `{suite}`: {w['train_samples']:,} training samples ({w['train_days']} days), {w['eval_samples']:,} held-out rows "
+        f"Suite `{suite}`: {w['train_samples']:,} training samples ({w['train_days']} days), "
+        f"{w['eval_samples']:,} held-out rows "
         f"({w['eval_days']} days, {w['eval_requests']:,} requests, {positives:,} clicks), {res['epochs']} epoch(s), "
-        f"{res['seeds']} seeds: mean ± sample std over the seeds. ΔAUC: relative AUC difference to {ref_text}, seed by seed "
-        f"(same batches, same rows), mean ± std. One AUC on these rows has a sampling error of ±{se:.4f} (Hanley-McNeil): "
+        f"{res['seeds']} seeds: mean ± sample std over the seeds. "
+        f"ΔAUC: relative AUC difference to {ref_text}, seed by seed "
+        f"(same batches, same rows), mean ± std. "
+        f"One AUC on these rows has a sampling error of ±{se:.4f} (Hanley-McNeil): "
         "differences between models on the same rows vary less, but one smaller than that may not hold on other days.",
         "",
     ]
@@ -90,14 +111,16 @@ def table(res: dict[str, Any]) -> str:
     lines += _ceilings(s)
     if suite == "side-info":
         lines += [
-            f"| long seq (mean events seen) | architecture | side info | AUC | ΔAUC (side 3 → 7) | query AUC | dense params (M) | GFLOPs/step{oracle_cols} |",
+            f"| long seq (mean events seen) | architecture | side info | AUC | ΔAUC (side 3 → 7) | query AUC "
+            f"| dense params (M) | GFLOPs/step{oracle_cols} |",
             "|---|---|---:|---:|---:|---:|---:|---:" + ("|---:|---:|" if has_oracle else "|"),
         ]
         for row, r in s.items():
             base = row.replace("side=7", "side=3")
             d = _delta(res, row, base) if r["side_info"] == 7 else "-"
             lines.append(
-                f"| {r['long_len']} ({r['eval_mean_len_long']['mean']:.0f}) | {r['arch']} | {r['side_info']} | {_pm(r['eval_auc'])} | {d} | {_pm(r['eval_query_auc'])} | "
+                f"| {r['long_len']} ({r['eval_mean_len_long']['mean']:.0f}) | {r['arch']} | {r['side_info']} | "
+                f"{_pm(r['eval_auc'])} | {d} | {_pm(r['eval_query_auc'])} | "
                 f"{r['dense_params'] / 1e6:.3f} | {r['train_gflops']:.2f}" + _oracle(r, has_oracle) + " |"
             )
     else:
@@ -128,7 +151,9 @@ def _ceilings(s: dict[str, Any]) -> list[str]:
         floor = s["hyformer-no-seq"]["eval_auc"]["mean"]
         gap = ceil["eval_oracle_auc"] - floor
         closed = ", ".join(
-            f"{row} {100 * (r['eval_auc']['mean'] - floor) / gap:+.0f}%" for row, r in s.items() if row != "hyformer-no-seq" and gap > 0
+            f"{row} {100 * (r['eval_auc']['mean'] - floor) / gap:+.0f}%"
+            for row, r in s.items()
+            if row != "hyformer-no-seq" and gap > 0
         )
         lines += [f"Share of the gap between `hyformer-no-seq` ({floor:.4f}) and the oracle closed: {closed}.", ""]
     return lines
@@ -139,10 +164,22 @@ def _main_table(res: dict[str, Any], has_oracle: bool) -> list[str]:
     s, suite = res["summary"], res["suite"]
     refs = [("ΔAUC", None)]  # None: the row's own reference (LONGER + RankMixer of the same size)
     if suite == "tables":
-        refs += [(f"ΔAUC vs {name}", row) for name, row in (("HyFormer", "hyformer"), ("counting", COUNTING)) if row in s]
+        refs += [
+            (f"ΔAUC vs {name}", row) for name, row in (("HyFormer", "hyformer"), ("counting", COUNTING)) if row in s
+        ]
     user_auc = any(_stat(r, "eval_user_auc")["mean"] is not None for r in s.values())
-    first = "| size | architecture | d_model / d_seq / layers" if suite == "scaling" else "| table | architecture | d_model"
-    heads = ["AUC", *(h for h, _ in refs), "query AUC", *(["user AUC"] if user_auc else []), "logloss", "dense params (M)", "GFLOPs/step"]
+    first = (
+        "| size | architecture | d_model / d_seq / layers" if suite == "scaling" else "| table | architecture | d_model"
+    )
+    heads = [
+        "AUC",
+        *(h for h, _ in refs),
+        "query AUC",
+        *(["user AUC"] if user_auc else []),
+        "logloss",
+        "dense params (M)",
+        "GFLOPs/step",
+    ]
     heads += ["oracle AUC", "oracle query AUC"] if has_oracle else []
     lines = [f"{first} | " + " | ".join(heads) + " |", "|---|---|---|" + "---:|" * len(heads)]
     for row, r in s.items():
@@ -179,8 +216,12 @@ def scaling_plots(res: dict[str, Any], out_dir: str) -> list[str]:
         for arch in SCALING_ARCHS:
             rows = sorted((r for r in s.values() if r["arch"] == arch), key=lambda r: r[x_key])
             ax.errorbar(
-                [r[x_key] for r in rows], [r["eval_auc"]["mean"] for r in rows],
-                yerr=[r["eval_auc"]["std"] or 0.0 for r in rows], marker="o", capsize=3, label=ARCHITECTURES[arch].label,
+                [r[x_key] for r in rows],
+                [r["eval_auc"]["mean"] for r in rows],
+                yerr=[r["eval_auc"]["std"] or 0.0 for r in rows],
+                marker="o",
+                capsize=3,
+                label=ARCHITECTURES[arch].label,
             )
         # the oracle is named in the title, not drawn: a line at its level would flatten the curves' differences
         oracle = [r["eval_oracle_auc"]["mean"] for r in s.values() if r["eval_oracle_auc"]["mean"] is not None]
@@ -188,7 +229,9 @@ def scaling_plots(res: dict[str, Any], out_dir: str) -> list[str]:
         ax.set_xlabel(x_label)
         ax.set_ylabel("held-out AUC (mean ± std over seeds)")
         title = f"AUC vs {x_label.split(' (')[0]} ({res['seeds']} seeds)"
-        ax.set_title(title + (f"\noracle AUC on the same rows: {statistics.fmean(oracle):.4f}" if oracle else ""), fontsize=10)
+        ax.set_title(
+            title + (f"\noracle AUC on the same rows: {statistics.fmean(oracle):.4f}" if oracle else ""), fontsize=10
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

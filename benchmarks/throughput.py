@@ -62,9 +62,9 @@ from typing import Any
 import ray
 import torch
 
+from benchmarks.common import synthesize_cached, write_results
 from benchmarks.features import END
 from benchmarks.kv_reuse import machine_info
-from benchmarks.common import synthesize_cached, write_results
 from features.build import FeatureConfig
 from features.synth import SynthConfig
 from hyformer.config import HyFormerConfig
@@ -86,18 +86,31 @@ N_BATCHES = 4  # distinct random batches per step row, used in turn
 def small_config() -> HyFormerConfig:
     """The "small" preset (module doc): ~0.7 s per training step at batch 256 on 2 CPU cores."""
     return HyFormerConfig.tiny(
-        d_model=128, d_seq=32, n_heads=4, emb_dim=16, ffn_mult=4, head_hidden=(256,),
+        d_model=128,
+        d_seq=32,
+        n_heads=4,
+        emb_dim=16,
+        ffn_mult=4,
+        head_hidden=(256,),
         sequences={"long": 512, "search": 50, "feed": 50},
-        seq_encoder={"long": "longer", "search": "transformer", "feed": "transformer"}, longer_queries=100,
+        seq_encoder={"long": "longer", "search": "transformer", "feed": "transformer"},
+        longer_queries=100,
     )
 
 
 PRESETS: dict[str, Callable[[], HyFormerConfig]] = {
-    "tiny": HyFormerConfig.tiny, "small": small_config, "paper": HyFormerConfig.paper,
+    "tiny": HyFormerConfig.tiny,
+    "small": small_config,
+    "paper": HyFormerConfig.paper,
 }
 # workers part: the daily workflow's demo data (workflows/daily_train.py DEMO_SYNTH, per-day counts x --scale) and model
 WORKERS_SYNTH: dict[str, int] = dict(
-    users=1000, items=3000, authors=200, queries=400, requests_per_day=120, search_events_per_day=1500,
+    users=1000,
+    items=3000,
+    authors=200,
+    queries=400,
+    requests_per_day=120,
+    search_events_per_day=1500,
     feed_events_per_day=2500,
 )
 WORKERS_MODEL: dict[str, Any] = dict(d_model=32, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,))
@@ -111,7 +124,13 @@ SUMMARY_KEYS = ("samples_per_s", "step_ms", *EVAL_KEYS)
 
 
 def step_row(
-    preset: str, arch: str, batch_size: int, device: torch.device, steps: int, warmup: int, peak_tflops: float,
+    preset: str,
+    arch: str,
+    batch_size: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    peak_tflops: float,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Time `steps` Learner steps of the preset as architecture `arch` (module doc) and count their FLOPs."""
@@ -167,8 +186,14 @@ def step_row(
 
 
 def run_steps(
-    presets: list[str], archs: list[str], device: torch.device, batch_size: int, paper_batch_size: int, steps: int,
-    warmup: int, peak_tflops: float,
+    presets: list[str],
+    archs: list[str],
+    device: torch.device,
+    batch_size: int,
+    paper_batch_size: int,
+    steps: int,
+    warmup: int,
+    peak_tflops: float,
 ) -> list[dict[str, Any]]:
     """One step_row per preset and architecture (the paper preset at paper_batch_size)."""
     rows = []
@@ -181,7 +206,14 @@ def run_steps(
             mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
             log.info(
                 "throughput: %s %s batch %d: %.1f ms/step, %.0f samples/s, %.3g TFLOP/s%s [%.0f s]",
-                preset, arch, bs, row["step_ms"], row["samples_per_s"], row["achieved_tflops"], mfu, time.perf_counter() - t0,
+                preset,
+                arch,
+                bs,
+                row["step_ms"],
+                row["samples_per_s"],
+                row["achieved_tflops"],
+                mfu,
+                time.perf_counter() - t0,
             )
     return rows
 
@@ -205,8 +237,13 @@ def build_window(work: str, scale: float, days: int) -> tuple[FeatureSet, dict[s
 def train_run(fs: FeatureSet, mode: str, seed: int, epochs: int, batch_size: int, storage: str) -> dict[str, Any]:
     """One jobs.train.train run with `WORKERS` CPU workers; its throughput and last-epoch metrics."""
     tc = TrainConfig(
-        epochs=epochs, batch_size=batch_size, workers=WORKERS, cpus_per_worker=1, optim=OptimConfig(grad_sync=mode),
-        seed=seed, model=WORKERS_MODEL,
+        epochs=epochs,
+        batch_size=batch_size,
+        workers=WORKERS,
+        cpus_per_worker=1,
+        optim=OptimConfig(grad_sync=mode),
+        seed=seed,
+        model=WORKERS_MODEL,
     )
     name = f"throughput-{mode}-seed{seed}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
@@ -234,8 +271,14 @@ def train_run(fs: FeatureSet, mode: str, seed: int, epochs: int, batch_size: int
     run |= {k: last[k] for k in (*EVAL_KEYS, "eval_rows")}
     log.info(
         "throughput: %s seed %d: %.0f samples/s, %.1f ms/step, AUC %.4f, query AUC %.4f (oracle %.4f) [%.0f s]",
-        mode, seed, run["samples_per_s"], run["step_ms"], run["eval_auc"], run["eval_query_auc"],
-        run["eval_oracle_query_auc"], wall,
+        mode,
+        seed,
+        run["samples_per_s"],
+        run["step_ms"],
+        run["eval_auc"],
+        run["eval_query_auc"],
+        run["eval_oracle_query_auc"],
+        wall,
     )
     return run
 
@@ -279,7 +322,7 @@ def run_workers(work: str, scale: float, days: int, epochs: int, batch_size: int
 
 
 def fmt(stat: dict[str, float | None], spec: str) -> str:
-    """"mean" or "mean ± std" of a summarize() entry."""
+    """ "mean" or "mean ± std" of a summarize() entry."""
     return f"{stat['mean']:{spec}}" + ("" if stat["std"] is None else f" ± {stat['std']:{spec}}")
 
 
@@ -297,7 +340,8 @@ def table(res: dict[str, Any]) -> str:
         cuda = s["device"].startswith("cuda")
         unit, scale = ("TFLOP", 1.0) if cuda else ("GFLOP", 1e3)  # achieved FLOP/s
         lines += [
-            f"One process, `hyformer.training.Learner` steps on {s['device']}, random batches with full-length sequences: "
+            f"One process, `hyformer.training.Learner` steps on {s['device']}, "
+            "random batches with full-length sequences: "
             f"median of {s['steps']} steps after {s['warmup']} warm-up. GFLOPs = forward + backward matrix products "
             f"(`hyformer.profile`)" + (f"; MFU against {s['peak_tflops']:g} TFLOP/s." if cuda else "."),
             "",
@@ -308,7 +352,8 @@ def table(res: dict[str, Any]) -> str:
         for r in s["rows"]:
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             lines.append(
-                f"| {r['preset']} | {r['arch']} | {r['batch_size']} | {r['precision']} | {r['dense_params'] / 1e6:.2f} | "
+                f"| {r['preset']} | {r['arch']} | {r['batch_size']} | {r['precision']} | "
+                f"{r['dense_params'] / 1e6:.2f} | "
                 f"{r['train_gflops_per_step']:.3g} | {r['step_ms']:.1f} | {r['samples_per_s']:,.0f} | "
                 f"{r['achieved_tflops'] * scale:.1f} | {mfu} |"
             )
@@ -318,7 +363,8 @@ def table(res: dict[str, Any]) -> str:
         win = w["window"]
         lines += [
             f"`jobs.train` end to end: {w['workers']} CPU workers x {w['cpus_per_worker']} CPU (local Ray, "
-            f"{w['ray_num_cpus']} logical CPUs), batch {w['batch_size_per_worker']} per worker, {w['epochs']} epoch(s), "
+            f"{w['ray_num_cpus']} logical CPUs), batch {w['batch_size_per_worker']} per worker, "
+            f"{w['epochs']} epoch(s), "
             f"{win['days']}-day window ({win['samples']:,} samples, last day held out), "
             f"model {json.dumps(w['model_overrides'])}; "
             f"{w['seeds']} seed(s){', mean ± std' if w['seeds'] > 1 else ''}.",
@@ -329,7 +375,8 @@ def table(res: dict[str, Any]) -> str:
         for mode, st in w["summary"].items():
             lines.append(
                 f"| {mode} | {fmt(st['samples_per_s'], ',.0f')} | {fmt(st['step_ms'], '.1f')} | "
-                f"{fmt(st['eval_auc'], '.4f')} | {fmt(st['eval_query_auc'], '.4f')} | {fmt(st['eval_logloss'], '.4f')} | "
+                f"{fmt(st['eval_auc'], '.4f')} | {fmt(st['eval_query_auc'], '.4f')} | "
+                f"{fmt(st['eval_logloss'], '.4f')} | "
                 f"{fmt(st['eval_oracle_query_auc'], '.4f')} |"
             )
         lines.append("")
@@ -341,12 +388,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of step,workers")
     p.add_argument("--device", default="cpu", help='step part: "cpu" or "cuda" (the workers part runs on the CPU)')
     p.add_argument("--presets", default=None, help="step part: presets (default tiny,small; + paper on cuda)")
-    p.add_argument("--archs", default="hyformer,longer-rankmixer", help="step part: hyformer.zoo architectures per preset")
-    p.add_argument("--batch-size", type=int, default=256, help="tiny/small step batch, and the workers' batch per worker")
+    p.add_argument(
+        "--archs", default="hyformer,longer-rankmixer", help="step part: hyformer.zoo architectures per preset"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="tiny/small step batch, and the workers' batch per worker"
+    )
     p.add_argument("--paper-batch-size", type=int, default=512, help="step batch of the paper preset")
     p.add_argument("--steps", type=int, default=20, help="timed steps per step row (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per step row")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak FLOP/s for MFU (default: H100 SXM dense bf16)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="peak FLOP/s for MFU (default: H100 SXM dense bf16)"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="workers part: multiplies the synthetic per-day traffic")
     p.add_argument("--days", type=int, default=70, help="workers part: window length in days (the last is held out)")
     p.add_argument("--epochs", type=int, default=2, help="workers part: training epochs per run")
@@ -366,11 +419,18 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     res: dict[str, Any] = {"machine": machine_info(device) | {"ray": ray.__version__}, "parts": parts}
     if "step" in parts:
-        presets = a.presets.split(",") if a.presets else ["tiny", "small"] + (["paper"] if device.type == "cuda" else [])
+        presets = (
+            a.presets.split(",") if a.presets else ["tiny", "small"] + (["paper"] if device.type == "cuda" else [])
+        )
         archs = a.archs.split(",")
         res["step"] = {
-            "device": str(device), "steps": a.steps, "warmup": a.warmup, "peak_tflops": a.peak_tflops,
-            "rows": run_steps(presets, archs, device, a.batch_size, a.paper_batch_size, a.steps, a.warmup, a.peak_tflops),
+            "device": str(device),
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "peak_tflops": a.peak_tflops,
+            "rows": run_steps(
+                presets, archs, device, a.batch_size, a.paper_batch_size, a.steps, a.warmup, a.peak_tflops
+            ),
         }
     if "workers" in parts:
         res["workers"] = run_workers(a.work, a.scale, a.days, a.epochs, a.batch_size, a.seeds)

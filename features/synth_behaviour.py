@@ -98,9 +98,7 @@ def _requests(cfg: SynthConfig, world: World, pi: np.ndarray, rng: np.random.Gen
     }
 
 
-def _candidates(
-    cfg: SynthConfig, world: World, query_cat: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _candidates(cfg: SynthConfig, world: World, query_cat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """(R, K) distinct items per request: on-topic with probability on_topic_candidates, by exposure weight."""
     R, K = len(query_cat), cfg.candidates
     out = np.full((R, K), -1, dtype=np.int64)
@@ -154,9 +152,7 @@ def _interest_events(
     users = choice(rng, world.user_activity, n)
     from_fav = rng.random(n) < fav_share
     fav_author = world.user_favs[users, rng.integers(0, cfg.fav_authors, n)]
-    cat = np.where(
-        rng.random(n) < cfg.event_from_interest, choice_rows(rng, pi[users]), choice(rng, world.cat_pop, n)
-    )
+    cat = np.where(rng.random(n) < cfg.event_from_interest, choice_rows(rng, pi[users]), choice(rng, world.cat_pop, n))
     items = np.where(from_fav, world.items_by_author.sample(rng, fav_author), world.items_by_cat.sample(rng, cat))
     item_cat = world.item_cat[items]
     watch, finish, like = _engagement(rng, world, items, is_fav(world, users, items), pi[users, item_cat])

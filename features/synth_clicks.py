@@ -83,8 +83,20 @@ def click_model(
     quality = cfg.click_quality * world.item_quality[shown.item]
     noise = rng.normal(0.0, cfg.click_noise, len(shown.item))
     logit = (
-        cfg.click_bias + relevance + interest + fav_in + fav_out - position + evening + night + device
-        + mobile + web + cellular + quality + noise
+        cfg.click_bias
+        + relevance
+        + interest
+        + fav_in
+        + fav_out
+        - position
+        + evening
+        + night
+        + device
+        + mobile
+        + web
+        + cellular
+        + quality
+        + noise
     )
     logit_ns = (
         cfg.click_bias + relevance - position + evening + night + device + mobile + web + cellular + quality + noise

@@ -81,7 +81,7 @@ class SynthConfig:
             raise ValueError(f"invalid SynthConfig: {', '.join(bad)}")
 
     @staticmethod
-    def tiny() -> "SynthConfig":
+    def tiny() -> SynthConfig:
         """A few thousand rows over a week: for tests and smoke runs."""
         return SynthConfig(
             days=7,

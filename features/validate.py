@@ -59,14 +59,25 @@ def _readable(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _readable(t.value_type)
     return (
-        pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
-        or pa.types.is_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_null(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_string_view(t)
         or _is_binary(t)
     )
 
 
 def _is_binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or pa.types.is_binary_view(t)
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or pa.types.is_binary_view(t)
+    )
 
 
 def check_schema(schema: pa.Schema, table: Table, source: str) -> list[str]:
@@ -130,7 +141,11 @@ def field_checks(col: str, table: Table) -> list[pl.Expr]:
     """Reasons (or nulls) for one column: failed cast, null in a required field, non-finite float, out of bounds."""
     c = table.column(col)
     raw, typed = pl.col(f"{col}__raw"), pl.col(col)
-    checks = [pl.when(raw.is_not_null() & typed.is_null()).then(pl.format(f"{col}: cannot read {{}} as {c.type}", raw.cast(pl.String)))]
+    checks = [
+        pl.when(raw.is_not_null() & typed.is_null()).then(
+            pl.format(f"{col}: cannot read {{}} as {c.type}", raw.cast(pl.String))
+        )
+    ]
     if c.required:
         checks.append(pl.when(raw.is_null()).then(pl.lit(f"{col}: null in required field")))
     finite = pl.lit(True)
@@ -156,7 +171,9 @@ def reference_checks(table: Table, known_ids: Mapping[str, pl.Series]) -> list[p
     for field, dim in REFERENCES.get(table.name, {}).items():
         if dim in known_ids:
             v = pl.col(field)
-            checks.append(pl.when(v.is_not_null() & ~v.is_in(known_ids[dim])).then(pl.format(f"{field}: {{}} not in {dim}", v)))
+            checks.append(
+                pl.when(v.is_not_null() & ~v.is_in(known_ids[dim])).then(pl.format(f"{field}: {{}} not in {dim}", v))
+            )
     return checks
 
 
@@ -189,7 +206,11 @@ def validate(
             raise ContractError(f"{source}: column {c!r} has type {d}, which cannot be read as {table.column(c).type}")
     raw_cols = [pl.col(c).alias(f"{c}__raw") for c in present]
     typed = [
-        (_cast(c.name, df.schema[c.name], polars_type(c.type)) if c.name in df.columns else pl.lit(None, polars_type(c.type))).alias(c.name)
+        (
+            _cast(c.name, df.schema[c.name], polars_type(c.type))
+            if c.name in df.columns
+            else pl.lit(None, polars_type(c.type))
+        ).alias(c.name)
         for c in table.columns
     ]
     checks = [e for c in present for e in field_checks(c, table)]
@@ -199,7 +220,9 @@ def validate(
     reason = pl.concat_str(checks, separator="; ", ignore_nulls=True) if checks else pl.lit(None, pl.String)
     out = df.select(*raw_cols, *typed).with_columns(pl.when(reason != "").then(reason).alias(REASON))
     raw_json = pl.struct([_json_safe(f"{c}__raw", df.schema[c]).alias(c) for c in present]).struct.json_encode()
-    return out.select(*(c.name for c in table.columns), REASON, pl.when(pl.col(REASON).is_not_null()).then(raw_json).alias(RAW))
+    return out.select(
+        *(c.name for c in table.columns), REASON, pl.when(pl.col(REASON).is_not_null()).then(raw_json).alias(RAW)
+    )
 
 
 def duplicate_check(v: pl.DataFrame, table: Table) -> pl.DataFrame:
@@ -230,9 +253,13 @@ def duplicate_check(v: pl.DataFrame, table: Table) -> pl.DataFrame:
 
 
 def validate_partition(
-    frames: list[tuple[str, pl.DataFrame]], table: Table, day: dt.date | None, known_ids: Mapping[str, pl.Series] | None = None
+    frames: list[tuple[str, pl.DataFrame]],
+    table: Table,
+    day: dt.date | None,
+    known_ids: Mapping[str, pl.Series] | None = None,
 ) -> pl.DataFrame:
-    """Validate every (source file, rows) of one partition; contract columns + ``_file``, ``_row``, ``_reason``, ``_raw``."""
+    """Validate every (source file, rows) of one partition; contract columns + ``_file``, ``_row``, ``_reason``,
+    ``_raw``."""
     parts = [
         validate(df, table, day, source, known_ids).with_columns(
             pl.lit(source, pl.String).alias(FILE), pl.int_range(pl.len(), dtype=pl.Int64).alias(ROW)

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from hyformer.config import INTERACTIONS, HyFormerConfig
 from hyformer.layers import (
-    MLP, CrossAttention, PerTokenFFN, QueryBoost, Tokenizer, attention, head_mlp, merge_sequences,
+    MLP,
+    CrossAttention,
+    PerTokenFFN,
+    QueryBoost,
+    Tokenizer,
+    attention,
+    head_mlp,
+    merge_sequences,
 )
 from hyformer.model import HyFormer, RankingModel
 

@@ -140,8 +140,11 @@ class InputSchema:
         return cls(
             id_spaces={"user_id": 50, "item": 100, "author": 30, "query": 40, "context": 10, "action": 5},
             ns_groups={
-                "user": ("user_id", "context"), "query": ("query",), "item": ("item", "author"),
-                "context": ("context",), "cross": ("query", "item"),
+                "user": ("user_id", "context"),
+                "query": ("query",),
+                "item": ("item", "author"),
+                "context": ("context",),
+                "cross": ("query", "item"),
             },
             seq_fields=("item", "author", "action"),
             sequences={"long": 16, "search": 8, "feed": 8},
@@ -156,8 +159,17 @@ class InputSchema:
         big, mid, small = 1 << 20, 1 << 16, 1 << 10
         return cls(
             id_spaces={
-                "user_id": big, "user_attr": mid, "query_id": big, "query_term": mid, "query_attr": small,
-                "item": big, "author": mid, "item_attr": mid, "context": small, "cross": mid, "action": small,
+                "user_id": big,
+                "user_attr": mid,
+                "query_id": big,
+                "query_term": mid,
+                "query_attr": small,
+                "item": big,
+                "author": mid,
+                "item_attr": mid,
+                "context": small,
+                "cross": mid,
+                "action": small,
             },
             ns_groups={
                 "user_profile": ("user_id", "user_attr", "user_attr"),
@@ -256,7 +268,10 @@ class HyFormerConfig:
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"{f}={getattr(self, f)} must be in [0, 1)")
         for f, allowed in (
-            ("attn_impl", ATTN_IMPLS), ("arch", ARCHS), ("dense_init", DENSE_INITS), ("interaction", INTERACTIONS),
+            ("attn_impl", ATTN_IMPLS),
+            ("arch", ARCHS),
+            ("dense_init", DENSE_INITS),
+            ("interaction", INTERACTIONS),
             ("query_source", QUERY_SOURCES),
         ):
             if getattr(self, f) not in allowed:
@@ -265,13 +280,17 @@ class HyFormerConfig:
             if getattr(self, w) % self.n_heads:
                 raise ConfigError(f"{w}={getattr(self, w)} must be divisible by n_heads={self.n_heads}")
         self.schema.check_groups("query_groups", self.query_groups)
-        for what, needs in (('query_source="target"', self.query_source == "target"),
-                            ("target_attention=True", self.target_attention)):
+        for what, needs in (
+            ('query_source="target"', self.query_source == "target"),
+            ("target_attention=True", self.target_attention),
+        ):
             if needs and not self.schema.target_groups:
                 raise ConfigError(f"{what} needs target_groups (the schema's NS groups of the candidate item)")
         for seq in self.schema.sequences:
             if self.encoder_of(seq) not in SEQ_ENCODERS:
-                raise ConfigError(f"seq_encoder {self.encoder_of(seq)!r} (sequence {seq!r}) must be one of {SEQ_ENCODERS}")
+                raise ConfigError(
+                    f"seq_encoder {self.encoder_of(seq)!r} (sequence {seq!r}) must be one of {SEQ_ENCODERS}"
+                )
             if not (isinstance(self.queries_of(seq), int) and self.queries_of(seq) >= 1):
                 raise ConfigError(f"n_queries {self.queries_of(seq)!r} (sequence {seq!r}) must be an int >= 1")
         if self.arch == "unified" and self.seq_encoder not in ("longer", "transformer"):
@@ -299,7 +318,8 @@ class HyFormerConfig:
         if set(value) != set(seqs):
             unknown, missing = sorted(set(value) - set(seqs)), [s for s in seqs if s not in value]
             raise ConfigError(
-                f"{name} must name each sequence of {seqs} once; got {list(value)} (unknown {unknown}, missing {missing})"
+                f"{name} must name each sequence of {seqs} once; got {list(value)} "
+                f"(unknown {unknown}, missing {missing})"
             )
         return value[seq]
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _rates(train_keys: np.ndarray, train_y: np.ndarray, keys: np.ndarray, prior: float, m: float) -> tuple[np.ndarray, np.ndarray]:
+def _rates(
+    train_keys: np.ndarray, train_y: np.ndarray, keys: np.ndarray, prior: float, m: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Smoothed positive rate and impression count of each of ``keys``, counted over (train_keys, train_y)."""
     if len(train_keys) == 0:
         return np.full(len(keys), prior), np.zeros(len(keys))
@@ -69,7 +71,9 @@ class CountingBaseline:
     train_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
     weights: np.ndarray | None = None
 
-    def features(self, keys: Mapping[str, np.ndarray], train_keys: Mapping[str, np.ndarray], train_y: np.ndarray) -> np.ndarray:
+    def features(
+        self, keys: Mapping[str, np.ndarray], train_keys: Mapping[str, np.ndarray], train_y: np.ndarray
+    ) -> np.ndarray:
         """(rows, 2K): logit of the smoothed rate and log(1 + impressions) of each key, counted on the train rows."""
         prior = float(train_y.mean()) if len(train_y) else 0.5
         cols = []
@@ -93,7 +97,9 @@ class CountingBaseline:
         for f in range(self.folds):
             out, inside = fold == f, fold != f
             x[out] = self.features(
-                {k: v[out] for k, v in self.train_keys.items()}, {k: v[inside] for k, v in self.train_keys.items()}, y[inside]
+                {k: v[out] for k, v in self.train_keys.items()},
+                {k: v[inside] for k, v in self.train_keys.items()},
+                y[inside],
             )
         self.weights = fit_logistic(x, y, self.l2)
         return self

@@ -73,10 +73,17 @@ class Hooks:
     report: Callable[[dict[str, float], dict[str, dict] | None], None] = _ignore
 
 
-def train_epoch(learner: Learner, batches: Iterable[Batch], cfg: LoopConfig, pos: Position, hooks: Hooks) -> dict[str, float]:
+def train_epoch(
+    learner: Learner, batches: Iterable[Batch], cfg: LoopConfig, pos: Position, hooks: Hooks
+) -> dict[str, float]:
     """One epoch from ``pos`` (skipping its ``pos.batch`` batches done before a restart), advancing ``pos``."""
     if pos.batch:
-        log.info("rank %d: epoch %d resumes after batch %d (skipping the batches done before the restart)", hooks.rank, pos.epoch, pos.batch)
+        log.info(
+            "rank %d: epoch %d resumes after batch %d (skipping the batches done before the restart)",
+            hooks.rank,
+            pos.epoch,
+            pos.batch,
+        )
         batches = itertools.islice(batches, pos.batch, None)
     losses, n, t0 = [], 0, time.perf_counter()
     for batch in batches:
@@ -88,16 +95,28 @@ def train_epoch(learner: Learner, batches: Iterable[Batch], cfg: LoopConfig, pos
             rate = n * hooks.world / (time.perf_counter() - t0)
             left = max(0, cfg.steps_per_epoch - pos.batch) * cfg.batch_size * hooks.world / rate
             log.info(
-                "epoch %d/%d step %d/%d: loss %.4f (last %d), grad norm %.3g, lr %.2g, %.0f samples/s (%d workers), epoch ETA %.0f s",
-                pos.epoch + 1, cfg.epochs, pos.batch, cfg.steps_per_epoch, np.mean(losses[-cfg.log_every :]), cfg.log_every,
-                stats["grad_norm"], stats["lr"], rate, hooks.world, left,
+                "epoch %d/%d step %d/%d: loss %.4f (last %d), grad norm %.3g, lr %.2g, %.0f samples/s (%d workers), "
+                "epoch ETA %.0f s",
+                pos.epoch + 1,
+                cfg.epochs,
+                pos.batch,
+                cfg.steps_per_epoch,
+                np.mean(losses[-cfg.log_every :]),
+                cfg.log_every,
+                stats["grad_norm"],
+                stats["lr"],
+                rate,
+                hooks.world,
+                left,
             )
         if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
             hooks.report({"train_loss_recent": float(np.mean(losses[-cfg.checkpoint_every :]))}, None)
     dt = time.perf_counter() - t0
     return {
-        "train_loss": float(np.mean(losses)) if losses else float("nan"), "train_samples": float(n * hooks.world),
-        "train_seconds": dt, "samples_per_s": n * hooks.world / max(dt, 1e-9),
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_samples": float(n * hooks.world),
+        "train_seconds": dt,
+        "samples_per_s": n * hooks.world / max(dt, 1e-9),
     }
 
 
@@ -107,8 +126,14 @@ def _evaluate(evaluate: Evaluate) -> tuple[dict[str, float], dict[str, dict]]:
 
 
 def run_epochs(
-    learner: Learner, model: nn.Module, batches: Callable[[int], Iterable[Batch]], evaluate: Evaluate, cfg: LoopConfig,
-    pos: Position | None = None, history: list[dict] | None = None, hooks: Hooks | None = None,
+    learner: Learner,
+    model: nn.Module,
+    batches: Callable[[int], Iterable[Batch]],
+    evaluate: Evaluate,
+    cfg: LoopConfig,
+    pos: Position | None = None,
+    history: list[dict] | None = None,
+    hooks: Hooks | None = None,
     tags: dict[str, float] | None = None,
 ) -> list[dict]:
     """Train from ``pos`` (a restart's position; default the start) to the end; returns the history, one entry per
@@ -140,13 +165,21 @@ def run_epochs(
         history.append(m)
         pos.epoch, pos.batch = pos.epoch + 1, 0
         if stopper is not None and bool(hooks.broadcast(bool(stop))):  # every worker stops at the same epoch
-            log.info("rank %d: early stop after epoch %d: validation AUC has not improved for %d epoch(s)", hooks.rank, pos.epoch, cfg.patience)
+            log.info(
+                "rank %d: early stop after epoch %d: validation AUC has not improved for %d epoch(s)",
+                hooks.rank,
+                pos.epoch,
+                cfg.patience,
+            )
             pos.epoch = cfg.epochs
         hooks.report(m, files)
     if stopper is not None and bool(hooks.broadcast(hooks.rank == 0 and stopper.restore(model))):
         # the model of the best validation epoch is the result: one more entry (and report) with it
         best = hooks.broadcast(first_epoch + stopper.best_epoch if hooks.rank == 0 else None)  # only rank 0 validates
-        m, files = next(h for h in history if h["epoch"] == best) | {"epoch": len(history), "best_epoch": float(best)}, None
+        m, files = (
+            next(h for h in history if h["epoch"] == best) | {"epoch": len(history), "best_epoch": float(best)},
+            None,
+        )
         if hooks.rank == 0:
             metrics, files = _evaluate(evaluate)
             m |= metrics

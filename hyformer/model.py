@@ -54,7 +54,13 @@ from torch import Tensor, nn
 
 from hyformer.config import HyFormerConfig
 from hyformer.layers import (
-    CrossAttention, PerTokenFFN, QueryBoost, Tokenizer, head_mlp, make_seq_encoder, masked_mean,
+    CrossAttention,
+    PerTokenFFN,
+    QueryBoost,
+    Tokenizer,
+    head_mlp,
+    make_seq_encoder,
+    masked_mean,
 )
 
 
@@ -187,7 +193,8 @@ class HyFormerLayer(nn.Module):
         if len(self.target):  # target attention: the candidate's tokens (B, G_t, D) decode every sequence too
             t = ns[:, self.target]  # (B, G_t, D)
             delta = sum(
-                decoder.cross_attn.attend(decoder.norm_q(t), k, v, mask) for decoder, (k, v, mask) in zip(self.decoders, kv)
+                decoder.cross_attn.attend(decoder.norm_q(t), k, v, mask)
+                for decoder, (k, v, mask) in zip(self.decoders, kv)
             )  # (B, G_t, D)
             ns = ns.index_add(1, self.target, delta.to(ns.dtype))  # (B, M, D)
         if self.boost is None:

@@ -32,7 +32,9 @@ def select_memory(memory: SequenceMemory, idx: Tensor) -> SequenceMemory:
 
 
 @torch.no_grad()
-def predict_requests(model: torch.nn.Module, batch: Mapping[str, Tensor], request_id: Tensor | None = None) -> tuple[Tensor, int]:
+def predict_requests(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], request_id: Tensor | None = None
+) -> tuple[Tensor, int]:
     """Logits (B,) of the rows of ``batch`` and the number of sequence encodings run (R with KV reuse, else B).
 
     ``request_id`` (B,) groups the rows (default ``batch["request_id"]``); rows need not be sorted.

@@ -86,16 +86,24 @@ def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
 class OptimConfig:
     lr: float = setting(2e-3, "dense AdamW peak learning rate")
     weight_decay: float = setting(1e-5, "dense AdamW decoupled weight decay")
-    warmup_steps: int = setting(100, "dense LR rises linearly from lr/warmup_steps to lr over this many updates (0: none)")
+    warmup_steps: int = setting(
+        100, "dense LR rises linearly from lr/warmup_steps to lr over this many updates (0: none)"
+    )
     clip_norm: float = setting(1.0, "clip the dense gradient's global L2 norm (0: no clipping)")
     # "cosine": after warmup both learning rates follow a half cosine from their peak down to min_lr_ratio x peak at
     # the Learner's total_steps (the last batches then move the weights little: less seed-to-seed noise)
-    lr_decay: str = setting("none", "after warmup: constant LRs, or a half cosine to min_lr_ratio x peak over the run", LR_DECAYS)
+    lr_decay: str = setting(
+        "none", "after warmup: constant LRs, or a half cosine to min_lr_ratio x peak over the run", LR_DECAYS
+    )
     min_lr_ratio: float = setting(0.1, "with lr_decay cosine: the last step's LR / peak")
-    sparse_optimizer: str = setting("rowwise_adagrad", "optimiser of the embedding tables (adamw: the dense one's)", SPARSE_OPTIMIZERS)
+    sparse_optimizer: str = setting(
+        "rowwise_adagrad", "optimiser of the embedding tables (adamw: the dense one's)", SPARSE_OPTIMIZERS
+    )
     sparse_lr: float = setting(0.05, "learning rate of the sparse optimiser (ignored for adamw: uses lr)")
     grad_sync: str = setting(
-        "ddp", "ddp: synchronous; async: paper §3.8.2, dense gradients all-reduced during the next step and applied one step late",
+        "ddp",
+        "ddp: synchronous; async: paper §3.8.2, dense gradients all-reduced during the next step and applied one "
+        "step late",
         GRAD_SYNCS,
     )
     precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere", PRECISIONS)
@@ -201,7 +209,9 @@ class Learner:
     """The optimisation of one (possibly DDP-wrapped) model on one worker: `step(batch)` is forward, loss, backward,
     gradient sync, clipping and both optimisers' updates. `state_dict` holds everything needed to resume exactly."""
 
-    def __init__(self, model: nn.Module, config: OptimConfig, device: torch.device | str = "cpu", total_steps: int | None = None):
+    def __init__(
+        self, model: nn.Module, config: OptimConfig, device: torch.device | str = "cpu", total_steps: int | None = None
+    ):
         """total_steps: the updates this run will make (epochs x batches), which lr_decay="cosine" decays over."""
         self.model, self.config, self.device = model, config, torch.device(device)
         config.decay(0, total_steps)  # a clear error now, not at the first step
@@ -221,7 +231,9 @@ class Learner:
         if self.sparse:
             cls = RowWiseAdagrad if config.sparse_optimizer == "rowwise_adagrad" else torch.optim.Adagrad
             self.sparse_opt = cls(self.sparse, lr=config.sparse_lr)
-            self.sparse_schedule = torch.optim.lr_scheduler.LambdaLR(self.sparse_opt, lambda n: config.decay(n, total_steps))
+            self.sparse_schedule = torch.optim.lr_scheduler.LambdaLR(
+                self.sparse_opt, lambda n: config.decay(n, total_steps)
+            )
         self.sync = AsyncAllReduce(self.dense, self.sparse) if config.grad_sync == "async" else None
         self.steps = 0  # steps taken (each one updates sparse; dense from the second on in async mode)
 
@@ -240,14 +252,19 @@ class Learner:
         loss_value = loss.item()
         if self.sync is not None:
             if self.sync.sync(local_bad=not math.isfinite(loss_value)):
-                raise NonFiniteError(f"non-finite loss or gradient on a worker at step {self.steps} (local loss {loss_value})")
+                raise NonFiniteError(
+                    f"non-finite loss or gradient on a worker at step {self.steps} (local loss {loss_value})"
+                )
         has_dense = any(p.grad is not None for p in self.dense)
         norm = self._clip() if has_dense else 0.0
         if self.sync is None:  # DDP/single process: every gradient here is averaged already, identical on all ranks
             grads = [p.grad for p in self.sparse if p.grad is not None]
             sparse_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
             if not (math.isfinite(norm) and math.isfinite(sparse_norm)):
-                raise NonFiniteError(f"non-finite gradient at step {self.steps} (local loss {loss_value}, dense grad norm {norm}, sparse {sparse_norm})")
+                raise NonFiniteError(
+                    f"non-finite gradient at step {self.steps} (local loss {loss_value}, dense grad norm {norm}, "
+                    f"sparse {sparse_norm})"
+                )
         lr = self.schedule.get_last_lr()[0] if has_dense else 0.0
         if self.sparse_opt is not None:
             self.sparse_opt.step()
@@ -314,7 +331,9 @@ def warm_start(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
     """
     own = model.state_dict()
     tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    problems = [f"missing {k}" for k in own.keys() - state.keys()] + [f"unexpected {k}" for k in state.keys() - own.keys()]
+    problems = [f"missing {k}" for k in own.keys() - state.keys()] + [
+        f"unexpected {k}" for k in state.keys() - own.keys()
+    ]
     adapted, merged = [], {}
     for k in own.keys() & state.keys():
         new, old = own[k], state[k]

@@ -63,7 +63,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Table 2 (its "BaseArch w/o Global Tokens" row is longer-rankmixer)
     "hyformer-no-seq-pool": A("Query w/o Seq Pooling Tokens", "2", {"query_source": "ns"}, (415, 3.9)),
     "hyformer-target-query": A(
-        "Query w/o Nonseq and Seq Pooling Tokens (= HyFormer w/o Global Tokens)", "2", {"query_source": "target"},
+        "Query w/o Nonseq and Seq Pooling Tokens (= HyFormer w/o Global Tokens)",
+        "2",
+        {"query_source": "target"},
         (414, 3.8),
     ),
     "basearch-global-tokens": A(
@@ -73,8 +75,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     # reference rows (ours): the same HyFormer blind to its sequences (what the non-sequential features alone give)
     "hyformer-no-seq": A("HyFormer without sequences (every event masked)", "", {"hide_sequences": True}),
     # beyond the paper (issue #15): the candidate meets every history in query generation
-    "hyformer-pool-all": A("HyFormer, every sequence's pooling token in every query's Global Info", "", {"query_pool_all": True}),
-    "hyformer-full-kv": A("HyFormer, LONGER layers' queries decode the full-length sequence", "", {"longer_full_kv": True}),
+    "hyformer-pool-all": A(
+        "HyFormer, every sequence's pooling token in every query's Global Info", "", {"query_pool_all": True}
+    ),
+    "hyformer-full-kv": A(
+        "HyFormer, LONGER layers' queries decode the full-length sequence", "", {"longer_full_kv": True}
+    ),
     "hyformer-target-attn": A(
         "HyFormer, the candidate's tokens also decode every sequence (target attention)", "", {"target_attention": True}
     ),

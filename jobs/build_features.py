@@ -37,7 +37,16 @@ import numpy as np
 import polars as pl
 import ray
 
-from features.build import BUILD_VERSION, RELEVANCE, SIDE_INFO, STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
+from features.build import (
+    BUILD_VERSION,
+    RELEVANCE,
+    SIDE_INFO,
+    STREAMS,
+    FeatureConfig,
+    build_day,
+    empty_state,
+    plan_vocab,
+)
 from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
 from jobs.common import absolute, atomic_write_json, clean_root, init_ray, log, replace_dir, setup_logging
@@ -70,16 +79,22 @@ class FeatureSet:
     def path(self) -> str:
         return f"{self.root}/window-{self.days[-1]}-{len(self.days)}d.json"
 
-    def with_read_side(self, **kw) -> "FeatureSet":
+    def with_read_side(self, **kw) -> FeatureSet:
         """Same stored data, other lengths / side info (``long_len``, ``search_len``, ``feed_len``, ``side_info``)."""
         return replace(self, cfg=replace(self.cfg, **kw))
 
     @staticmethod
-    def load(path: str) -> "FeatureSet":
+    def load(path: str) -> FeatureSet:
         """From a ``window-*.json`` written by ``build_features``."""
         with open(path) as f:
             w = json.load(f)
-        return FeatureSet(os.path.dirname(os.path.abspath(path)), FeatureConfig(**w["config"]), tuple(w["days"]), w["samples"], tuple(w.get("built", ())))
+        return FeatureSet(
+            os.path.dirname(os.path.abspath(path)),
+            FeatureConfig(**w["config"]),
+            tuple(w["days"]),
+            w["samples"],
+            tuple(w.get("built", ())),
+        )
 
 
 def clean_day_files(data_dir: str, table: str, day: str) -> list[str]:
@@ -120,7 +135,9 @@ def read_state(root: str, day: str, stream: str, shard: int) -> pl.LazyFrame:
     return pl.scan_parquet(f) if os.path.exists(f) else empty_state()
 
 
-def build_shard_days(batch: dict[str, np.ndarray], data_dir: str, root: str, tmp: str, days: list[str], prev: str, cfg: FeatureConfig) -> dict:
+def build_shard_days(
+    batch: dict[str, np.ndarray], data_dir: str, root: str, tmp: str, days: list[str], prev: str, cfg: FeatureConfig
+) -> dict:
     """Ray Data UDF: days ``days`` (in order) of one user shard; starts from day ``prev``'s stored state."""
     shard = int(batch["shard"][0])
     mine = (pl.col("user_id") % cfg.n_shards) == shard
@@ -149,7 +166,8 @@ def build_shard_days(batch: dict[str, np.ndarray], data_dir: str, root: str, tmp
 
 
 def open_store(data_dir: str, cfg: FeatureConfig) -> tuple[str, FeatureConfig]:
-    """The store for ``cfg``'s write side; created (vocabularies planned from the dims) if new, else its frozen vocab."""
+    """The store for ``cfg``'s write side; created (vocabularies planned from the dims) if new, else its frozen
+    vocab."""
     root = store_root(data_dir, cfg)
     if os.path.exists(f"{root}/store.json"):
         with open(f"{root}/store.json") as f:
@@ -163,7 +181,9 @@ def open_store(data_dir: str, cfg: FeatureConfig) -> tuple[str, FeatureConfig]:
     return root, cfg
 
 
-def stale_days(root: str, data_dir: str, day_list: list[str], store_id: str, force: bool) -> tuple[list[str], dict[str, dict]]:
+def stale_days(
+    root: str, data_dir: str, day_list: list[str], store_id: str, force: bool
+) -> tuple[list[str], dict[str, dict]]:
     """Days of the window to (re)build: from the first whose stored fingerprint differs from the expected one on.
 
     Also returns each day's expected ``{"fp", "inputs"}`` (what its ``_meta.json`` will hold once built).
@@ -179,7 +199,9 @@ def stale_days(root: str, data_dir: str, day_list: list[str], store_id: str, for
     return ([] if first_stale is None else day_list[first_stale:]), expected
 
 
-def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConfig | None = None, force: bool = False) -> FeatureSet:
+def build_features(
+    data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConfig | None = None, force: bool = False
+) -> FeatureSet:
     """Make sure every day of the ``days``-day window ending at ``end`` is built; return the window."""
     data_dir = absolute(data_dir)
     cfg = cfg or FeatureConfig()
@@ -189,20 +211,33 @@ def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConf
     if todo:
         prev = previous_day(todo[0])
         tmp = f"{root}/.tmp-{uuid.uuid4().hex[:8]}"
-        log.info("features: building %d day(s) %s..%s in %d shards (store %s)", len(todo), todo[0], todo[-1], cfg.n_shards, root)
+        log.info(
+            "features: building %d day(s) %s..%s in %d shards (store %s)",
+            len(todo),
+            todo[0],
+            todo[-1],
+            cfg.n_shards,
+            root,
+        )
         try:
             shards = ray.data.from_items([{"shard": k} for k in range(cfg.n_shards)], override_num_blocks=cfg.n_shards)
             kw = {"data_dir": data_dir, "root": root, "tmp": tmp, "days": todo, "prev": prev, "cfg": cfg}
             stats = pl.DataFrame(shards.map_batches(build_shard_days, batch_size=1, fn_kwargs=kw).take_all())
-            per_day = stats.group_by("day").agg(pl.col("samples").sum(), pl.col("events").sum(), pl.col("peak_rss_mb").max(), pl.len().alias("shards"))
+            per_day = stats.group_by("day").agg(
+                pl.col("samples").sum(), pl.col("events").sum(), pl.col("peak_rss_mb").max(), pl.len().alias("shards")
+            )
             for row in per_day.sort("day").iter_rows(named=True):
                 d = row["day"]
                 n_imps = scan_day(data_dir, "impressions", d).select(pl.len()).collect().item()
                 if row["samples"] != n_imps or row["shards"] != cfg.n_shards:
-                    raise RuntimeError(f"build_features day={d}: {row['samples']} samples for {n_imps} clean impressions")
+                    raise RuntimeError(
+                        f"build_features day={d}: {row['samples']} samples for {n_imps} clean impressions"
+                    )
                 meta = {"day": d, **expected[d], **row}
                 atomic_write_json(f"{tmp}/day={d}/_meta.json", meta)
-            for d in todo:  # oldest first: an interrupted swap leaves a consistent prefix (later days re-check as stale)
+            for (
+                d
+            ) in todo:  # oldest first: an interrupted swap leaves a consistent prefix (later days re-check as stale)
                 replace_dir(f"{tmp}/day={d}", f"{root}/day={d}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -211,7 +246,14 @@ def build_features(data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConf
     n = sum(read_meta(root, d)["samples"] for d in day_list)
     fs = FeatureSet(root, cfg, tuple(day_list), n, tuple(todo))
     atomic_write_json(fs.path(), {"days": day_list, "samples": n, "built": todo, "config": cfg.to_dict()})
-    log.info("features: window %s..%s = %d samples (%d day(s) built) -> %s", day_list[0], day_list[-1], n, len(todo), fs.path())
+    log.info(
+        "features: window %s..%s = %d samples (%d day(s) built) -> %s",
+        day_list[0],
+        day_list[-1],
+        n,
+        len(todo),
+        fs.path(),
+    )
     return fs
 
 
@@ -220,7 +262,12 @@ def _call(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def logs_to_features(
-    data_dir: str, end: dt.date, days: int, cfg: FeatureConfig, force: bool = False, step: Callable = _call,
+    data_dir: str,
+    end: dt.date,
+    days: int,
+    cfg: FeatureConfig,
+    force: bool = False,
+    step: Callable = _call,
 ) -> tuple[dict[str, TableCounts], FeatureSet]:
     """What every entry point that trains needs first: ingest the ``days``-day window ending at ``end`` (unchanged
     days are skipped), then build its features (only stale days unless ``force``). ``step(name, fn, *args)`` runs
@@ -231,20 +278,34 @@ def logs_to_features(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Build point-in-time sequence + non-sequential features incrementally (Ray Data + Polars).")
+    p = argparse.ArgumentParser(
+        description="Build point-in-time sequence + non-sequential features incrementally (Ray Data + Polars)."
+    )
     p.add_argument("--data-dir", default="data", help="project data directory (reads clean/, writes features/)")
     p.add_argument("--date", required=True, type=parse_day, help="last day of the window, YYYY-MM-DD")
     p.add_argument("--days", type=int, default=70, help="window length in days")
     p.add_argument("--long-len", type=int, default=3000, help="max long-term sequence length (paper: 3000); read side")
-    p.add_argument("--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per event; read side")
+    p.add_argument(
+        "--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per event; read side"
+    )
     p.add_argument("--relevance", default="category", choices=RELEVANCE, help="search/feed relevance filter")
-    p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key) for --relevance keys")
+    p.add_argument(
+        "--relevance-keys",
+        default=None,
+        help="folder with items.parquet/queries.parquet (id, key) for --relevance keys",
+    )
     p.add_argument("--shards", type=int, default=4, help="user shards = Ray tasks")
     p.add_argument("--force", action="store_true", help="rebuild every day of the window")
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
-    cfg = FeatureConfig(long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys, n_shards=a.shards)
+    cfg = FeatureConfig(
+        long_len=a.long_len,
+        side_info=a.side_info,
+        relevance=a.relevance,
+        relevance_keys=a.relevance_keys,
+        n_shards=a.shards,
+    )
     fs = build_features(a.data_dir, a.date, a.days, cfg, force=a.force)
     print(json.dumps({"window": fs.path(), "samples": fs.samples, "days": len(fs.days)}))
 

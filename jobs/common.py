@@ -44,7 +44,12 @@ def init_ray(num_cpus: int | None = None) -> None:
         # run (e.g. a Tune trial stopped by ASHA) keeps its workers' CPUs for good.
         port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_port=port, log_to_driver=True)
+        ray.init(
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=True,
+            dashboard_port=port,
+            log_to_driver=True,
+        )
     quiet_ray_data()
 
 
@@ -161,7 +166,8 @@ def atomic_write_json(path: str, obj: object) -> None:
 
 
 def replace_dir(new: str | None, final: str, trash: str | None = None) -> None:
-    """Put folder ``new`` at ``final`` (``None``: remove ``final``): rename the old one away, the new one in, delete old.
+    """Put folder ``new`` at ``final`` (``None``: remove ``final``): rename the old one away, the new one in, delete
+    the old one.
 
     Readers see the old folder or the new one, never a half-written one (between the two renames, none). The old one
     goes into ``trash`` (default: a sibling ``<final>.old-<id>``) before it is deleted.

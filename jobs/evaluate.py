@@ -28,7 +28,9 @@ def predict(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     arrays (the last two NaN for batches without them)."""
     was_training = model.training
     model.eval()
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "prob", "request_id", "p_click", *PARTIAL_ORACLES.values())}
+    out: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("label", "prob", "request_id", "p_click", *PARTIAL_ORACLES.values())
+    }
     for batch in batches:
         out["prob"].append(torch.sigmoid(model(batch).float()).cpu().numpy())
         for k in ("label", "request_id", "p_click"):
@@ -52,7 +54,11 @@ def metrics(pred: Mapping[str, np.ndarray], prefix: str = "eval_") -> dict[str, 
         "mean_pred": float(np.mean(p)) if len(p) else float("nan"),
     }
     if len(oracle) and not np.isnan(oracle).any():
-        m |= {"oracle_auc": auc(y, oracle), "oracle_query_auc": group_auc(y, oracle, g), "oracle_logloss": logloss(y, oracle)}
+        m |= {
+            "oracle_auc": auc(y, oracle),
+            "oracle_query_auc": group_auc(y, oracle, g),
+            "oracle_logloss": logloss(y, oracle),
+        }
     for name, key in PARTIAL_ORACLES.items():
         s = pred.get(key)
         if s is not None and len(s) and not np.isnan(s).any():

@@ -35,8 +35,18 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from features.mapping import (
-    MappingError, Plan, TableSpec, apply_lookups, extend_idmap, id_expr, ingest_preview, parse_mapping, plan_table,
-    raise_errors, to_contract, utc_day,
+    MappingError,
+    Plan,
+    TableSpec,
+    apply_lookups,
+    extend_idmap,
+    id_expr,
+    ingest_preview,
+    parse_mapping,
+    plan_table,
+    raise_errors,
+    to_contract,
+    utc_day,
 )
 from features.movielens import movielens_mapping
 from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, PART_FILE, TABLES, logs_root, parse_day, table_dir
@@ -206,24 +216,37 @@ def import_logs(data_dir: str, specs: dict[str, TableSpec], mapping: dict | None
         invalid, warn_ingest = ingest_preview(df, TABLES[name], valid_ids)
         dropped = dict(zip(r.dropped["_drop"], r.dropped["n"].cast(pl.Int64).to_list()))
         reports[name] = TableImport(
-            name, p.files, int(r.read["n"][0]), df.height, dropped,
-            invalid=invalid, warnings=warn_lookup + warn_cast + warn_ingest,
+            name,
+            p.files,
+            int(r.read["n"][0]),
+            df.height,
+            dropped,
+            invalid=invalid,
+            warnings=warn_lookup + warn_cast + warn_ingest,
         )
         if not reports[name].reconciles():
             raise ReconcileError(
                 f"{name}: read {reports[name].read} != written {df.height} + dropped {reports[name].dropped}"
             )
         if df.is_empty():
-            raise MappingError(f"{name}: no row left to write (read {reports[name].read}, dropped "
-                               f"{reports[name].dropped}); an empty table fails ingest")
+            raise MappingError(
+                f"{name}: no row left to write (read {reports[name].read}, dropped "
+                f"{reports[name].dropped}); an empty table fails ingest"
+            )
 
     write(data_dir, frames, idmaps, reports)
     window, gaps = complete_window({t: days_on_disk(data_dir, t) for t in DAILY_TABLES})
     report = ImportReport(data_dir, {t: reports[t] for t in specs}, idstats, window, gaps)
     atomic_write_json(f"{logs_root(data_dir)}/{REPORT}", report.to_dict() | {"mapping": mapping})
     for r in report.tables.values():
-        log.info("import %s: read %d = written %d + dropped %s%s", r.table, r.read, r.written, r.dropped or 0,
-                 f" ({r.days} days, {r.first_day}..{r.last_day})" if r.days else "")
+        log.info(
+            "import %s: read %d = written %d + dropped %s%s",
+            r.table,
+            r.read,
+            r.written,
+            r.dropped or 0,
+            f" ({r.days} days, {r.first_day}..{r.last_day})" if r.days else "",
+        )
         for w in r.warnings:
             log.warning("import %s", w)
     return report
@@ -284,22 +307,37 @@ def main(argv: list[str] | None = None) -> int:
         "column mapping (JSON/YAML) or a named profile; then run workflows/daily_train.py --data-dir on them. "
         "Mapping format: docs/data.md, 'Bring your own logs'.",
     )
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                   help="project data directory (logs/ is written); default ./data")
+    p.add_argument(
+        "--data-dir", default=DEFAULT_DATA_DIR, help="project data directory (logs/ is written); default ./data"
+    )
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--mapping",
-                     help="mapping file (JSON, or YAML): tables -> files/rows and contract column -> source")
-    how.add_argument("--profile", choices=sorted(PROFILES),
-                     help="a built-in mapping: movielens (MovieLens-100K, with --source)")
-    p.add_argument("--source", help="--profile: the folder with the dataset's files "
-                   "(movielens: u.data/u.item/u.user, or MovieLens100k_*.parquet.brotli)")
-    p.add_argument("--positive-rating", type=int, default=4,
-                   help="movielens: ratings >= this are clicks/likes (default 4)")
-    p.add_argument("--input", action="append", default=[], metavar="TABLE=PATH",
-                   help="a source file for TABLE, replacing the mapping's files (repeatable)")
+    how.add_argument(
+        "--mapping", help="mapping file (JSON, or YAML): tables -> files/rows and contract column -> source"
+    )
+    how.add_argument(
+        "--profile", choices=sorted(PROFILES), help="a built-in mapping: movielens (MovieLens-100K, with --source)"
+    )
+    p.add_argument(
+        "--source",
+        help="--profile: the folder with the dataset's files "
+        "(movielens: u.data/u.item/u.user, or MovieLens100k_*.parquet.brotli)",
+    )
+    p.add_argument(
+        "--positive-rating", type=int, default=4, help="movielens: ratings >= this are clicks/likes (default 4)"
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="TABLE=PATH",
+        help="a source file for TABLE, replacing the mapping's files (repeatable)",
+    )
     p.add_argument("--tables", default=None, help="comma-separated tables to import (default: all six)")
-    p.add_argument("--print-mapping", action="store_true",
-                   help="print the mapping (e.g. a profile's, to start your own from) and exit")
+    p.add_argument(
+        "--print-mapping",
+        action="store_true",
+        help="print the mapping (e.g. a profile's, to start your own from) and exit",
+    )
     a = p.parse_args(argv)
     setup_logging()
     try:
@@ -321,9 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report.to_dict(), default=str))
     w = report.window
     if w["end"]:
-        print(f"import_logs: every daily table has rows on each of the {w['days']} days {w['first']}..{w['end']}; "
-              f"train with python workflows/daily_train.py --data-dir {report.data_dir} --date {w['end']} "
-              f"--days {min(w['days'], 70)}" + (" --relevance none" if a.profile == "movielens" else ""))
+        print(
+            f"import_logs: every daily table has rows on each of the {w['days']} days {w['first']}..{w['end']}; "
+            f"train with python workflows/daily_train.py --data-dir {report.data_dir} --date {w['end']} "
+            f"--days {min(w['days'], 70)}" + (" --relevance none" if a.profile == "movielens" else "")
+        )
     return 0
 
 

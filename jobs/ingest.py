@@ -40,12 +40,41 @@ import polars as pl
 import pyarrow.parquet as pq
 import ray
 
-from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, PART_FILE, TABLES, logs_root, parse_day, table_dir, window
+from features.schema import (
+    DAILY_TABLES,
+    DAY_FORMAT,
+    DIM_TABLES,
+    PART_FILE,
+    TABLES,
+    logs_root,
+    parse_day,
+    table_dir,
+    window,
+)
 from features.validate import (
-    DIM_KEY, FILE, RAW, REASON, REFERENCES, ROW, RULES_VERSION, ContractError, check_schema, read_log_file,
+    DIM_KEY,
+    FILE,
+    RAW,
+    REASON,
+    REFERENCES,
+    ROW,
+    RULES_VERSION,
+    ContractError,
+    check_schema,
+    read_log_file,
     validate_partition,
 )
-from jobs.common import ReconcileError, absolute, atomic_write_json, clean_root, init_ray, log, quarantine_root, replace_dir, setup_logging
+from jobs.common import (
+    ReconcileError,
+    absolute,
+    atomic_write_json,
+    clean_root,
+    init_ray,
+    log,
+    quarantine_root,
+    replace_dir,
+    setup_logging,
+)
 
 MANIFEST = "_manifest.json"
 
@@ -140,7 +169,8 @@ def dims_fingerprint(clean_dims: str) -> str:
 
 
 def ingest_partition(p: Partition, staging: str, dims_fp: str | None) -> dict:
-    """Validate one partition; write its clean rows, quarantined rows and manifest under ``staging``; return the manifest."""
+    """Validate one partition; write its clean rows, quarantined rows and manifest under ``staging``; return the
+    manifest."""
     spec = TABLES[p.table]
     known = known_ids(f"{staging}/clean") if p.table in REFERENCES else None
     frames, extra = [], set()
@@ -197,7 +227,8 @@ def ingest_partition_udf(batch: dict[str, np.ndarray], staging: str, dims_fp: st
 
 
 def run_partitions(parts: list[Partition], staging: str, dims_fp: str | None) -> dict[str, dict]:
-    """Validate ``parts`` with Ray Data (one task per partition); manifests by ``Partition.rel``; raise the first error."""
+    """Validate ``parts`` with Ray Data (one task per partition); manifests by ``Partition.rel``; raise the first
+    error."""
     if not parts:
         return {}
     items = [{"partition": json.dumps(asdict(p))} for p in parts]
@@ -205,16 +236,22 @@ def run_partitions(parts: list[Partition], staging: str, dims_fp: str | None) ->
     # more in scheduling than a small day takes to validate (~2x slower on 2 cores for the 70-day demo).
     blocks = min(len(items), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    rows = ds.map_batches(ingest_partition_udf, batch_size=1, fn_kwargs={"staging": staging, "dims_fp": dims_fp}).take_all()
+    rows = ds.map_batches(
+        ingest_partition_udf, batch_size=1, fn_kwargs={"staging": staging, "dims_fp": dims_fp}
+    ).take_all()
     results = [json.loads(r["result"]) for r in rows]
-    errors = sorted((r for r in results if "error" in r), key=lambda r: (list(TABLES).index(r["table"]), r["day"] or ""))
+    errors = sorted(
+        (r for r in results if "error" in r), key=lambda r: (list(TABLES).index(r["table"]), r["day"] or "")
+    )
     if errors:
         e = errors[0]
         more = f" (and {len(errors) - 1} more failed partition(s))" if len(errors) > 1 else ""
         if e["error"] in ERRORS:
             raise ERRORS[e["error"]](e["message"] + more)
         raise RuntimeError(f"ingest of {e['raw_dir']} failed: {e['error']}: {e['message']}{more}")
-    manifests = {f"{m['table']}" + (f"/day={m['day']}" if m["day"] else ""): m for m in (r["manifest"] for r in results)}
+    manifests = {
+        f"{m['table']}" + (f"/day={m['day']}" if m["day"] else ""): m for m in (r["manifest"] for r in results)
+    }
     if len(manifests) != len(parts):
         raise ReconcileError(f"ingest: {len(parts)} partitions submitted, {len(manifests)} came back")
     return manifests
@@ -232,7 +269,9 @@ def up_to_date(data_dir: str, p: Partition, dims_fp: str) -> dict | None:
     except (OSError, ValueError):
         return None
     same = m.get("rules_version") == RULES_VERSION and m.get("files") == p.file_stats
-    has_quarantine = m.get("counts", {}).get("quarantined", 0) == 0 or os.path.isdir(f"{quarantine_root(data_dir)}/{p.rel}")
+    has_quarantine = m.get("counts", {}).get("quarantined", 0) == 0 or os.path.isdir(
+        f"{quarantine_root(data_dir)}/{p.rel}"
+    )
     return m if same and has_quarantine else None
 
 
@@ -278,8 +317,12 @@ def ingest(data_dir: str, end: dt.date, days: int = 70, force: bool = False) -> 
         dims_fp = dims_fingerprint(f"{staging}/clean")
         previous = {p.rel: m for p in daily if not force and (m := up_to_date(data_dir, p, dims_fp))}
         todo = [p for p in daily if p.rel not in previous]
-        log.info("ingest: %d dimension snapshots, %d day partitions to validate, %d up to date",
-                 len(dims), len(todo), len(previous))
+        log.info(
+            "ingest: %d dimension snapshots, %d day partitions to validate, %d up to date",
+            len(dims),
+            len(todo),
+            len(previous),
+        )
         manifests |= run_partitions(todo, staging, dims_fp)
         for p in dims + todo:  # every partition validated: only now does anything replace the previous data
             swap_in(data_dir, p, staging)
@@ -291,17 +334,30 @@ def ingest(data_dir: str, end: dt.date, days: int = 70, force: bool = False) -> 
     for c in counts.values():
         log.info(
             "ingest %s: read %d = clean %d + quarantined %d (%d files, %d partitions, %d up to date)",
-            c.table, c.read, c.clean, c.quarantined, c.files, c.days, c.skipped_days,
+            c.table,
+            c.read,
+            c.clean,
+            c.quarantined,
+            c.files,
+            c.days,
+            c.skipped_days,
         )
         if c.extra_columns:
-            log.warning("ingest %s: schema drift: column(s) %s not in the contract were dropped", c.table, c.extra_columns)
+            log.warning(
+                "ingest %s: schema drift: column(s) %s not in the contract were dropped", c.table, c.extra_columns
+            )
     partitions = {
         t: {(p.day or "snapshot"): partition_summary(p, manifests[p.rel], p.rel in previous) for p in parts}
         for t, parts in by_table.items()
     }
     summary = {
-        "end": end.strftime(DAY_FORMAT), "days": days, "force": force, "rules_version": RULES_VERSION,
-        "dims_fingerprint": dims_fp, "counts": {t: asdict(c) for t, c in counts.items()}, "partitions": partitions,
+        "end": end.strftime(DAY_FORMAT),
+        "days": days,
+        "force": force,
+        "rules_version": RULES_VERSION,
+        "dims_fingerprint": dims_fp,
+        "counts": {t: asdict(c) for t, c in counts.items()},
+        "partitions": partitions,
     }
     atomic_write_json(f"{clean_root(data_dir)}/_ingest.json", summary)
     return counts

@@ -37,21 +37,42 @@ class Decision:
         return asdict(self)
 
 
-def decide(challenger: Mapping[str, float], champion: Mapping[str, float] | None, margin: float, metric: str = METRIC) -> Decision:
+def decide(
+    challenger: Mapping[str, float], champion: Mapping[str, float] | None, margin: float, metric: str = METRIC
+) -> Decision:
     """Promote iff there is no champion, or the challenger's ``metric`` exceeds the champion's by more than ``margin``
     (both on the same rows). A challenger whose metric is not finite is never promoted."""
     c = float(challenger.get(metric, math.nan))
     if not math.isfinite(c):
         return Decision(False, f"challenger {metric} is {c}: not comparable, champion kept", metric, c, None, margin)
     if champion is None:
-        return Decision(True, f"no champion yet: challenger ({metric} {c:.4f}) becomes the champion", metric, c, None, margin)
+        return Decision(
+            True, f"no champion yet: challenger ({metric} {c:.4f}) becomes the champion", metric, c, None, margin
+        )
     h = float(champion.get(metric, math.nan))
     if not math.isfinite(h):
-        return Decision(True, f"champion {metric} is {h} on this day: challenger ({c:.4f}) promoted", metric, c, h, margin)
+        return Decision(
+            True, f"champion {metric} is {h} on this day: challenger ({c:.4f}) promoted", metric, c, h, margin
+        )
     delta = c - h
     if delta > margin:
-        return Decision(True, f"challenger {metric} {c:.4f} beats champion {h:.4f} by {delta:+.4f} > margin {margin:g}: promoted", metric, c, h, margin)
-    return Decision(False, f"challenger {metric} {c:.4f} vs champion {h:.4f}: {delta:+.4f} is not more than margin {margin:g}; champion kept", metric, c, h, margin)
+        return Decision(
+            True,
+            f"challenger {metric} {c:.4f} beats champion {h:.4f} by {delta:+.4f} > margin {margin:g}: promoted",
+            metric,
+            c,
+            h,
+            margin,
+        )
+    return Decision(
+        False,
+        f"challenger {metric} {c:.4f} vs champion {h:.4f}: {delta:+.4f} is not more than margin {margin:g}; "
+        "champion kept",
+        metric,
+        c,
+        h,
+        margin,
+    )
 
 
 def evaluate_registered(reg: RegisteredModel, data_dir: str, fs: FeatureSet, out_dir: str) -> dict[str, float]:

@@ -49,7 +49,9 @@ class HyFormerPyfunc(mlflow.pyfunc.PythonModel):
 def from_frame(frame: pd.DataFrame) -> dict[str, torch.Tensor]:
     """DataFrame of input columns -> the model's batch (one tensor per column, rows stacked)."""
     if not any(c.startswith("ns_") for c in frame.columns) or not any(c.startswith("len_") for c in frame.columns):
-        raise ValueError(f"model input needs the ns_<group>, seq_<name> and len_<name> columns; got {list(frame.columns)}")
+        raise ValueError(
+            f"model input needs the ns_<group>, seq_<name> and len_<name> columns; got {list(frame.columns)}"
+        )
     batch = {}
     for col in frame.columns:
         if col.startswith(INPUT_PREFIXES):
@@ -68,9 +70,12 @@ def to_frame(batch: Mapping[str, np.ndarray]) -> pd.DataFrame:
         from features.materialize import reconstruct  # noqa: PLC0415 - only where the feature pipeline is installed
 
         batch = reconstruct(batch)  # uniq_<table>[inv_<name>] -> seq_<name> (B, L, F)
-    cols = {k: (list(v) if np.ndim(v) > 1 else v) for k, v in batch.items() if k.startswith(INPUT_PREFIXES) or k == "request_id"}
+    cols = {
+        k: (list(v) if np.ndim(v) > 1 else v)
+        for k, v in batch.items()
+        if k.startswith(INPUT_PREFIXES) or k == "request_id"
+    }
     return pd.DataFrame(cols)
-
 
 
 # MLflow "models from code": jobs.register logs this file as the model's code (no pickled object), and loading it

@@ -64,7 +64,9 @@ def log_configs(configs: Mapping[str, Mapping]) -> None:
 
 def flat_params(prefix: str, d: Mapping) -> dict[str, str]:
     """Config dict -> MLflow params (nested values as JSON, long values truncated by MLflow's 6000-char limit)."""
-    return {f"{prefix}{k}": (json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))[:6000] for k, v in d.items()}
+    return {
+        f"{prefix}{k}": (json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))[:6000] for k, v in d.items()
+    }
 
 
 def log_training_run(
@@ -106,7 +108,12 @@ def log_training_run(
                 registered_model_name=register_as,
             )
         version = str(info.registered_model_version) if register_as else None
-    log.info("mlflow: run %s logged to %s%s", run.info.run_id, mlflow.get_tracking_uri(), f", registered {register_as} v{version}" if version else "")
+    log.info(
+        "mlflow: run %s logged to %s%s",
+        run.info.run_id,
+        mlflow.get_tracking_uri(),
+        f", registered {register_as} v{version}" if version else "",
+    )
     return run.info.run_id, version
 
 
@@ -122,10 +129,14 @@ def model_artifact(checkpoint_dir: str, features: Mapping, tags: Mapping[str, st
     return str(out)
 
 
-def log_failed_run(data_dir: str, run_name: str, error: BaseException, configs: Mapping[str, Mapping], tags: Mapping[str, str] = {}) -> str:
+def log_failed_run(
+    data_dir: str, run_name: str, error: BaseException, configs: Mapping[str, Mapping], tags: Mapping[str, str] = {}
+) -> str:
     """Record a training that failed (e.g. a non-finite loss) as an MLflow run with status FAILED and the error."""
     exp_id = use_tracking(data_dir)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags) | {"error": f"{type(error).__name__}: {error}"[:5000]}) as run:
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=run_name, tags=dict(tags) | {"error": f"{type(error).__name__}: {error}"[:5000]}
+    ) as run:
         log_configs(configs)
         mlflow.end_run(status="FAILED")
     log.info("mlflow: run %s marked FAILED", run.info.run_id)
@@ -166,11 +177,15 @@ def load_registered(data_dir: str, uri: str, dest: str) -> RegisteredModel:
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=dest)
     ckpt = Path(path) / "artifacts" / "checkpoint"
     if not (ckpt / "model.pt").exists():
-        raise FileNotFoundError(f"{uri} (version {mv.version}) has no artifacts/checkpoint/model.pt: not logged by jobs.register")
+        raise FileNotFoundError(
+            f"{uri} (version {mv.version}) has no artifacts/checkpoint/model.pt: not logged by jobs.register"
+        )
     features = json.loads((ckpt / "features.json").read_text()) if (ckpt / "features.json").exists() else {}
     window = json.loads((ckpt / "window.json").read_text()) if (ckpt / "window.json").exists() else {}
     days = int(window["window_days"]) if "window_days" in window else None
-    return RegisteredModel(mv.name, str(mv.version), mv.run_id, load_model(ckpt), str(ckpt), features, days, dict(mv.tags))
+    return RegisteredModel(
+        mv.name, str(mv.version), mv.run_id, load_model(ckpt), str(ckpt), features, days, dict(mv.tags)
+    )
 
 
 def champion(data_dir: str, name: str) -> str | None:
@@ -239,7 +254,11 @@ def daily_record(data_dir: str, tags: Mapping[str, str]) -> dict | None:
     A run counts once its decision is committed (tag ``outcome``); a run that failed or died before that does not."""
     exp_id = use_tracking(data_dir)
     query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in DAILY_TAGS) + " and attributes.status = 'FINISHED'"
-    runs = [r for r in mlflow.search_runs([exp_id], query, output_format="list", order_by=["attributes.start_time DESC"]) if "outcome" in r.data.tags]
+    runs = [
+        r
+        for r in mlflow.search_runs([exp_id], query, output_format="list", order_by=["attributes.start_time DESC"])
+        if "outcome" in r.data.tags
+    ]
     if not runs:
         return None
     r = runs[0]
@@ -272,13 +291,28 @@ def commit_decision(
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
     if version is not None:
-        for k, v in (tags | {"date": decision.get("date", ""), decision["metric"]: f"{decision['challenger']:.6f}", "outcome": outcome}).items():
+        for k, v in (
+            tags
+            | {
+                "date": decision.get("date", ""),
+                decision["metric"]: f"{decision['challenger']:.6f}",
+                "outcome": outcome,
+            }
+        ).items():
             client.set_model_version_tag(name, version, k, str(v))
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
             log.info("registry: %s@%s -> version %s (was %s)", name, CHAMPION, version, champion_version or "none")
     with tempfile.TemporaryDirectory() as tmp:
-        history = daily_history(data_dir, name) + [{"date": decision.get("date", ""), "outcome": outcome, "challenger": decision["challenger"], "champion": decision["champion"], "oracle": decision.get("oracle", float("nan"))}]
+        history = daily_history(data_dir, name) + [
+            {
+                "date": decision.get("date", ""),
+                "outcome": outcome,
+                "challenger": decision["challenger"],
+                "champion": decision["champion"],
+                "oracle": decision.get("oracle", float("nan")),
+            }
+        ]
         client.log_artifact(run_id, per_day_plot(history, f"{tmp}/per_day_auc.png"), "plots")
     client.set_tag(run_id, "outcome", outcome)
     return outcome
@@ -287,10 +321,13 @@ def commit_decision(
 def daily_history(data_dir: str, name: str) -> list[dict]:
     """The committed daily runs of model ``name``: date, outcome, challenger's and champion's query AUC on that date."""
     exp_id = use_tracking(data_dir)
-    runs = mlflow.search_runs([exp_id], f"tags.arch = '{name}' and attributes.status = 'FINISHED'", output_format="list")
+    runs = mlflow.search_runs(
+        [exp_id], f"tags.arch = '{name}' and attributes.status = 'FINISHED'", output_format="list"
+    )
     return [
         {
-            "date": r.data.tags.get("date", ""), "outcome": r.data.tags["outcome"],
+            "date": r.data.tags.get("date", ""),
+            "outcome": r.data.tags["outcome"],
             "challenger": r.data.metrics.get("eval_query_auc", float("nan")),
             "champion": r.data.metrics.get("champion_eval_query_auc", float("nan")),
             "oracle": r.data.metrics.get("eval_oracle_query_auc", float("nan")),

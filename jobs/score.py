@@ -49,14 +49,18 @@ class ScoreResult:
 class Scorer:
     """A Ray Data actor: stored samples -> click probabilities (one model and the window's events per actor)."""
 
-    def __init__(self, model: tuple[dict, dict], timelines, features: dict, kv_reuse: bool, threads: int, gpu: bool = False):
+    def __init__(
+        self, model: tuple[dict, dict], timelines, features: dict, kv_reuse: bool, threads: int, gpu: bool = False
+    ):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
         config, state = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         self.model = build_model(HyFormerConfig.from_dict(config))
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
-        self.materialize = Materializer(ray.get(timelines) if isinstance(timelines, ray.ObjectRef) else timelines, FeatureConfig(**features))
+        self.materialize = Materializer(
+            ray.get(timelines) if isinstance(timelines, ray.ObjectRef) else timelines, FeatureConfig(**features)
+        )
         self.kv_reuse = kv_reuse
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,7 +83,9 @@ def scoring_window(data_dir: str, features: dict, date: str, days: int) -> Featu
     cfg = FeatureConfig(**features)
     path = f"{store_root(data_dir, cfg)}/window-{date}-{days}d.json"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no built feature window {path}: build day {date} first (workflows/daily_train.py or jobs.build_features)")
+        raise FileNotFoundError(
+            f"no built feature window {path}: build day {date} first (workflows/daily_train.py or jobs.build_features)"
+        )
     fs = FeatureSet.load(path)
     return FeatureSet(fs.root, cfg, fs.days, fs.samples)  # the model's read side (lengths, side info), the store's days
 
@@ -103,11 +109,23 @@ def score(
     expected = sum(pq.ParquetFile(f).metadata.num_rows for f in fs.sample_files(days))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     kwargs = {
-        "model": ray.put((model.config.to_dict(), state)), "timelines": ray.put(fs.timelines()), "features": fs.cfg.to_dict(),
-        "kv_reuse": kv_reuse, "threads": max(1, int(cpus_per_actor)), "gpu": gpu,
+        "model": ray.put((model.config.to_dict(), state)),
+        "timelines": ray.put(fs.timelines()),
+        "features": fs.cfg.to_dict(),
+        "kv_reuse": kv_reuse,
+        "threads": max(1, int(cpus_per_actor)),
+        "gpu": gpu,
     }
     pool = ray.data.ActorPoolStrategy(size=actors)
-    scored = ds.map_batches(Scorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, compute=pool, num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0, batch_format="numpy")
+    scored = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        compute=pool,
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if gpu else 0,
+        batch_format="numpy",
+    )
     out_dir = absolute(out_dir)
     tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -123,12 +141,15 @@ def score(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = ScoreResult(out_dir, rows, len(requests), time.perf_counter() - t0)
-    log.info("score: %d rows (%d requests) of %s in %.1f s -> %s", rows, len(requests), ",".join(days), res.seconds, out_dir)
+    log.info(
+        "score: %d rows (%d requests) of %s in %.1f s -> %s", rows, len(requests), ",".join(days), res.seconds, out_dir
+    )
     return res
 
 
 def read_scores(path: str) -> dict[str, np.ndarray]:
-    """The scores written by ``score`` as numpy columns (the keys of jobs.evaluate.metrics: label, prob, request_id, p_click)."""
+    """The scores written by ``score`` as numpy columns (the keys of jobs.evaluate.metrics: label, prob, request_id,
+    p_click)."""
     t = pq.read_table(path)
     return {c: t.column(c).to_numpy() for c in OUTPUT_COLUMNS}
 
@@ -136,11 +157,20 @@ def read_scores(path: str) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> None:
     from jobs.register import load_registered  # noqa: PLC0415 - MLflow at the edge
 
-    p = argparse.ArgumentParser(description="Score one day's samples with a registered model (Ray Data, KV reuse); Parquet out.")
+    p = argparse.ArgumentParser(
+        description="Score one day's samples with a registered model (Ray Data, KV reuse); Parquet out."
+    )
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--model", default="models:/hyformer@champion", help="models:/<name>@<alias> or models:/<name>/<version>")
+    p.add_argument(
+        "--model", default="models:/hyformer@champion", help="models:/<name>@<alias> or models:/<name>/<version>"
+    )
     p.add_argument("--date", required=True, type=parse_day, help="the day to score (its feature window must be built)")
-    p.add_argument("--days", type=int, default=None, help="window length the day's sequences read (default: the model's training window)")
+    p.add_argument(
+        "--days",
+        type=int,
+        default=None,
+        help="window length the day's sequences read (default: the model's training window)",
+    )
     p.add_argument("--out", default=None, help="output folder (default <data>/scores/<model>/<date>)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--actors", type=int, default=1)
@@ -155,8 +185,27 @@ def main(argv: list[str] | None = None) -> None:
     day = a.date.strftime(DAY_FORMAT)
     fs = scoring_window(data_dir, reg.features, day, a.days or reg.window_days)
     out = a.out or f"{data_dir}/scores/{reg.name}-v{reg.version}/{day}"
-    res = score(fs, reg.model, out, batch_size=a.batch_size, actors=a.actors, cpus_per_actor=a.cpus_per_actor, kv_reuse=not a.no_kv_reuse, gpu=a.gpu)
-    print(json.dumps({"model": f"{reg.name}/{reg.version}", "day": day, "path": res.path, "rows": res.rows, "requests": res.requests}))
+    res = score(
+        fs,
+        reg.model,
+        out,
+        batch_size=a.batch_size,
+        actors=a.actors,
+        cpus_per_actor=a.cpus_per_actor,
+        kv_reuse=not a.no_kv_reuse,
+        gpu=a.gpu,
+    )
+    print(
+        json.dumps(
+            {
+                "model": f"{reg.name}/{reg.version}",
+                "day": day,
+                "path": res.path,
+                "rows": res.rows,
+                "requests": res.requests,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

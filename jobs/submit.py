@@ -56,7 +56,9 @@ MEANING = {
 class JobClient(Protocol):
     """The part of ray.job_submission.JobSubmissionClient this wrapper uses (tests pass a fake)."""
 
-    def submit_job(self, *, entrypoint: str, submission_id: str | None = None, runtime_env: dict | None = None) -> str: ...
+    def submit_job(
+        self, *, entrypoint: str, submission_id: str | None = None, runtime_env: dict | None = None
+    ) -> str: ...
     def tail_job_logs(self, job_id: str) -> Any: ...  # async iterator of log chunks
     def get_job_status(self, job_id: str) -> Any: ...
     def get_job_info(self, job_id: str) -> Any: ...  # .status, .driver_exit_code, .message
@@ -94,12 +96,19 @@ def check_workflow_args(args: Sequence[str], environ: Mapping[str, str]) -> None
     """Paths that would land in the job's temporary copy of the working dir (and vanish with it) are usage errors."""
     data_dir = flag_value(args, "--data-dir")
     if data_dir is not None and not os.path.isabs(data_dir):
-        raise UsageError(f"--data-dir {data_dir!r} must be absolute: the job runs in a temporary copy of the working dir")
+        raise UsageError(
+            f"--data-dir {data_dir!r} must be absolute: the job runs in a temporary copy of the working dir"
+        )
     if data_dir is None:
         say("warning: no --data-dir: the workflow's default (./data, or HYFORMER_DATA_DIR on the cluster) is used")
     uri = environ.get("MLFLOW_TRACKING_URI", "")
-    if uri and not uri.startswith(("http://", "https://", "sqlite:////", "file:///", "postgresql", "mysql", "databricks")):
-        raise UsageError(f"MLFLOW_TRACKING_URI={uri!r} must be absolute (http(s)://, sqlite:////abs/db, file:///abs) for a submitted job")
+    if uri and not uri.startswith(
+        ("http://", "https://", "sqlite:////", "file:///", "postgresql", "mysql", "databricks")
+    ):
+        raise UsageError(
+            f"MLFLOW_TRACKING_URI={uri!r} must be absolute (http(s)://, sqlite:////abs/db, file:///abs) for a "
+            "submitted job"
+        )
 
 
 def default_submission_id(workflow_args: Sequence[str], now: float) -> str:
@@ -183,7 +192,9 @@ def submit(
     entrypoint = workflow_entrypoint(workflow_args)
     try:
         client = client or make_client(address)
-        job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env(working_dir, environ))
+        job_id = client.submit_job(
+            entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env(working_dir, environ)
+        )
     except Exception as e:  # noqa: BLE001 - unreachable cluster, auth, duplicate id: all "could not run"
         say(f"could not submit to {address}: {type(e).__name__}: {e}")  # Ray's auth errors say which token is missing
         return Exit.FAILED
@@ -196,7 +207,10 @@ def submit(
         client.stop_job(job_id)
         return 128 + e.signum
     code = job_exit_code(info)
-    say(f"job {job_id} {status_name(info.status)}, driver exit code {info.driver_exit_code} -> exit {code} ({MEANING.get(code, 'workflow exit code')})")
+    say(
+        f"job {job_id} {status_name(info.status)}, driver exit code {info.driver_exit_code} -> exit {code} "
+        f"({MEANING.get(code, 'workflow exit code')})"
+    )
     if code != Exit.PROMOTED and info.driver_exit_code is None and getattr(info, "message", None):
         say(f"ray: {info.message}")
     return code
@@ -208,13 +222,24 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(
         prog="jobs/submit.py",
-        usage="%(prog)s [--address URL] [--working-dir DIR] [--submission-id ID] [--poll SECONDS] -- [daily_train.py args]",
+        usage=(
+            "%(prog)s [--address URL] [--working-dir DIR] [--submission-id ID] [--poll SECONDS] "
+            "-- [daily_train.py args]"
+        ),
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS, help=f"Ray dashboard/Jobs API address (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
-    p.add_argument("--working-dir", default=str(PROJECT_ROOT), help="directory uploaded as the job's working dir (default: the project root)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
+        help=f"Ray dashboard/Jobs API address (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--working-dir",
+        default=str(PROJECT_ROOT),
+        help="directory uploaded as the job's working dir (default: the project root)",
+    )
     p.add_argument("--submission-id", default=None, help="job id (default: daily-<--date or 'latest'>-<unix time>)")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between status checks once the log stream ends")
     return p.parse_args(argv[:split]), argv[split + 1 :]

@@ -1,6 +1,7 @@
 """Train HyFormer with Ray Train on a built feature window; evaluate on its last day (held out).
 
-    python -m jobs.train --features /abs/data/features/v2/<store>/window-2026-11-22-70d.json --workers 2 --grad-sync async
+    python -m jobs.train --features /abs/data/features/v2/<store>/window-2026-11-22-70d.json \
+        --workers 2 --grad-sync async
 
 Data (paper §3.8.1): the window's samples (ids + sequence ordinals, a few dozen bytes each) stream from Ray Data into
 the workers; the window's events are put once into the Ray object store. Each worker's collate step turns a batch
@@ -48,7 +49,6 @@ from jobs.common import absolute, init_ray, log, setup_logging
 from jobs.evaluate import metrics, predict
 from jobs.train_config import TrainConfig, add_train_arguments, train_config
 
-
 # §3.4.1 encoders as the paper uses them (HyFormerConfig.paper()): LONGER-style on the long sequence, Full Transformer
 # on the 50-event search and feed sequences. Architectures that name their own encoders (hyformer/zoo.py) replace it.
 PAPER_ENCODERS = {"long": "longer", "search": "transformer", "feed": "transformer"}
@@ -67,7 +67,9 @@ def input_schema(fs: FeatureSet) -> InputSchema:
     )
 
 
-def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyformer", hide_sequences: bool = False) -> HyFormerConfig:
+def model_config(
+    fs: FeatureSet, overrides: dict | None = None, arch: str = "hyformer", hide_sequences: bool = False
+) -> HyFormerConfig:
     """The config of architecture ``arch`` whose inputs match a feature set (id spaces, groups, sequences and their
     lengths), then ``overrides`` (which win over the architecture's own settings). ``hide_sequences``: the model
     masks every sequence event, in training and wherever it is scored later (it is part of the saved config)."""
@@ -80,7 +82,11 @@ def model_config(fs: FeatureSet, overrides: dict | None = None, arch: str = "hyf
 
 
 def match_width(
-    fs: FeatureSet, overrides: dict, arch: str, distance: Callable[[HyFormerConfig], float], widths: Iterable[int],
+    fs: FeatureSet,
+    overrides: dict,
+    arch: str,
+    distance: Callable[[HyFormerConfig], float],
+    widths: Iterable[int],
 ) -> HyFormerConfig:
     """The model_config of ``arch`` at the ``d_model`` among ``widths`` (ascending) that the architecture accepts and
     whose ``distance`` is smallest (ties: the wider). Token mixing splits D into T = queries + NS tokens parts and
@@ -140,7 +146,10 @@ def save_checkpoint(directory: str, model: RankingModel, learner: Learner, pos: 
     gradient, the position: everything a restarted worker group needs to go on exactly) and history.json (the
     metrics of every finished epoch; Ray keeps only the last checkpoints' metrics)."""
     model.save(directory)
-    torch.save({"learner": learner.state_dict(), "position": dataclasses.asdict(pos)}, os.path.join(directory, "train_state.pt"))
+    torch.save(
+        {"learner": learner.state_dict(), "position": dataclasses.asdict(pos)},
+        os.path.join(directory, "train_state.pt"),
+    )
     with open(os.path.join(directory, "history.json"), "w") as f:
         json.dump(history, f)
 
@@ -155,7 +164,14 @@ def restore_checkpoint(checkpoint: Checkpoint, model: RankingModel, learner: Lea
     return Position(**state["position"]), history
 
 
-def report(metrics: dict, model: RankingModel, learner: Learner, pos: Position, history: list[dict], files: dict[str, dict] | None = None) -> None:
+def report(
+    metrics: dict,
+    model: RankingModel,
+    learner: Learner,
+    pos: Position,
+    history: list[dict],
+    files: dict[str, dict] | None = None,
+) -> None:
     """ray.train.report on every worker (a barrier); rank 0 attaches a checkpoint of ``pos`` (+ npz ``files``)."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -195,12 +211,17 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0:
             log.info("restored from checkpoint at epoch %d batch %d (step %d)", pos.epoch, pos.batch, pos.step)
     collate = MaterializeCollate(ray.get(config["timelines"]), FeatureConfig(**config["features"]))
-    shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "eval", *(("val",) if tc.val_days else ()))}
+    shards = {
+        split: ray.train.get_dataset_shard(split) for split in ("train", "eval", *(("val",) if tc.val_days else ()))
+    }
 
     def batches(epoch: int):
         return shards["train"].iter_torch_batches(
-            batch_size=tc.batch_size, collate_fn=collate, device=device,
-            local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch,
+            batch_size=tc.batch_size,
+            collate_fn=collate,
+            device=device,
+            local_shuffle_buffer_size=4 * tc.batch_size,
+            local_shuffle_seed=tc.seed + epoch,
         )
 
     def evaluate(split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -208,13 +229,20 @@ def train_fn_per_worker(config: dict) -> None:
         return metrics(pred), pred
 
     loop = LoopConfig(
-        epochs=tc.epochs, steps_per_epoch=steps_per_epoch, batch_size=tc.batch_size, validate=bool(tc.val_days),
-        patience=tc.patience, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
+        epochs=tc.epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=tc.batch_size,
+        validate=bool(tc.val_days),
+        patience=tc.patience,
+        log_every=tc.log_every,
+        checkpoint_every=tc.checkpoint_every,
     )
     hooks = Hooks(rank, world, broadcast_value, lambda m, files: report(m, raw, learner, pos, history, files))
     try:
         run_epochs(learner, raw, batches, evaluate, loop, pos, history, hooks, tags={"restored_step": float(restored)})
-    except NonFiniteError:  # reported with a checkpoint (the parameters before the failing step): the driver fails the run
+    except (
+        NonFiniteError
+    ):  # reported with a checkpoint (the parameters before the failing step): the driver fails the run
         return
 
 
@@ -247,7 +275,10 @@ def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tens
         return None
     path = absolute(tc.init_from)
     if not os.path.exists(os.path.join(path, "model.pt")):
-        raise FileNotFoundError(f"init_from={tc.init_from!r}: no model.pt there (a checkpoint directory of jobs.train or hyformer's model.save)")
+        raise FileNotFoundError(
+            f"init_from={tc.init_from!r}: no model.pt there (a checkpoint directory of jobs.train or hyformer's "
+            "model.save)"
+        )
     state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
     with torch.random.fork_rng():
         torch.manual_seed(tc.seed)  # as train_fn_per_worker
@@ -260,7 +291,9 @@ def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tens
     return model.state_dict()
 
 
-def warm_start_state(fs: FeatureSet, tc: TrainConfig, from_champion: bool) -> tuple[TrainConfig, dict[str, torch.Tensor] | None]:
+def warm_start_state(
+    fs: FeatureSet, tc: TrainConfig, from_champion: bool
+) -> tuple[TrainConfig, dict[str, torch.Tensor] | None]:
     """``tc`` and the merged initial weights of its warm start (``load_init_state``; None without ``tc.init_from``).
     ``from_champion`` (the daily default: ``tc.init_from`` is the champion's checkpoint): a champion of another shape
     (e.g. a newly tuned config) is a cold start, logged, instead of an error; ``tc.init_from`` is then cleared."""
@@ -274,10 +307,15 @@ def warm_start_state(fs: FeatureSet, tc: TrainConfig, from_champion: bool) -> tu
 
 
 def train(
-    fs: FeatureSet, tc: TrainConfig, storage_path: str, run_name: str, callbacks: list | None = None,
+    fs: FeatureSet,
+    tc: TrainConfig,
+    storage_path: str,
+    run_name: str,
+    callbacks: list | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused names).
+    """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused
+    names).
     ``callbacks``: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``, which forwards every report).
     ``init_state``: the warm start's merged weights when the caller already built them with ``load_init_state`` (else
     they are built here from ``tc.init_from``).
@@ -285,7 +323,10 @@ def train(
     Raises NonFiniteError when the loss or a gradient became NaN/inf (training stops on every worker at that step).
     """
     if len(fs.days) < 2 + tc.val_days:
-        raise ValueError(f"need at least {2 + tc.val_days} days (train + {tc.val_days} validation + held-out), the feature window has {len(fs.days)}")
+        raise ValueError(
+            f"need at least {2 + tc.val_days} days (train + {tc.val_days} validation + held-out), the feature "
+            f"window has {len(fs.days)}"
+        )
     mc = model_config(fs, tc.model, tc.arch, tc.hide_sequences)
     if init_state is None:
         init_state = load_init_state(tc, mc)
@@ -298,20 +339,34 @@ def train(
         datasets["val"] = model_dataset(fs, fs.days[first_val:-1], shuffle=False)
     t0 = time.perf_counter()
     timelines = fs.timelines()
-    log.info("train: window events loaded in %.1f s (%.1f MB), shared through the object store", time.perf_counter() - t0, timelines.nbytes() / 1e6)
+    log.info(
+        "train: window events loaded in %.1f s (%.1f MB), shared through the object store",
+        time.perf_counter() - t0,
+        timelines.nbytes() / 1e6,
+    )
     loop_config = {
-        "train": tc.to_dict(), "model": mc.to_dict(), "features": fs.cfg.to_dict(), "timelines": ray.put(timelines),
-        "init_state": None if init_state is None else ray.put(init_state), "train_rows": datasets["train"].count(),
-        "positive_rate": positive_rate(model_dataset(fs, fs.days[:first_val], shuffle=False)) if tc.prior_bias else None,
+        "train": tc.to_dict(),
+        "model": mc.to_dict(),
+        "features": fs.cfg.to_dict(),
+        "timelines": ray.put(timelines),
+        "init_state": None if init_state is None else ray.put(init_state),
+        "train_rows": datasets["train"].count(),
+        "positive_rate": positive_rate(model_dataset(fs, fs.days[:first_val], shuffle=False))
+        if tc.prior_bias
+        else None,
     }
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if tc.gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=tc.workers, use_gpu=tc.gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
         run_config=RunConfig(
-            name=run_name, storage_path=absolute(storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=tc.max_failures),
+            name=run_name,
+            storage_path=absolute(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
         ),
         datasets=datasets,
@@ -319,12 +374,20 @@ def train(
     )
     log.info(
         "train: %s, %d workers (%s, grad sync %s), %d training samples, days %s..%s, held out %s",
-        tc.arch, tc.workers, "gpu/nccl" if tc.gpu else "cpu/gloo", tc.optim.grad_sync, loop_config["train_rows"], fs.days[0], fs.days[first_val - 1], fs.days[-1],
+        tc.arch,
+        tc.workers,
+        "gpu/nccl" if tc.gpu else "cpu/gloo",
+        tc.optim.grad_sync,
+        loop_config["train_rows"],
+        fs.days[0],
+        fs.days[first_val - 1],
+        fs.days[-1],
     )
     result = trainer.fit()
     if "nonfinite_step" in (result.metrics or {}):
         raise NonFiniteError(
-            f"training {run_name!r} stopped: non-finite loss or gradient at step {int(result.metrics['nonfinite_step'])} "
+            f"training {run_name!r} stopped: non-finite loss or gradient at step "
+            f"{int(result.metrics['nonfinite_step'])} "
             f"(epoch {int(result.metrics['epoch'])}); parameters and checkpoints before it are finite (lower the lr?)"
         )
     with open(os.path.join(result.checkpoint.path, "history.json")) as f:
@@ -333,7 +396,9 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train HyFormer on a feature window with Ray Train; the last day is held out.")
+    p = argparse.ArgumentParser(
+        description="Train HyFormer on a feature window with Ray Train; the last day is held out."
+    )
     p.add_argument("--features", required=True, help="window-*.json written by jobs.build_features")
     p.add_argument("--storage", default=None, help="Ray Train storage path (default: <data>/train)")
     p.add_argument("--name", default=None, help="run name (default: train-<timestamp>)")
@@ -344,7 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     init_ray()
     fs = FeatureSet.load(absolute(a.features))
     tc = train_config(a, init_from=a.init_from)
-    res = train(fs, tc, a.storage or os.path.normpath(f"{fs.root}/../../../train"), a.name or f"train-{int(time.time())}")
+    res = train(
+        fs, tc, a.storage or os.path.normpath(f"{fs.root}/../../../train"), a.name or f"train-{int(time.time())}"
+    )
     print(json.dumps({"checkpoint": res.checkpoint_dir, **res.metrics}))
 
 

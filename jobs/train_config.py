@@ -34,7 +34,9 @@ class TrainConfig:
     # One pass by default: sparse-id CTR models overfit from the second pass on (their tables memorise; on the
     # synthetic logs held-out AUC fell 0.696 -> 0.608 in epoch 2, docs/results.md). Use val_days to let data decide.
     epochs: int = setting(1, "passes over the training days (at most, with --val-days)")
-    val_days: int = setting(0, "days before the held-out one kept out of training; their AUC picks the best epoch (early stopping, 0: off)")
+    val_days: int = setting(
+        0, "days before the held-out one kept out of training; their AUC picks the best epoch (early stopping, 0: off)"
+    )
     patience: int = setting(1, "with --val-days: stop after this many epochs without a better validation AUC")
     prior_bias: bool = setting(True, "start the output bias at logit(the training days' positive rate) (cold starts)")
     batch_size: int = setting(256, "rows per batch, per worker")
@@ -48,7 +50,11 @@ class TrainConfig:
     hide_sequences: bool = setting(False, "ablation: the model masks every behaviour sequence event")
     seed: int = setting(0, "model initialisation and data order")
     log_every: int = setting(50, "a progress line every N steps (rank 0)")
-    arch: str = setting("hyformer", "HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py)", tuple(sorted(ARCHITECTURES)))
+    arch: str = setting(
+        "hyformer",
+        "HyFormer or a baseline/ablation of the paper's Tables 1-2 (hyformer/zoo.py)",
+        tuple(sorted(ARCHITECTURES)),
+    )
     model: dict = field(default_factory=dict)  # HyFormerConfig overrides (d_model, n_layers, n_queries, ...)
 
     def __post_init__(self) -> None:
@@ -97,7 +103,10 @@ def route(key: str) -> tuple[str, str]:
         return "optim", key.removeprefix("optim.")
     if key in {f.name for f in fields(TrainConfig)} - {"optim", "model"}:
         return "train", key
-    raise ValueError(f"{key!r} is neither a TrainConfig field, an OptimConfig field (lr or optim.lr) nor model.<HyFormerConfig field>")
+    raise ValueError(
+        f"{key!r} is neither a TrainConfig field, an OptimConfig field (lr or optim.lr) nor "
+        "model.<HyFormerConfig field>"
+    )
 
 
 # --- command-line flags -----------------------------------------------------------------------------------------------
@@ -113,7 +122,15 @@ def _add(g: argparse._ArgumentGroup, f: dataclasses.Field, default: Any, dest: s
         g.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
     else:
         metavar = None if choices else f.name.upper()
-        g.add_argument(_flag(f.name), dest=dest, type=type(default), default=default, choices=choices, metavar=metavar, help=help_text)
+        g.add_argument(
+            _flag(f.name),
+            dest=dest,
+            type=type(default),
+            default=default,
+            choices=choices,
+            metavar=metavar,
+            help=help_text,
+        )
 
 
 def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = TrainConfig()) -> None:
@@ -125,7 +142,9 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = Trai
             _add(g, f, getattr(defaults, f.name), f.name)
     for f in fields(OptimConfig):
         _add(g, f, getattr(defaults.optim, f.name), f"optim.{f.name}")
-    g.add_argument("--model", default=json.dumps(defaults.model), help='HyFormerConfig overrides as JSON, e.g. \'{"d_model": 64}\'')
+    g.add_argument(
+        "--model", default=json.dumps(defaults.model), help="HyFormerConfig overrides as JSON, e.g. '{\"d_model\": 64}'"
+    )
 
 
 def train_config(a: argparse.Namespace, **extra: Any) -> TrainConfig:
@@ -139,7 +158,7 @@ def train_config(a: argparse.Namespace, **extra: Any) -> TrainConfig:
     return TrainConfig().override(values | {"model": model} | extra)
 
 
-# --- the best-config file (workflows/tune.py writes it, workflows/daily_train.py --train-config reads it) ---------------
+# --- the best-config file (workflows/tune.py writes it, workflows/daily_train.py --train-config reads it) ---------
 
 # What defines the model and its optimisation, written besides the searched fields; run-time settings (workers, gpu,
 # epochs, grad_sync, precision, init_from, seed, ...) stay with the run that reads the file.
@@ -153,8 +172,11 @@ def best_config(tc: TrainConfig, searched: Mapping[str, Any], metric: str, value
     optim = {n: getattr(tc.optim, n) for n in OPTIM_FIELDS if n in BEST_OPTIM_FIELDS or n in keys}
     train = {f.name: getattr(tc, f.name) for f in fields(TrainConfig) if f.name in BEST_FIELDS or f.name in keys}
     return {
-        "train": json.loads(json.dumps(train | {"optim": optim})), "metric": metric, "value": float(value),
-        "trial": trial, "tuned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "train": json.loads(json.dumps(train | {"optim": optim})),
+        "metric": metric,
+        "value": float(value),
+        "trial": trial,
+        "tuned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 

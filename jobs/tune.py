@@ -41,10 +41,10 @@ METRIC, MODE = "eval_query_auc", "max"  # what the search optimises and ASHA com
 EXPERIMENT = "hyformer-tune"  # MLflow experiment of the tuning runs (the daily runs live in "hyformer-daily")
 
 # The search space: parameter -> {distribution: arguments}. A key is what TrainConfig.override takes: a TrainConfig
-# field ("batch_size", ...), an optimiser field ("lr" or "optim.lr") or "model.<HyFormerConfig field>". Distributions: "choice": [values...],
-# "uniform"/"loguniform": [low, high], "randint": [low, high) (ints). Edit it here, or pass a JSON file of the same
-# form with --space. d_model is moved to the nearest width the model accepts (see fit_width): it must divide by
-# n_heads and by T = 3 sequences x n_queries + 5 NS groups.
+# field ("batch_size", ...), an optimiser field ("lr" or "optim.lr") or "model.<HyFormerConfig field>".
+# Distributions: "choice": [values...], "uniform"/"loguniform": [low, high], "randint": [low, high) (ints). Edit it
+# here, or pass a JSON file of the same form with --space. d_model is moved to the nearest width the model accepts
+# (see fit_width): it must divide by n_heads and by T = 3 sequences x n_queries + 5 NS groups.
 SEARCH_SPACE: dict[str, dict[str, list]] = {
     "lr": {"loguniform": [5e-4, 1e-2]},  # dense AdamW peak learning rate
     "model.d_model": {"choice": [32, 64, 128]},  # D, the width of every token
@@ -66,7 +66,12 @@ BASE_MODEL = dict(n_heads=2, ffn_mult=2, head_hidden=(64,))
 
 # --- search space and trial configs ----------------------------------------------------------------------------------
 
-DISTRIBUTIONS = {"choice": ray.tune.choice, "uniform": ray.tune.uniform, "loguniform": ray.tune.loguniform, "randint": ray.tune.randint}
+DISTRIBUTIONS = {
+    "choice": ray.tune.choice,
+    "uniform": ray.tune.uniform,
+    "loguniform": ray.tune.loguniform,
+    "randint": ray.tune.randint,
+}
 
 
 def check_space(space: dict[str, dict[str, list]]) -> None:
@@ -79,17 +84,22 @@ def check_space(space: dict[str, dict[str, list]]) -> None:
             raise ValueError(f"search space: {e}") from None
         if not (isinstance(dist, dict) and len(dist) == 1):
             raise ValueError(f"search space: {key!r} must map to one {{distribution: arguments}}, got {dist!r}")
-        (kind, args), = dist.items()
+        ((kind, args),) = dist.items()
         if kind not in DISTRIBUTIONS:
             raise ValueError(f"search space: {key!r}: unknown distribution {kind!r} ({', '.join(DISTRIBUTIONS)})")
         if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
-            raise ValueError(f"search space: {key!r}: {kind} takes {'a list of values' if kind == 'choice' else '[low, high]'}, got {args!r}")
+            wants = "a list of values" if kind == "choice" else "[low, high]"
+            raise ValueError(f"search space: {key!r}: {kind} takes {wants}, got {args!r}")
 
 
 def tune_space(space: dict[str, dict[str, list]]) -> dict:
     """The Tune search domains of a SEARCH_SPACE-style dict (OptunaSearch turns them into Optuna distributions)."""
     check_space(space)
-    return {key: (DISTRIBUTIONS[kind](args) if kind == "choice" else DISTRIBUTIONS[kind](*args)) for key, dist in space.items() for kind, args in dist.items()}
+    return {
+        key: (DISTRIBUTIONS[kind](args) if kind == "choice" else DISTRIBUTIONS[kind](*args))
+        for key, dist in space.items()
+        for kind, args in dist.items()
+    }
 
 
 def _plain(v):
@@ -137,12 +147,21 @@ class TrialRuns(ray.tune.Callback):
     numeric value of every report (step = the report's training_iteration), tag ``outcome`` = completed, stopped
     (by ASHA) or error."""
 
-    def __init__(self, client: mlflow.tracking.MlflowClient, experiment_id: str, tags: dict[str, str], fs: FeatureSet, base: TrainConfig):
+    def __init__(
+        self,
+        client: mlflow.tracking.MlflowClient,
+        experiment_id: str,
+        tags: dict[str, str],
+        fs: FeatureSet,
+        base: TrainConfig,
+    ):
         self.client, self.experiment_id, self.tags, self.fs, self.base = client, experiment_id, tags, fs, base
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        run_id = self.client.create_run(self.experiment_id, run_name=str(trial), tags=self.tags | {"trial_id": trial.trial_id}).info.run_id
+        run_id = self.client.create_run(
+            self.experiment_id, run_name=str(trial), tags=self.tags | {"trial_id": trial.trial_id}
+        ).info.run_id
         self.runs[trial.trial_id] = run_id
         params = flat_params("", {k: _plain(v) for k, v in trial.config.items()})
         try:
@@ -154,7 +173,8 @@ class TrialRuns(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         now, step = int(time.time() * 1000), int(result.get("training_iteration", 0))
         metrics = [
-            Metric(k, float(v), now, step) for k, v in result.items()
+            Metric(k, float(v), now, step)
+            for k, v in result.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ]
         self.client.log_batch(self.runs[trial.trial_id], metrics=metrics)
@@ -217,16 +237,29 @@ def tune(
     storage = f"{data_dir}/tune/{name}"
     out = absolute(out or f"{storage}/best_config.json")
     if base.checkpoint_every:
-        log.info("tune: checkpoint_every=%d -> 0 (step reports carry no %s and would count as ASHA iterations)", base.checkpoint_every, METRIC)
+        log.info(
+            "tune: checkpoint_every=%d -> 0 (step reports carry no %s and would count as ASHA iterations)",
+            base.checkpoint_every,
+            METRIC,
+        )
         base = dataclasses.replace(base, checkpoint_every=0)
     domains = tune_space(space)
     trial_train_config(fs, base, {})  # a base config the model rejects fails here, not in every trial
     searcher = OptunaSearch(seed=base.seed)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=min(grace_period, base.epochs), reduction_factor=2)
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=base.epochs,
+        grace_period=min(grace_period, base.epochs),
+        reduction_factor=2,
+    )
 
     exp_id = use_tracking(data_dir, experiment)
     client = mlflow.tracking.MlflowClient()
-    parent = client.create_run(exp_id, run_name=name, tags={"kind": "tune", "metric": METRIC, "window_end": fs.days[-1], "window_days": str(len(fs.days))})
+    parent = client.create_run(
+        exp_id,
+        run_name=name,
+        tags={"kind": "tune", "metric": METRIC, "window_end": fs.days[-1], "window_days": str(len(fs.days))},
+    )
     parent_id = parent.info.run_id
     try:
         params = flat_params("space.", space) | flat_params("base.", base.flat())
@@ -242,24 +275,45 @@ def tune(
             trainable,
             param_space=domains,
             tune_config=ray.tune.TuneConfig(
-                metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler, num_samples=samples,
+                metric=METRIC,
+                mode=MODE,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=samples,
                 max_concurrent_trials=max_concurrent,
             ),
             run_config=ray.tune.RunConfig(
-                name=name, storage_path=f"{data_dir}/tune", failure_config=ray.tune.FailureConfig(max_failures=0),
+                name=name,
+                storage_path=f"{data_dir}/tune",
+                failure_config=ray.tune.FailureConfig(max_failures=0),
                 # child runs, logged here in the driver (SQLite stores dislike concurrent writer processes)
-                callbacks=[TrialRuns(client, exp_id, {"mlflow.parentRunId": parent_id, "kind": "tune-trial", "tune": name}, fs, base)],
+                callbacks=[
+                    TrialRuns(
+                        client, exp_id, {"mlflow.parentRunId": parent_id, "kind": "tune-trial", "tune": name}, fs, base
+                    )
+                ],
                 verbose=1,
             ),
         )
         grid = tuner.fit()
         trials = [summarize(r, base.epochs) for r in grid]
-        log.info("tune: %s", "; ".join(f"{t.trial_id} {t.status} {METRIC}={t.history[-1].get(METRIC, float('nan')) if t.history else float('nan'):.4f}" for t in trials))
-        scored = [r for r in grid if r.error is None and r.metrics and math.isfinite(r.metrics.get(METRIC, float("nan")))]
+        log.info(
+            "tune: %s",
+            "; ".join(
+                f"{t.trial_id} {t.status} {METRIC}="
+                f"{t.history[-1].get(METRIC, float('nan')) if t.history else float('nan'):.4f}"
+                for t in trials
+            ),
+        )
+        scored = [
+            r for r in grid if r.error is None and r.metrics and math.isfinite(r.metrics.get(METRIC, float("nan")))
+        ]
         if not scored:
             raise RuntimeError(f"no trial reported {METRIC}: " + "; ".join(f"{t.trial_id}: {t.error}" for t in trials))
         best = grid.get_best_result(METRIC, MODE, scope="last")
-        doc = best_config(trial_train_config(fs, base, best.config), space, METRIC, best.metrics[METRIC], best.metrics["trial_id"])
+        doc = best_config(
+            trial_train_config(fs, base, best.config), space, METRIC, best.metrics[METRIC], best.metrics["trial_id"]
+        )
         os.makedirs(os.path.dirname(out), exist_ok=True)
         write_best_config(out, doc)
         log_parent_results(client, parent_id, doc, best.metrics, trials, out)
@@ -268,24 +322,47 @@ def tune(
         client.set_tag(parent_id, "error", f"{type(e).__name__}: {e}"[:5000])
         client.set_terminated(parent_id, "FAILED")
         raise
-    log.info("tune: best trial %s, %s=%.4f, config written to %s (MLflow parent run %s)", doc["trial"], METRIC, doc["value"], out, parent_id)
+    log.info(
+        "tune: best trial %s, %s=%.4f, config written to %s (MLflow parent run %s)",
+        doc["trial"],
+        METRIC,
+        doc["value"],
+        out,
+        parent_id,
+    )
     return TuneOutcome(out, doc, trials, parent_id, type(searcher).__name__, type(scheduler).__name__, storage)
 
 
 def summarize(result, max_epochs: int) -> TrialSummary:
     """A Tune Result -> TrialSummary (its reports from the result's metrics dataframe)."""
     df = result.metrics_dataframe
-    keep = [c for c in (df.columns if df is not None else []) if c in ("training_iteration", "epoch") or c.startswith(("eval_", "train_"))]
+    keep = [
+        c
+        for c in (df.columns if df is not None else [])
+        if c in ("training_iteration", "epoch") or c.startswith(("eval_", "train_"))
+    ]
     history = [] if df is None else [{k: float(v) for k, v in row.items()} for row in df[keep].to_dict("records")]
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
     status = "error" if result.error is not None else ("completed" if len(history) >= max_epochs else "stopped")
     params = {k: _plain(v) for k, v in (result.config or {}).items()}
-    return TrialSummary(trial_id, params, status, history, None if result.error is None else f"{type(result.error).__name__}: {result.error}")
+    return TrialSummary(
+        trial_id,
+        params,
+        status,
+        history,
+        None if result.error is None else f"{type(result.error).__name__}: {result.error}",
+    )
 
 
-def log_parent_results(client, run_id: str, doc: dict, best_metrics: dict, trials: list[TrialSummary], best_path: str) -> None:
+def log_parent_results(
+    client, run_id: str, doc: dict, best_metrics: dict, trials: list[TrialSummary], best_path: str
+) -> None:
     """The parent run's results: best trial's metrics (best_<metric>), trial counts, best_config.json, the plot."""
-    metrics = {f"best_{k}": float(v) for k, v in best_metrics.items() if k.startswith(("eval_", "train_")) and isinstance(v, (int, float)) and math.isfinite(v)}
+    metrics = {
+        f"best_{k}": float(v)
+        for k, v in best_metrics.items()
+        if k.startswith(("eval_", "train_")) and isinstance(v, (int, float)) and math.isfinite(v)
+    }
     metrics |= {f"trials_{s}": float(sum(t.status == s for t in trials)) for s in ("completed", "stopped", "error")}
     for k, v in metrics.items():
         client.log_metric(run_id, k, v)
@@ -306,7 +383,10 @@ def plot_trials(trials: list[TrialSummary], path: str) -> str:
         pts = [(h["training_iteration"], h[METRIC]) for h in t.history if METRIC in h and math.isfinite(h[METRIC])]
         if pts:
             x, y = zip(*pts)
-            label = f"{t.trial_id} ({t.status}): " + ", ".join(f"{k.removeprefix('model.')}={v:.3g}" if isinstance(v, float) else f"{k.removeprefix('model.')}={v}" for k, v in t.params.items())
+            label = f"{t.trial_id} ({t.status}): " + ", ".join(
+                f"{k.removeprefix('model.')}={v:.3g}" if isinstance(v, float) else f"{k.removeprefix('model.')}={v}"
+                for k, v in t.params.items()
+            )
             ax.plot(x, y, "o-", label=label[:90])
     ax.set(xlabel="epoch", ylabel=METRIC, title=f"{METRIC} per trial and epoch (held-out day)")
     ax.xaxis.get_major_locator().set_params(integer=True)

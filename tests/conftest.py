@@ -13,7 +13,16 @@ from jobs.common import free_port
 END = dt.date(2026, 11, 22)
 DAYS = 5
 # Tiny but with enough history per user that sequences are non-trivial.
-TINY_SYNTH = dict(days=DAYS, users=60, items=300, authors=30, queries=60, requests_per_day=40, search_events_per_day=300, feed_events_per_day=400)
+TINY_SYNTH = dict(
+    days=DAYS,
+    users=60,
+    items=300,
+    authors=30,
+    queries=60,
+    requests_per_day=40,
+    search_events_per_day=300,
+    feed_events_per_day=400,
+)
 
 
 def _start_ray():
@@ -62,7 +71,8 @@ def feature_set(ingested):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """``infra/mlflow_server.sh`` on a free port with its store under tmp_path; yields (url, server dir, stdout path)."""
+    """``infra/mlflow_server.sh`` on a free port with its store under tmp_path; yields (url, server dir, stdout
+    path)."""
     import signal
     import subprocess
     import time
@@ -71,15 +81,28 @@ def mlflow_server(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     port, server_dir = free_port(), tmp_path / "mlflow-server"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_SERVER_DIR": str(server_dir), "MLFLOW_PORT": str(port)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+        "MLFLOW_SERVER_DIR": str(server_dir),
+        "MLFLOW_PORT": str(port),
+    }
     out_path = tmp_path / "mlflow-server.out"
     with open(out_path, "w") as out, open(tmp_path / "mlflow-server.err", "w") as err:
-        proc = subprocess.Popen(["bash", str(root / "infra" / "mlflow_server.sh")], cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", str(root / "infra" / "mlflow_server.sh")],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, f"mlflow_server.sh exited with {proc.returncode}: {(tmp_path / 'mlflow-server.err').read_text()[-2000:]}"
+            assert proc.poll() is None, (
+                f"mlflow_server.sh exited with {proc.returncode}: "
+                f"{(tmp_path / 'mlflow-server.err').read_text()[-2000:]}"
+            )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:

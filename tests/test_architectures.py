@@ -66,7 +66,7 @@ def test_shapes_finite_and_every_parameter_gets_a_gradient(name: str) -> None:
     batch = make_batch(config, 8, lens=mixed_lens(config, 8))
     logits, grads = loss_grads(model, batch)
     assert logits.shape == (8,) and torch.isfinite(logits).all()
-    for n, p in model.named_parameters():
+    for n, _p in model.named_parameters():
         assert n in grads and torch.isfinite(grads[n]).all(), f"{name}: {n} has no finite gradient"
         if config.hide_sequences:  # the no-sequence ablation: the sequence side gets zero gradients (DDP accepts them)
             if n.startswith(("tokenizer.seq_proj", "tokenizer.seq_pos")):
@@ -113,8 +113,11 @@ def test_reference_and_sdpa_agree_on_outputs_and_gradients(name: str, case: str)
     ref = build(config).train()
     fast = copy.deepcopy(ref).set_attn_impl("sdpa")
     assert fast.config.attn_impl == "sdpa"
-    lens = {"mixed": mixed_lens(config, 6), "empty": {s: 0 for s in config.schema.sequences},
-            "full": dict(config.schema.sequences)}[case]
+    lens = {
+        "mixed": mixed_lens(config, 6),
+        "empty": {s: 0 for s in config.schema.sequences},
+        "full": dict(config.schema.sequences),
+    }[case]
     batch = make_batch(config, 6, lens=lens)
     out_ref, g_ref = loss_grads(ref, batch)
     out_fast, g_fast = loss_grads(fast, batch)
@@ -191,9 +194,13 @@ def with_new_ids(batch: dict[str, Tensor], key: str) -> dict[str, Tensor]:
 @pytest.mark.parametrize(
     "source, changes, moves_queries",
     [
-        ("global", "ns_user", True), ("global", "seq_feed", True),
-        ("ns", "ns_user", True), ("ns", "seq_feed", False),  # no sequence pooling
-        ("target", "ns_user", False), ("target", "seq_feed", False), ("target", "ns_item", True),  # candidate only
+        ("global", "ns_user", True),
+        ("global", "seq_feed", True),
+        ("ns", "ns_user", True),
+        ("ns", "seq_feed", False),  # no sequence pooling
+        ("target", "ns_user", False),
+        ("target", "seq_feed", False),
+        ("target", "ns_item", True),  # candidate only
     ],
 )
 def test_query_sources_read_exactly_their_inputs(source: str, changes: str, moves_queries: bool) -> None:
@@ -212,7 +219,7 @@ def test_pool_all_lets_each_sequences_queries_see_every_sequence(pool_all: bool)
     q, q_moved = queries(config, batch), queries(config, moved)
     long_queries = slice(0, config.queries_of("long"))
     assert torch.equal(q[:, long_queries], q_moved[:, long_queries]) != pool_all
-    assert not torch.equal(q[:, config.queries_of("long"):], q_moved[:, config.queries_of("long"):])
+    assert not torch.equal(q[:, config.queries_of("long") :], q_moved[:, config.queries_of("long") :])
 
 
 def test_full_kv_lets_longer_queries_decode_events_older_than_l_h() -> None:
@@ -310,7 +317,11 @@ def test_dense_init_normal_draws_every_linear_from_n_0_002(name: str) -> None:
     emb = torch.cat([t.weight.detach()[1:].flatten() for t in model.tokenizer.tables.values()])
     assert abs(float(emb.std()) - 0.02) < 0.002  # the embedding init (0.02 too, drawn by init_embedding)
     default = build_model(arch_cfg(name))
-    assert any(float(m.bias.abs().max()) > 0 for m in default.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert any(
+        float(m.bias.abs().max()) > 0
+        for m in default.modules()
+        if isinstance(m, torch.nn.Linear) and m.bias is not None
+    )
     assert model(make_batch(model.config, 4)).shape == (4,)
     with pytest.raises(ValueError, match="dense_init"):
         arch_cfg(name, dense_init="xavier")
@@ -323,8 +334,10 @@ def test_feature_selection_and_compression() -> None:
     assert (queries(config, batch) - queries(config, with_new_ids(batch, "ns_query"))).abs().amax() > 1e-6
     D, Ds, Q = CFG.d_model, CFG.seq_width, CFG.n_tokens - CFG.n_ns
     d_info = 2 * D + Ds  # two selected NS tokens + the sequence pool
-    sizes = {c: sum(p.numel() for p in QueryGenerator(dataclasses.replace(config, query_compress=c)).parameters())
-             for c in (0, 8)}
+    sizes = {
+        c: sum(p.numel() for p in QueryGenerator(dataclasses.replace(config, query_compress=c)).parameters())
+        for c in (0, 8)
+    }
     ffn = lambda d_in: Q * (d_in * D + D + D * D + D)  # noqa: E731 (PerTokenFFN d_in -> D -> D per query)
     assert sizes == {0: ffn(d_info), 8: d_info * 8 + 8 + ffn(8)}
 
@@ -363,7 +376,11 @@ def test_merge_sequences_orders_events_by_age_then_recency_rank() -> None:
 def test_merged_sequence_puts_the_most_recent_events_of_any_sequence_first() -> None:
     """With the "dt" side info (age bucket), the merged stream starts with the youngest events whatever sequence
     holds them, so LONGER's L_H recent-event queries are not all long-sequence events."""
-    config = arch_cfg("hyformer-merge-seq", seq_fields=("item", "author", "action", "dt"), id_spaces={**CFG.schema.id_spaces, "dt": 24})
+    config = arch_cfg(
+        "hyformer-merge-seq",
+        seq_fields=("item", "author", "action", "dt"),
+        id_spaces={**CFG.schema.id_spaces, "dt": 24},
+    )
     model = build(config)
     batch = make_batch(config, 3, lens={"long": 16, "search": 3, "feed": 2})
     age = {"long": 20, "search": 1, "feed": 5}  # search youngest, then feed, long oldest
@@ -550,7 +567,9 @@ def test_invalid_architecture_configs_raise(overrides: dict, match: str) -> None
 
 
 def test_models_refuse_the_wrong_arch() -> None:
-    with pytest.raises(ValueError, match="HyFormer builds arch 'hyformer', not 'unified': use hyformer.zoo.build_model"):
+    with pytest.raises(
+        ValueError, match="HyFormer builds arch 'hyformer', not 'unified': use hyformer.zoo.build_model"
+    ):
         HyFormer(arch_cfg("mtgr-longer"))
     for cls in (TwoStage, Unified, DIN):
         with pytest.raises(ValueError, match=f"{cls.__name__} builds arch .* use hyformer.zoo.build_model"):
@@ -595,7 +614,9 @@ def test_dedup_tables_give_the_values_and_gradients_of_the_full_sequences(name: 
         torch.testing.assert_close(g_dedup[n], g_full[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name, cls", [("hyformer", HyFormer), ("longer-wukong", TwoStage), ("mtgr-longer", Unified), ("din", DIN)])
+@pytest.mark.parametrize(
+    "name, cls", [("hyformer", HyFormer), ("longer-wukong", TwoStage), ("mtgr-longer", Unified), ("din", DIN)]
+)
 def test_load_model_rebuilds_the_class_of_the_saved_architecture(tmp_path, name: str, cls: type) -> None:
     build(arch_cfg(name)).save(tmp_path)
     assert type(load_model(tmp_path)) is cls

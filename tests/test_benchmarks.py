@@ -18,8 +18,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(not os.environ.get("HYFORMER_SLOW"), reason="~40 s; set HYFORMER_SLOW=1")
 @pytest.mark.slow
 def test_features_benchmark_runs_and_writes_its_results(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.features", "--scale", "0.01", "--windows", "2,3", "--lengths", "16",
-           "--batches", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.features",
+        "--scale",
+        "0.01",
+        "--windows",
+        "2,3",
+        "--lengths",
+        "16",
+        "--batches",
+        "1",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "features.json").read_text())
@@ -32,9 +47,27 @@ def test_features_benchmark_runs_and_writes_its_results(tmp_path):
 
 @pytest.mark.slow
 def test_transfer_benchmark_runs_and_writes_its_results(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.transfer", "--scale", "0.01", "--lengths", "8,24", "--batch-size", "16",
-           "--batches", "1", "--warmup", "0", "--model", '{"d_model": 16, "n_heads": 2, "n_layers": 1, "emb_dim": 4}',
-           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.transfer",
+        "--scale",
+        "0.01",
+        "--lengths",
+        "8,24",
+        "--batch-size",
+        "16",
+        "--batches",
+        "1",
+        "--warmup",
+        "0",
+        "--model",
+        '{"d_model": 16, "n_heads": 2, "n_layers": 1, "emb_dim": 4}',
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray cluster
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,9 +97,31 @@ WORKERS = pytest.mark.skipif(not os.environ.get("HYFORMER_SLOW"), reason="~100 s
 @pytest.mark.slow
 @pytest.mark.parametrize("parts", ["step", pytest.param("step,workers", marks=WORKERS)])
 def test_throughput_benchmark_runs_and_writes_its_results(tmp_path, parts):
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--parts", parts, "--presets", "tiny", "--steps", "2", "--warmup", "1",
-           "--batch-size", "32", "--scale", "0.2", "--days", "3", "--epochs", "1",
-           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.throughput",
+        "--parts",
+        parts,
+        "--presets",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "32",
+        "--scale",
+        "0.2",
+        "--days",
+        "3",
+        "--epochs",
+        "1",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray cluster
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

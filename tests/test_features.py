@@ -26,28 +26,55 @@ def hand_inputs(cfg: FeatureConfig | None = None):
     """One user (7) with 4 search clicks and 1 feed event; 2 requests. Query 0 -> category 3, query 1 -> category 4."""
     imps = pl.DataFrame(
         {
-            "request_id": [1, 1, 2], "user_id": [7, 7, 7], "query_id": [0, 0, 1], "item_id": [10, 11, 12],
-            "position": [0, 1, 0], "ts": [10 * H, 10 * H, 20 * H], "device_type": [1, 1, 2], "network_type": [1, 1, 1],
-            "label": [1, 0, 0], "p_click": [0.5, 0.1, 0.2], "p_click_ns": [0.3, 0.05, 0.1], "p_click_seq": [0.2, 0.06, 0.1],
+            "request_id": [1, 1, 2],
+            "user_id": [7, 7, 7],
+            "query_id": [0, 0, 1],
+            "item_id": [10, 11, 12],
+            "position": [0, 1, 0],
+            "ts": [10 * H, 10 * H, 20 * H],
+            "device_type": [1, 1, 2],
+            "network_type": [1, 1, 1],
+            "label": [1, 0, 0],
+            "p_click": [0.5, 0.1, 0.2],
+            "p_click_ns": [0.3, 0.05, 0.1],
+            "p_click_seq": [0.2, 0.06, 0.1],
             "day": ["d", "d", "d"],
         }
     )
     search = pl.DataFrame(
         {
-            "user_id": [7, 7, 7, 7], "ts": [1 * H, 2 * H, 10 * H, 15 * H], "query_id": [0, 1, 0, 0],
-            "item_id": [20, 21, 22, 23], "author_id": [1, 2, 1, 1], "category_id": [3, 4, 3, 3],
-            "watch_time_s": [10.0, 5.0, 1.0, 2.0], "like": [1, 0, 0, None],
+            "user_id": [7, 7, 7, 7],
+            "ts": [1 * H, 2 * H, 10 * H, 15 * H],
+            "query_id": [0, 1, 0, 0],
+            "item_id": [20, 21, 22, 23],
+            "author_id": [1, 2, 1, 1],
+            "category_id": [3, 4, 3, 3],
+            "watch_time_s": [10.0, 5.0, 1.0, 2.0],
+            "like": [1, 0, 0, None],
         }
     )
     feed = pl.DataFrame(
         {
-            "user_id": [7, 8], "ts": [5 * H, 1 * H], "item_id": [30, 31], "author_id": [1, 1], "category_id": [4, 4],
-            "watch_time_s": [3.0, 1.0], "finish": [1, 0], "like": [0, 0],
+            "user_id": [7, 8],
+            "ts": [5 * H, 1 * H],
+            "item_id": [30, 31],
+            "author_id": [1, 1],
+            "category_id": [4, 4],
+            "watch_time_s": [3.0, 1.0],
+            "finish": [1, 0],
+            "like": [0, 0],
         }
     )
     cats = {20: 3, 21: 4, 22: 3, 23: 3, 30: 4, 31: 4}
     dims = {
-        "items": pl.DataFrame({"item_id": list(range(40)), "author_id": [1] * 40, "category_id": [cats.get(i, 3) for i in range(40)], "duration_s": [10.0] * 40}),
+        "items": pl.DataFrame(
+            {
+                "item_id": list(range(40)),
+                "author_id": [1] * 40,
+                "category_id": [cats.get(i, 3) for i in range(40)],
+                "duration_s": [10.0] * 40,
+            }
+        ),
         "queries": pl.DataFrame({"query_id": [0, 1], "category_id": [3, 4], "n_terms": [2, 3]}),
         "users": pl.DataFrame({"user_id": [7, 8], "age_bucket": [1, 2], "gender": [1, 2], "city_id": [5, 6]}),
     }
@@ -58,7 +85,9 @@ def hand_inputs(cfg: FeatureConfig | None = None):
 def build_hand(cfg: FeatureConfig | None = None) -> tuple[dict[str, pl.DataFrame], FeatureConfig]:
     imps, search, feed, dims, cfg = hand_inputs(cfg)
     state = {s: empty_state() for s in STREAMS}
-    out = build_day(imps.lazy(), {"search": search.lazy(), "feed": feed.lazy()}, state, {k: v.lazy() for k, v in dims.items()}, cfg)
+    out = build_day(
+        imps.lazy(), {"search": search.lazy(), "feed": feed.lazy()}, state, {k: v.lazy() for k, v in dims.items()}, cfg
+    )
     return out, cfg
 
 
@@ -73,7 +102,14 @@ def test_ordinals_on_hand_example():
     # At 10h: the clicks at 1h and 2h are earlier (the one at exactly 10h is not); of category 3 (query 0) only 1h.
     # At 20h all 4 clicks are earlier; of category 4 (query 1) only the 2h one; the category-4 feed event at 5h is.
     want = pl.DataFrame(
-        {"request_id": [1, 1, 2], "ns_item_id": [11, 12, 13], "rel_key": [3, 3, 4], "long_hi": [2, 2, 4], "search_hi": [1, 1, 1], "feed_hi": [0, 0, 1]},
+        {
+            "request_id": [1, 1, 2],
+            "ns_item_id": [11, 12, 13],
+            "rel_key": [3, 3, 4],
+            "long_hi": [2, 2, 4],
+            "search_hi": [1, 1, 1],
+            "feed_hi": [0, 0, 1],
+        },
         schema_overrides={"ns_item_id": pl.Int32},
     )
     assert_frame_equal(got, want)
@@ -98,7 +134,11 @@ def test_materialize_hand_example():
     assert (b["seq_feed"][:2] == 0).all()  # empty sequences are all padding
     np.testing.assert_array_equal(b["ns_item"][:, 0], [11, 12, 13])
     # the synthetic ground truth rides along (evaluation only), as float32
-    for k, want in {"p_click": [0.5, 0.1, 0.2], "p_click_ns": [0.3, 0.05, 0.1], "p_click_seq": [0.2, 0.06, 0.1]}.items():
+    for k, want in {
+        "p_click": [0.5, 0.1, 0.2],
+        "p_click_ns": [0.3, 0.05, 0.1],
+        "p_click_seq": [0.2, 0.06, 0.1],
+    }.items():
         assert b[k].dtype == np.float32
         np.testing.assert_array_equal(b[k], np.array(want, np.float32))
 
@@ -107,7 +147,13 @@ def test_logs_without_ground_truth_give_nan():
     """Real logs (or a clean day ingested before the contract had p_click_ns / p_click_seq): NaN, not an error."""
     imps, search, feed, dims, cfg = hand_inputs()
     imps = imps.drop("p_click_ns", "p_click_seq").with_columns(pl.lit(None, pl.Float32).alias("p_click"))
-    out = build_day(imps.lazy(), {"search": search.lazy(), "feed": feed.lazy()}, {s: empty_state() for s in STREAMS}, {k: v.lazy() for k, v in dims.items()}, cfg)
+    out = build_day(
+        imps.lazy(),
+        {"search": search.lazy(), "feed": feed.lazy()},
+        {s: empty_state() for s in STREAMS},
+        {k: v.lazy() for k, v in dims.items()},
+        cfg,
+    )
     assert out["samples"].select(pl.col("p_click", "p_click_ns", "p_click_seq").null_count()).row(0) == (3, 3, 3)
     b = materialize_hand(out, cfg)
     for k in ("p_click", "p_click_ns", "p_click_seq"):
@@ -120,7 +166,13 @@ def test_logs_without_ground_truth_give_nan():
 
 def test_a_stream_without_events_gives_empty_sequences():
     imps, search, feed, dims, cfg = hand_inputs()
-    out = build_day(imps.lazy(), {"search": search.lazy(), "feed": feed.head(0).lazy()}, {s: empty_state() for s in STREAMS}, {k: v.lazy() for k, v in dims.items()}, cfg)
+    out = build_day(
+        imps.lazy(),
+        {"search": search.lazy(), "feed": feed.head(0).lazy()},
+        {s: empty_state() for s in STREAMS},
+        {k: v.lazy() for k, v in dims.items()},
+        cfg,
+    )
     naive, dedup = materialize_hand(out, cfg), materialize_hand(out, cfg, dedup=True)
     np.testing.assert_array_equal(naive["len_feed"], [0, 0, 0])
     assert (naive["seq_feed"] == 0).all() and naive["seq_feed"].shape == (3, 2, 7)
@@ -152,7 +204,9 @@ def test_relevance_keys_table(tmp_path):
     # items 20 and 23 share key 9 with query 1: at 20h its search sequence is [23, 20]
     pl.DataFrame({"item_id": [20, 21, 22, 23], "key": [9, 1, 1, 9]}).write_parquet(tmp_path / "items.parquet")
     pl.DataFrame({"query_id": [0, 1], "key": [1, 9]}).write_parquet(tmp_path / "queries.parquet")
-    out, cfg = build_hand(FeatureConfig(long_len=3, search_len=2, feed_len=2, relevance="keys", relevance_keys=str(tmp_path)))
+    out, cfg = build_hand(
+        FeatureConfig(long_len=3, search_len=2, feed_len=2, relevance="keys", relevance_keys=str(tmp_path))
+    )
     b = materialize_hand(out, cfg)
     np.testing.assert_array_equal(b["seq_search"][2, :, 0], [24, 21])
     np.testing.assert_array_equal(b["len_feed"], [0, 0, 0])  # feed items have no key: relevant to nothing
@@ -164,10 +218,24 @@ def test_huge_history_of_one_user_is_capped_to_the_latest():
     imps, search, feed, dims, cfg = hand_inputs(FeatureConfig(long_len=3000, search_len=50, feed_len=50))
     n = 5000
     big = pl.DataFrame(
-        {"user_id": [7] * n, "ts": [1 + i * 100 for i in range(n)], "query_id": [0] * n, "item_id": [i % 40 for i in range(n)],
-         "author_id": [1] * n, "category_id": [3] * n, "watch_time_s": [1.0] * n, "like": [0] * n}
+        {
+            "user_id": [7] * n,
+            "ts": [1 + i * 100 for i in range(n)],
+            "query_id": [0] * n,
+            "item_id": [i % 40 for i in range(n)],
+            "author_id": [1] * n,
+            "category_id": [3] * n,
+            "watch_time_s": [1.0] * n,
+            "like": [0] * n,
+        }
     )
-    out = build_day(imps.lazy(), {"search": big.lazy(), "feed": feed.lazy()}, {s: empty_state() for s in STREAMS}, {k: v.lazy() for k, v in dims.items()}, cfg)
+    out = build_day(
+        imps.lazy(),
+        {"search": big.lazy(), "feed": feed.lazy()},
+        {s: empty_state() for s in STREAMS},
+        {k: v.lazy() for k, v in dims.items()},
+        cfg,
+    )
     assert out["samples"]["long_hi"].to_list() == [n, n, n]
     b = materialize_hand(out, cfg, dedup=True)
     assert b["inv_long"].shape == (3, 3000) and (b["len_long"] == 3000).all() and (b["len_search"] == 50).all()
@@ -220,11 +288,15 @@ def materialized(feature_set):
 
 def brute_force(data_dir: str, samples: pl.DataFrame, relevant: bool, table: str, vocab: dict) -> pl.DataFrame:
     """For every sample: the item buckets of the user's earlier events (relevant ones only if asked), newest first."""
-    ev = clean(data_dir, table).select("user_id", pl.col("ts").alias("ev_ts"), "item_id", pl.col("category_id").alias("ev_cat"))
+    ev = clean(data_dir, table).select(
+        "user_id", pl.col("ts").alias("ev_ts"), "item_id", pl.col("category_id").alias("ev_cat")
+    )
     queries = clean(data_dir, "queries").select("query_id", pl.col("category_id").alias("qcat"))
     imps = clean(data_dir, "impressions").select("request_id", "item_id", "query_id").join(queries, on="query_id")
     imps = imps.with_columns((pl.col("item_id") % (vocab["item"] - 1) + 1).cast(pl.Int32).alias("ns_item_id"))
-    s = samples.select("request_id", "ns_item_id", "user_id", "ts").join(imps.select("request_id", "ns_item_id", "qcat"), on=["request_id", "ns_item_id"])
+    s = samples.select("request_id", "ns_item_id", "user_id", "ts").join(
+        imps.select("request_id", "ns_item_id", "qcat"), on=["request_id", "ns_item_id"]
+    )
     j = s.join(ev, on="user_id", how="left").filter(pl.col("ev_ts") < pl.col("ts"))
     if relevant:
         j = j.filter(pl.col("ev_cat") == pl.col("qcat"))
@@ -236,13 +308,18 @@ def brute_force(data_dir: str, samples: pl.DataFrame, relevant: bool, table: str
     )
 
 
-@pytest.mark.parametrize("seq,table,relevant", [("long", "search_events", False), ("search", "search_events", True), ("feed", "feed_events", True)])
+@pytest.mark.parametrize(
+    "seq,table,relevant",
+    [("long", "search_events", False), ("search", "search_events", True), ("feed", "feed_events", True)],
+)
 def test_sequences_equal_a_brute_force_point_in_time_join(ingested, feature_set, materialized, seq, table, relevant):
     """Leak test and completeness: each sequence is exactly the latest <= L earlier (relevant) events, newest first."""
     data_dir, _ = ingested
     samples, b = materialized
     want = brute_force(data_dir, samples, relevant, table, feature_set.cfg.vocab)
-    want = samples.select("request_id", "ns_item_id").join(want, on=["request_id", "ns_item_id"], how="left", maintain_order="left")
+    want = samples.select("request_id", "ns_item_id").join(
+        want, on=["request_id", "ns_item_id"], how="left", maintain_order="left"
+    )
     L = feature_set.cfg.seq_len(seq)
     checked = 0
     for i, items in enumerate(want["items"].to_list()):
@@ -279,7 +356,9 @@ def test_dedup_tables_reconstruct_the_naive_sequences_exactly(feature_set, mater
 def test_stored_bytes_do_not_depend_on_sequence_length(feature_set):
     short = dataclasses.replace(feature_set.cfg, long_len=8)
     assert short.store_id() == feature_set.cfg.store_id()  # lengths and side info are read-side choices
-    assert "long_hi" in all_samples(feature_set).columns and "long_len" not in json.load(open(f"{feature_set.root}/store.json"))
+    assert "long_hi" in all_samples(feature_set).columns and "long_len" not in json.load(
+        open(f"{feature_set.root}/store.json")
+    )
 
 
 # --- incremental days ---------------------------------------------------------------------------------------------
@@ -287,7 +366,10 @@ def test_stored_bytes_do_not_depend_on_sequence_length(feature_set):
 
 def store_frames(root: str) -> dict[str, pl.DataFrame]:
     """Every stored parquet file of a store, by relative path."""
-    return {os.path.relpath(f, root): pl.read_parquet(f) for f in sorted(glob.glob(f"{root}/day=*/**/*.parquet", recursive=True))}
+    return {
+        os.path.relpath(f, root): pl.read_parquet(f)
+        for f in sorted(glob.glob(f"{root}/day=*/**/*.parquet", recursive=True))
+    }
 
 
 def assert_same_store(a: str, b: str) -> None:

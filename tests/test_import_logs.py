@@ -32,11 +32,20 @@ def unix_s(day: dt.date, hour: float) -> int:
 
 # user, item, rating, hour of the day: 3 days, 3 users, every day with a positive rating (search_events need one)
 RATINGS = [
-    (1, 10, 5, 0, 1.0), (1, 20, 2, 0, 1.5), (2, 30, 4, 0, 9.0), (2, 10, 1, 0, 9.2),
-    (1, 30, 3, 1, 23.9), (3, 40, 4, 1, 0.1), (3, 10, 5, 1, 0.2),
-    (2, 40, 2, 2, 12.0), (2, 20, 5, 2, 12.5), (3, 50, 1, 2, 18.0), (1, 50, 4, 2, 6.0),
+    (1, 10, 5, 0, 1.0),
+    (1, 20, 2, 0, 1.5),
+    (2, 30, 4, 0, 9.0),
+    (2, 10, 1, 0, 9.2),
+    (1, 30, 3, 1, 23.9),
+    (3, 40, 4, 1, 0.1),
+    (3, 10, 5, 1, 0.2),
+    (2, 40, 2, 2, 12.0),
+    (2, 20, 5, 2, 12.5),
+    (3, 50, 1, 2, 18.0),
+    (1, 50, 4, 2, 6.0),
 ]
-ITEMS = [  # movie id | title | release date | video release date | IMDb URL | 19 genre flags (unknown, Action, Adventure, ...)
+# movie id | title | release date | video release date | IMDb URL | 19 genre flags (unknown, Action, Adventure, ...)
+ITEMS = [
     "10|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0",
     "20|GoldenEye (1995)|01-Jan-1995||http://x|0|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0|0",
     "30|Caf\xe9 Society (1995)|||http://x|1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0",
@@ -71,7 +80,12 @@ def test_movielens_profile_passes_ingest(tmp_path):
     report = import_logs(data_dir, parse_mapping(movielens_mapping(movielens_dir(tmp_path / "ml-100k"))))
     n, positives = len(RATINGS), sum(r >= 4 for _, _, r, _, _ in RATINGS)
     assert {t: r.written for t, r in report.tables.items()} == {
-        "impressions": n, "search_events": positives, "feed_events": n, "users": 3, "items": 5, "queries": 1,
+        "impressions": n,
+        "search_events": positives,
+        "feed_events": n,
+        "users": 3,
+        "items": 5,
+        "queries": 1,
     }
     assert report.tables["search_events"].dropped == {"where: not (rating >= 4)": n - positives}
     assert all(r.reconciles() and r.read == r.written + sum(r.dropped.values()) for r in report.tables.values())
@@ -123,9 +137,13 @@ def generic_mapping(files: list[str]) -> dict:
             "impressions": {
                 **source,
                 "columns": {
-                    "request_id": {"col": "req", "ids": "request"}, "user_id": {"col": "uid", "ids": "user"},
-                    "item_id": {"col": "video", "ids": "item"}, "query_id": {"col": "q", "ids": "query"},
-                    "position": "rank", "ts": {"col": "shown_at", "ts": "iso"}, "label": {"sql": "CAST(clicked AS INTEGER)"},
+                    "request_id": {"col": "req", "ids": "request"},
+                    "user_id": {"col": "uid", "ids": "user"},
+                    "item_id": {"col": "video", "ids": "item"},
+                    "query_id": {"col": "q", "ids": "query"},
+                    "position": "rank",
+                    "ts": {"col": "shown_at", "ts": "iso"},
+                    "label": {"sql": "CAST(clicked AS INTEGER)"},
                 },
             },
             "users": {**source, "distinct": True, "columns": {"user_id": {"col": "uid", "ids": "user"}}},
@@ -144,11 +162,17 @@ def test_generic_mapping_of_string_ids_and_iso_times(tmp_path):
     assert read_idmap(data_dir, "user").rows() == [("alice", 0), ("bob", 1), ("carol", 2)]  # new keys in sorted order
     day1 = pl.read_parquet(f"{data_dir}/logs/v1/impressions/day=2026-03-01/part-0.parquet")
     assert day1["ts"].to_list() == [day_start_ms(dt.date(2026, 3, 2)) - 1_800_000] * 2
-    assert day1["user_id"].to_list() == [1, 1] and day1["item_id"].to_list() == [1, 0] and day1["label"].to_list() == [1, 0]
+    assert (
+        day1["user_id"].to_list() == [1, 1]
+        and day1["item_id"].to_list() == [1, 0]
+        and day1["label"].to_list() == [1, 0]
+    )
     day2 = pl.read_parquet(f"{data_dir}/logs/v1/impressions/day=2026-03-02/part-0.parquet")
     t0 = day_start_ms(dt.date(2026, 3, 2))
     assert day2["ts"].to_list() == [t0 + 8 * 3_600_000, t0 + 9 * 3_600_000 + 15 * 60_000 + 250]
-    assert day2.schema == pl.Schema({c: t for c, t in pl.from_arrow(TABLES["impressions"].schema.empty_table()).schema.items() if c in day2.columns})
+    assert day2.schema == pl.Schema(
+        {c: t for c, t in pl.from_arrow(TABLES["impressions"].schema.empty_table()).schema.items() if c in day2.columns}
+    )
     assert read_table(data_dir, "users")["user_id"].to_list() == [1, 0, 2]  # first occurrence order
 
 
@@ -158,7 +182,10 @@ def test_rows_that_ingest_will_quarantine_are_previewed(tmp_path):
     report = import_logs(str(tmp_path / "data"), parse_mapping(m, tables=("impressions", "users")))
     imp = report.tables["impressions"]
     assert imp.invalid == imp.written == 4  # written all the same: ingest quarantines them, with their reasons
-    assert imp.warnings == ["impressions: ingest will quarantine 4 of the 4 rows written: 4 x position (e.g. position: -1 outside [0, 1000])"]
+    assert imp.warnings == [
+        "impressions: ingest will quarantine 4 of the 4 rows written: "
+        "4 x position (e.g. position: -1 outside [0, 1000])"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -170,8 +197,12 @@ def test_rows_that_ingest_will_quarantine_are_previewed(tmp_path):
         ([1795341600123], pl.Int64, "ms", [1795341600123]),
         ([1795341600123456], pl.Int64, "us", [1795341600123]),
         ([1795341600123456789], pl.Int64, "ns", [1795341600123]),  # exact: no float rounding
-        (["2026-11-22T10:00:00+01:00", "2026-11-22T09:00:00.5Z", "2026-11-22", "22/11/2026"], pl.String, "iso",
-         [1795338000000, 1795338000500, 1795305600000, None]),
+        (
+            ["2026-11-22T10:00:00+01:00", "2026-11-22T09:00:00.5Z", "2026-11-22", "22/11/2026"],
+            pl.String,
+            "iso",
+            [1795338000000, 1795338000500, 1795305600000, None],
+        ),
         (["01-Jan-1995", "31-Feb-1995"], pl.String, "%d-%b-%Y", [788918400000, None]),
         ([dt.date(2026, 11, 22)], pl.Date, "ms", [1795305600000]),
         ([dt.datetime(2026, 11, 22, 9, tzinfo=dt.timezone.utc)], pl.Datetime("us", "UTC"), "ms", [1795338000000]),
@@ -199,14 +230,21 @@ def test_reimport_is_idempotent_and_id_maps_are_stable(tmp_path):
     for k in first:
         assert first[k].equals(again[k]), k
     # a later import with a new user and a new day: known keys keep their ids, the earlier day is left alone
-    later = impressions_parquet(tmp_path / "later.parquet", [("r-9", "aaron", "v-3", "cats", "2026-03-03T10:00:00Z", True, 0),
-                                                             ("r-9", "bob", "v-1", "cats", "2026-03-03T10:00:00Z", False, 1)])
+    later = impressions_parquet(
+        tmp_path / "later.parquet",
+        [
+            ("r-9", "aaron", "v-3", "cats", "2026-03-03T10:00:00Z", True, 0),
+            ("r-9", "bob", "v-1", "cats", "2026-03-03T10:00:00Z", False, 1),
+        ],
+    )
     import_logs(data_dir, parse_mapping(generic_mapping([later]), tables=("impressions",)))
     assert read_idmap(data_dir, "user").rows() == [("alice", 0), ("bob", 1), ("carol", 2), ("aaron", 3)]
     assert read_idmap(data_dir, "item").rows() == [("v-3", 0), ("v-9", 1), ("v-1", 2)]
     day3 = pl.read_parquet(f"{data_dir}/logs/v1/impressions/day=2026-03-03/part-0.parquet")
     assert day3["user_id"].to_list() == [3, 1]
-    assert pl.read_parquet(f"{data_dir}/logs/v1/impressions/day=2026-03-01/part-0.parquet").equals(first["logs/v1/impressions/day=2026-03-01/part-0.parquet"])
+    assert pl.read_parquet(f"{data_dir}/logs/v1/impressions/day=2026-03-01/part-0.parquet").equals(
+        first["logs/v1/impressions/day=2026-03-01/part-0.parquet"]
+    )
 
 
 def test_required_column_without_mapping_is_named(tmp_path):
@@ -223,13 +261,19 @@ def test_missing_source_column_names_the_file_and_its_columns(tmp_path):
     f = impressions_parquet(tmp_path / "imp.parquet", ROWS)
     m = generic_mapping([f])
     m["tables"]["impressions"]["columns"]["position"] = "slot"
-    with pytest.raises(MappingError, match=r"imp\.parquet: impressions\.position reads source column\(s\) \['slot'\], not in this file") as e:
+    with pytest.raises(
+        MappingError, match=r"imp\.parquet: impressions\.position reads source column\(s\) \['slot'\], not in this file"
+    ) as e:
         import_logs(str(tmp_path / "data"), parse_mapping(m, tables=("impressions",)))
     assert "'rank'" in str(e.value)
 
 
 def test_unparseable_timestamps_name_file_row_and_value(tmp_path):
-    bad = [*ROWS[:3], ("r-5", "dan", "v-9", "dogs", "yesterday", False, 0), ("r-6", "dan", "v-9", "dogs", "2026-02-30T01:00:00Z", False, 0)]
+    bad = [
+        *ROWS[:3],
+        ("r-5", "dan", "v-9", "dogs", "yesterday", False, 0),
+        ("r-6", "dan", "v-9", "dogs", "2026-02-30T01:00:00Z", False, 0),
+    ]
     f = impressions_parquet(tmp_path / "imp.parquet", bad)
     with pytest.raises(ValueParseError, match=r"impressions: 2 row\(s\) have values that cannot be mapped") as e:
         import_logs(str(tmp_path / "data"), parse_mapping(generic_mapping([f]), tables=("impressions",)))
@@ -241,8 +285,14 @@ def test_unparseable_timestamps_name_file_row_and_value(tmp_path):
 def test_mapping_mistakes_are_named(tmp_path):
     f = impressions_parquet(tmp_path / "imp.parquet", ROWS)
     cases = [
-        ({"tables": {"impressions": {"files": [f], "columns": {"clicks": "clicked"}}}}, r"impressions\.clicks: not a column of the contract"),
-        ({"tables": {"impressions": {"files": [f], "columns": {"ts": {"col": "shown_at", "ts": "minutes"}}}}}, r"ts 'minutes' is none of"),
+        (
+            {"tables": {"impressions": {"files": [f], "columns": {"clicks": "clicked"}}}},
+            r"impressions\.clicks: not a column of the contract",
+        ),
+        (
+            {"tables": {"impressions": {"files": [f], "columns": {"ts": {"col": "shown_at", "ts": "minutes"}}}}},
+            r"ts 'minutes' is none of",
+        ),
         ({"tables": {"impressions": {"files": [str(tmp_path / "nope-*.csv")]}}}, r"impressions: no file matches"),
         ({"tables": {"impressions": {"files": [f]}}}, r"no source for table 'users'"),
     ]
@@ -261,7 +311,9 @@ def test_cli_prints_the_profile_and_imports(tmp_path, capsys):
     mapping.write_text(json.dumps(printed))
     assert main(["--data-dir", str(tmp_path / "data"), "--mapping", str(mapping)]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out.splitlines()[0])["tables"]["search_events"]["written"] == sum(r >= 5 for _, _, r, _, _ in RATINGS)
+    assert json.loads(out.splitlines()[0])["tables"]["search_events"]["written"] == sum(
+        r >= 5 for _, _, r, _, _ in RATINGS
+    )
     assert f"--date {END} --days 3" in out
     assert main(["--data-dir", str(tmp_path / "data"), "--profile", "movielens", "--source", str(tmp_path)]) == 1
     assert "holds neither ['u.data', 'u.item', 'u.user']" in capsys.readouterr().err

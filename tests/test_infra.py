@@ -71,7 +71,9 @@ def cpu_quantity(q) -> float:
 
 
 def ray_pod_templates(cluster_spec: dict) -> list[tuple[str, dict]]:
-    groups = [("head", cluster_spec["headGroupSpec"])] + [(g["groupName"], g) for g in cluster_spec.get("workerGroupSpecs", [])]
+    groups = [("head", cluster_spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster_spec.get("workerGroupSpecs", [])
+    ]
     return [(name, g["template"]["spec"]) for name, g in groups]
 
 
@@ -93,7 +95,12 @@ def dockerfile_facts() -> dict:
 
 def test_every_infra_yaml_parses_into_objects():
     paths = sorted(INFRA.rglob("*.yaml"))
-    assert {p.relative_to(INFRA).as_posix() for p in paths} >= {"k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/cronjob.yaml", "ray/cluster.yaml"}
+    assert {p.relative_to(INFRA).as_posix() for p in paths} >= {
+        "k8s/raycluster.yaml",
+        "k8s/rayjob.yaml",
+        "k8s/cronjob.yaml",
+        "ray/cluster.yaml",
+    }
     for p in paths:
         docs = yaml_docs(p)
         assert docs and all(isinstance(d, dict) for d in docs), p
@@ -159,12 +166,17 @@ def test_systemd_service_runs_the_wrapper_and_accepts_not_promoted():
 
 def test_systemd_timer_starts_the_service_daily_and_catches_up():
     timer = systemd_unit("hyformer-daily.timer")
-    assert timer["Timer"]["Unit"] == ["hyformer-daily.service"] and (INFRA / "schedule" / "hyformer-daily.service").is_file()
+    assert (
+        timer["Timer"]["Unit"] == ["hyformer-daily.service"]
+        and (INFRA / "schedule" / "hyformer-daily.service").is_file()
+    )
     assert timer["Timer"]["Persistent"] == ["true"]
     assert timer["Install"]["WantedBy"] == ["timers.target"]
     (calendar,) = timer["Timer"]["OnCalendar"]
     if shutil.which("systemd-analyze"):
-        out = subprocess.run(["systemd-analyze", "calendar", "--iterations=2", calendar], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["systemd-analyze", "calendar", "--iterations=2", calendar], capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 0, out.stderr
         elapses = re.findall(r"(?:Next elapse|Iter\. #2):\s+\w+ (\S+ \S+)", out.stdout)
         assert len(elapses) == 2
@@ -181,7 +193,12 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
         text = (INFRA / "schedule" / name).read_text().replace(f"{INSTALL_ROOT}/.venv/bin/python", sys.executable)
         text = re.sub(r"^User=.*$", "", text.replace(INSTALL_ROOT, str(ROOT)), flags=re.M)
         (tmp_path / name).write_text(text)
-    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "hyformer-daily.timer"), str(tmp_path / "hyformer-daily.service")], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "hyformer-daily.timer"), str(tmp_path / "hyformer-daily.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     ours = [line for line in (out.stdout + out.stderr).splitlines() if "hyformer-daily" in line]
     assert out.returncode == 0 and not ours, out.stdout + out.stderr
 
@@ -210,9 +227,17 @@ def test_rayjob_entrypoint_runs_the_workflow_from_the_image_project_dir():
     # the training the entrypoint asks for fits the GPU workers of its cluster
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert a.gpu, "the cluster has GPU workers: train on them"
-    gpus = sum(g["replicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for g in workers for c in g["template"]["spec"]["containers"])
+    gpus = sum(
+        g["replicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in workers
+        for c in g["template"]["spec"]["containers"]
+    )
     assert a.workers <= gpus
-    assert all(a.cpus_per_worker <= cpu_quantity(c["resources"]["limits"]["cpu"]) for g in workers for c in g["template"]["spec"]["containers"])
+    assert all(
+        a.cpus_per_worker <= cpu_quantity(c["resources"]["limits"]["cpu"])
+        for g in workers
+        for c in g["template"]["spec"]["containers"]
+    )
 
 
 @pytest.mark.parametrize("manifest,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
@@ -235,7 +260,10 @@ def test_manifests_run_the_image_the_dockerfile_builds():
     torch_pin = re.search(r"^TORCH_VERSION=(\S+)", (INFRA / "install.sh").read_text(), re.M).group(1)
     assert docker["torch"] == torch_pin
     assert (INFRA / "docker" / "Dockerfile.dockerignore").is_file()
-    clusters = [one_doc(INFRA / "k8s" / "raycluster.yaml", "RayCluster")["spec"], one_doc(INFRA / "k8s" / "rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"]]
+    clusters = [
+        one_doc(INFRA / "k8s" / "raycluster.yaml", "RayCluster")["spec"],
+        one_doc(INFRA / "k8s" / "rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"],
+    ]
     for cluster in clusters:
         assert cluster["rayVersion"] == ray.__version__
         for group, pod in ray_pod_templates(cluster):
@@ -253,9 +281,14 @@ def test_cronjob_creates_a_dated_rayjob_from_the_template(tmp_path):
     account = docs["ServiceAccount"]["metadata"]["name"]
     assert pod["serviceAccountName"] == account
     binding = docs["RoleBinding"]
-    assert {"kind": "ServiceAccount", "name": account} in [{k: s[k] for k in ("kind", "name")} for s in binding["subjects"]]
+    assert {"kind": "ServiceAccount", "name": account} in [
+        {k: s[k] for k in ("kind", "name")} for s in binding["subjects"]
+    ]
     assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
-    assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and "create" in r["verbs"] for r in docs["Role"]["rules"])
+    assert any(
+        "ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and "create" in r["verbs"]
+        for r in docs["Role"]["rules"]
+    )
     # the template file is the ConfigMap mounted where the script reads it
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -272,7 +305,9 @@ def test_cronjob_creates_a_dated_rayjob_from_the_template(tmp_path):
     shutil.copy(INFRA / "k8s" / "rayjob.yaml", template)
     run_env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "RAYJOB_TEMPLATE": str(template)}
     days = {time.strftime("%Y-%m-%d", time.gmtime())}
-    out = subprocess.run([*container["command"], *container["args"]], env=run_env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [*container["command"], *container["args"]], env=run_env, capture_output=True, text=True, timeout=30
+    )
     days.add(time.strftime("%Y-%m-%d", time.gmtime()))  # the script ran on one of these UTC days
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "args").read_text().split() == ["create", "-f", "-"]
@@ -305,7 +340,9 @@ def test_cluster_launcher_config_is_valid_and_installs_the_project():
 
 
 def test_submit_daily_help_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "submit.py"), "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "submit.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout and "--address" in out.stdout and "75" in out.stdout
 
@@ -314,7 +351,9 @@ class FakeJobClient:
     """JobSubmissionClient stand-in: the job is RUNNING for two polls, then ends as told."""
 
     def __init__(self, status: str, driver_exit_code: int | None, log_error: BaseException | None = None):
-        self.final = SimpleNamespace(status=status, driver_exit_code=driver_exit_code, message="Job was intentionally stopped.")
+        self.final = SimpleNamespace(
+            status=status, driver_exit_code=driver_exit_code, message="Job was intentionally stopped."
+        )
         self.log_error = log_error
         self.submitted: dict = {}
         self.polls = 0
@@ -358,7 +397,14 @@ class FakeJobClient:
 def test_submit_returns_the_driver_exit_code(status, driver_exit_code, expected):
     client, out = FakeJobClient(status, driver_exit_code), io.StringIO()
     args = ["--data-dir", "/abs/data", "--date", "2026-11-22"]
-    code = sd.submit("http://head:8265", args, client=client, environ={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "HOME": "/x"}, poll_s=0, out=out)
+    code = sd.submit(
+        "http://head:8265",
+        args,
+        client=client,
+        environ={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "HOME": "/x"},
+        poll_s=0,
+        out=out,
+    )
     assert code == expected
     assert client.submitted["entrypoint"] == "python workflows/daily_train.py --data-dir /abs/data --date 2026-11-22"
     assert re.fullmatch(r"daily-2026-11-22-\d+", client.submitted["submission_id"])
@@ -369,13 +415,28 @@ def test_submit_returns_the_driver_exit_code(status, driver_exit_code, expected)
 
 def test_submit_waits_without_logs_when_the_stream_drops():
     client = FakeJobClient("FAILED", 3, log_error=ConnectionError("websocket closed"))
-    assert sd.submit("http://head:8265", ["--data-dir", "/abs/data"], client=client, environ={}, poll_s=0, out=io.StringIO()) == 3
-    assert "env_vars" not in client.submitted["runtime_env"] and client.submitted["submission_id"].startswith("daily-latest-")
+    assert (
+        sd.submit(
+            "http://head:8265", ["--data-dir", "/abs/data"], client=client, environ={}, poll_s=0, out=io.StringIO()
+        )
+        == 3
+    )
+    assert "env_vars" not in client.submitted["runtime_env"] and client.submitted["submission_id"].startswith(
+        "daily-latest-"
+    )
 
 
 def test_submit_stops_the_job_on_sigterm():
     client = FakeJobClient("RUNNING", None, log_error=sd.Interrupted(signal.SIGTERM))
-    code = sd.submit("http://head:8265", ["--data-dir", "/abs/data"], submission_id="daily-x", client=client, environ={}, poll_s=0, out=io.StringIO())
+    code = sd.submit(
+        "http://head:8265",
+        ["--data-dir", "/abs/data"],
+        submission_id="daily-x",
+        client=client,
+        environ={},
+        poll_s=0,
+        out=io.StringIO(),
+    )
     assert code == 128 + signal.SIGTERM and client.stopped == ["daily-x"]
 
 
@@ -398,7 +459,16 @@ def test_submit_reports_an_unreachable_cluster_as_failure():
         def submit_job(self, **kwargs):
             raise ConnectionError("Failed to connect to Ray at address: http://head:8265")
 
-    assert sd.submit("http://head:8265", ["--data-dir", "/abs/data"], client=Unreachable("SUCCEEDED", 0), environ={}, out=io.StringIO()) == 1
+    assert (
+        sd.submit(
+            "http://head:8265",
+            ["--data-dir", "/abs/data"],
+            client=Unreachable("SUCCEEDED", 0),
+            environ={},
+            out=io.StringIO(),
+        )
+        == 1
+    )
 
 
 def test_ops_doc_lists_every_exit_code():

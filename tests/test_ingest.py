@@ -56,11 +56,18 @@ def test_invalid_rows_are_quarantined_with_reasons(synth_dir, tmp_path):
     data_dir = copy_logs(synth_dir, tmp_path)
     f = glob.glob(f"{data_dir}/logs/v1/impressions/day={END}/*.parquet")[0]
     df = pl.read_parquet(f)
-    bad = df.with_row_index().with_columns(
-        pl.when(pl.col("index") == 0).then(3).otherwise(pl.col("label")).cast(pl.Int8).alias("label"),
-        pl.when(pl.col("index") == 1).then(None).otherwise(pl.col("user_id")).alias("user_id"),
-        pl.when(pl.col("index") == 2).then(day_start_ms(END - dt.timedelta(days=3))).otherwise(pl.col("ts")).alias("ts"),
-    ).drop("index")
+    bad = (
+        df.with_row_index()
+        .with_columns(
+            pl.when(pl.col("index") == 0).then(3).otherwise(pl.col("label")).cast(pl.Int8).alias("label"),
+            pl.when(pl.col("index") == 1).then(None).otherwise(pl.col("user_id")).alias("user_id"),
+            pl.when(pl.col("index") == 2)
+            .then(day_start_ms(END - dt.timedelta(days=3)))
+            .otherwise(pl.col("ts"))
+            .alias("ts"),
+        )
+        .drop("index")
+    )
     pq.write_table(bad.to_arrow(), f)  # nullable types: the contract schema would refuse the null
     counts = ingest(data_dir, END, 2)
     c = counts["impressions"]
@@ -96,7 +103,9 @@ def test_corrupt_file_is_named(synth_dir, tmp_path):
 
 def test_missing_required_column_names_file_and_column():
     df = pl.DataFrame({"user_id": [1], "ts": [day_start_ms(END)]})
-    with pytest.raises(ValueError, match=r"x\.parquet: table 'feed_events' is missing required column\(s\) \['item_id'"):
+    with pytest.raises(
+        ValueError, match=r"x\.parquet: table 'feed_events' is missing required column\(s\) \['item_id'"
+    ):
         validate(df, TABLES["feed_events"], END, "x.parquet")
 
 

@@ -13,8 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kv_reuse_benchmark_runs_and_writes_its_results(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.kv_reuse", "--preset", "tiny", "--ms", "1,4", "--warmup", "1",
-           "--repeats", "2", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.kv_reuse",
+        "--preset",
+        "tiny",
+        "--ms",
+        "1,4",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "kv_reuse.json").read_text())

@@ -5,6 +5,7 @@ to read top to bottom."""
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(edges.get(m, ())):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (cycle := visit(n)):
                 return cycle
         stack.pop()
@@ -114,8 +115,19 @@ def test_layer_imports_only_what_it_may(layer: str) -> None:
 
 def test_nothing_imports_workflows() -> None:
     edges = graph()
-    bad = [f"{m} imports {i}" for m, deps in edges.items() for i in deps if i.startswith("workflows") and not m.startswith("workflows")]
-    bad += [f"{m} imports {i}" for m, deps in edges.items() if m.startswith("workflows") for i in deps if i.startswith("workflows")]
+    bad = [
+        f"{m} imports {i}"
+        for m, deps in edges.items()
+        for i in deps
+        if i.startswith("workflows") and not m.startswith("workflows")
+    ]
+    bad += [
+        f"{m} imports {i}"
+        for m, deps in edges.items()
+        if m.startswith("workflows")
+        for i in deps
+        if i.startswith("workflows")
+    ]
     assert not bad, "workflows compose jobs; nothing imports a workflow:\n" + "\n".join(bad)
 
 
@@ -123,3 +135,12 @@ def test_no_file_outside_tests_is_over_600_lines() -> None:
     files = [p for pkg in (*PACKAGES, "infra") for p in (ROOT / pkg).rglob("*.py")]
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines (split them by concern): {long}"
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(command: list[str]) -> None:
+    """ruff (a dev dependency, configured in pyproject.toml: lines <= 120 characters) finds nothing."""
+    ruff = Path(sys.executable).with_name("ruff")
+    assert ruff.exists(), "ruff is missing: install the dev dependencies (bash infra/install.sh --dev)"
+    proc = subprocess.run([str(ruff), *command, "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -130,7 +130,10 @@ def test_predict_collects_the_partial_oracles_if_the_batches_have_them() -> None
             return batch["x"]
 
     pred = _pred(8)
-    old = [{k: torch.from_numpy(v[i : i + 4]) for k, v in pred.items() if k != "prob"} | {"x": torch.zeros(4)} for i in (0, 4)]
+    old = [
+        {k: torch.from_numpy(v[i : i + 4]) for k, v in pred.items() if k != "prob"} | {"x": torch.zeros(4)}
+        for i in (0, 4)
+    ]
     out = predict(Logit(), old)  # batches without the new keys (old callers): NaN, and no metric keys
     assert np.isnan(out["p_click_ns"]).all() and np.isnan(out["p_click_seq"]).all() and len(out["p_click_ns"]) == 8
     assert not any("oracle_ns" in k or "oracle_seq" in k for k in metrics(out))

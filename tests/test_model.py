@@ -93,8 +93,10 @@ def test_attention_impls_agree() -> None:
     results = []
     for impl in IMPLS:
         torch.manual_seed(1)
-        q, k, v = (torch.randn(4, 2, 3, 8, requires_grad=True), *(torch.randn(4, 2, 7, 8, requires_grad=True)
-                                                                   for _ in range(2)))
+        q, k, v = (
+            torch.randn(4, 2, 3, 8, requires_grad=True),
+            *(torch.randn(4, 2, 7, 8, requires_grad=True) for _ in range(2)),
+        )
         out = attention(q, k, v, key_mask, impl)
         (out * torch.randn_like(out)).sum().backward()
         results.append((out, q.grad, k.grad, v.grad))
@@ -270,7 +272,9 @@ def test_ns_features_matter_and_extra_keys_are_ignored() -> None:
 
 
 def test_several_queries_per_sequence() -> None:
-    config = CFG.tiny(ns_groups=dict(list(CFG.schema.ns_groups.items())[:2]), n_queries=2, target_groups=())  # T = 2*3 + 2 = 8
+    config = CFG.tiny(
+        ns_groups=dict(list(CFG.schema.ns_groups.items())[:2]), n_queries=2, target_groups=()
+    )  # T = 2*3 + 2 = 8
     model = build(config)
     for case in LEN_CASES:
         logits = model(make_batch(config, 5, lens=lens_for(case, config, 5)))
@@ -372,8 +376,12 @@ SLOW = pytest.mark.skipif(not os.environ.get("HYFORMER_SLOW"), reason="slow (~1 
 @pytest.mark.parametrize(
     "impl, encoder",
     # the training default (sdpa, every encoder kind) always runs; the other combinations with HYFORMER_SLOW=1
-    [("sdpa", "mixed"), pytest.param("sdpa", "transformer", marks=SLOW),
-     pytest.param("reference", "mixed", marks=SLOW), pytest.param("reference", "transformer", marks=SLOW)],
+    [
+        ("sdpa", "mixed"),
+        pytest.param("sdpa", "transformer", marks=SLOW),
+        pytest.param("reference", "mixed", marks=SLOW),
+        pytest.param("reference", "transformer", marks=SLOW),
+    ],
 )
 def test_torch_compile_matches_eager(impl: str, encoder: str) -> None:
     model = build(enc_cfg(encoder, attn_impl=impl))
@@ -413,7 +421,9 @@ def test_output_bias_starts_at_the_positive_rates_log_odds() -> None:
         before, old_bias = model(batch), model.head[-1].bias.item()
         after = model.init_output_bias(0.1)(batch)
         torch.testing.assert_close(model.head[-1].bias, torch.tensor([math.log(0.1 / 0.9)]))
-        torch.testing.assert_close(after - before, torch.full_like(before, math.log(0.1 / 0.9) - old_bias), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            after - before, torch.full_like(before, math.log(0.1 / 0.9) - old_bias), rtol=0, atol=1e-5
+        )
     with pytest.raises(ValueError, match="positive_rate"):
         build_model(CFG).init_output_bias(0.0)
 
@@ -443,8 +453,10 @@ def test_config_json_round_trip_and_dict_form() -> None:
     d = json.loads(json.dumps(CFG.to_dict()))
     assert HyFormerConfig.from_dict(d) == CFG
     as_pairs = CFG.replace(  # lists of pairs (the JSON of configs saved before the schema was split out)
-        id_spaces=list(CFG.schema.id_spaces.items()), ns_groups=[[g, list(c)] for g, c in CFG.schema.ns_groups.items()],
-        sequences=list(CFG.schema.sequences.items()), head_hidden=[32],
+        id_spaces=list(CFG.schema.id_spaces.items()),
+        ns_groups=[[g, list(c)] for g, c in CFG.schema.ns_groups.items()],
+        sequences=list(CFG.schema.sequences.items()),
+        head_hidden=[32],
     )
     assert as_pairs == CFG and hash(as_pairs) == hash(CFG)
     flat = {k: v for k, v in d.items() if k != "schema"} | d["schema"]  # the pre-split checkpoint layout
@@ -509,8 +521,7 @@ def test_save_and_load_model_give_identical_outputs(tmp_path) -> None:
         (dict(seq_encoder={**MIXED, "feed": "lstm"}), r"seq_encoder 'lstm' \(sequence 'feed'\)"),
         (dict(seq_encoder={"long": "longer"}), r"missing \['search', 'feed'\]"),
         (dict(seq_encoder={**MIXED, "clicks": "longer"}), r"unknown \['clicks'\]"),
-        (dict(seq_encoder=(("long", "longer"), ("long", "swiglu"), ("search", "swiglu"), ("feed", "swiglu"))),
-         "once"),
+        (dict(seq_encoder=(("long", "longer"), ("long", "swiglu"), ("search", "swiglu"), ("feed", "swiglu"))), "once"),
         (dict(seq_encoder=3), "seq_encoder 3"),
         (dict(longer_queries=0), "longer_queries"),
         (dict(dropout=1.0), "dropout"),

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hyformer import ARCHITECTURES
-from hyformer import HyFormer, HyFormerConfig
+from hyformer import ARCHITECTURES, HyFormer, HyFormerConfig
 from hyformer.profile import count_params, main, profile
 
 

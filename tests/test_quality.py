@@ -18,7 +18,16 @@ from benchmarks import quality, quality_report
 from hyformer.zoo import ARCHITECTURES
 from jobs.train import model_config
 
-SMALL = {"d_model": 16, "d_seq": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 1, "ffn_mult": 1, "head_hidden": [16], "longer_queries": 8}
+SMALL = {
+    "d_model": 16,
+    "d_seq": 8,
+    "emb_dim": 8,
+    "n_heads": 2,
+    "n_layers": 1,
+    "ffn_mult": 1,
+    "head_hidden": [16],
+    "longer_queries": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +78,31 @@ def test_suites_have_the_papers_rows(feature_set):
     tables = quality.table_specs(feature_set, SMALL, quality.TABLE_ROWS)
     paper = {n for n, a in ARCHITECTURES.items() if a.table in ("1", "2")}
     # the paper's 13 rows and the reference rows (the counting baseline is no network: it has no spec)
-    assert {s.arch for s in tables} == paper | {"hyformer-no-seq", "din", "hyformer-pool-all", "hyformer-full-kv", "hyformer-target-attn"}
+    assert {s.arch for s in tables} == paper | {
+        "hyformer-no-seq",
+        "din",
+        "hyformer-pool-all",
+        "hyformer-full-kv",
+        "hyformer-target-attn",
+    }
     assert len(tables) == 18
     assert quality.COUNTING in quality.TABLE_ROWS
     # HyFormer and its ablations get the paper's encoders; the baselines keep the ones their names say
     by_arch = {s.arch: s.model for s in tables}
     assert dict(by_arch["hyformer"].seq_encoder) == {"long": "longer", "search": "transformer", "feed": "transformer"}
-    assert by_arch["longer-rankmixer"].seq_encoder == "longer" and by_arch["transformer-rankmixer"].seq_encoder == "transformer"
+    assert (
+        by_arch["longer-rankmixer"].seq_encoder == "longer"
+        and by_arch["transformer-rankmixer"].seq_encoder == "transformer"
+    )
     side = quality.side_info_specs(feature_set, SMALL, (16, 64))
     assert [(s.arch, dict(s.tags)["long_len"], dict(s.tags)["side_info"]) for s in side] == [
         (arch, length, info) for length in (16, 64) for arch in ("longer-rankmixer", "hyformer") for info in (3, 7)
     ]
     for s in side:
-        assert len(s.model.schema.seq_fields) == s.features.side_info and s.model.schema.sequences["long"] == s.features.long_len
+        assert (
+            len(s.model.schema.seq_fields) == s.features.side_info
+            and s.model.schema.sequences["long"] == s.features.long_len
+        )
     sizes = ({"d_model": 16, "d_seq": 8, "n_layers": 1}, {"d_model": 32, "d_seq": 8, "n_layers": 2})
     scaling = quality.scaling_specs(feature_set, SMALL, sizes)
     params = {s.row: quality.dense_params(s.model) for s in scaling}
@@ -101,11 +122,30 @@ def test_cli_runs_a_suite_logs_mlflow_runs_and_writes_the_table(feature_set, tmp
     # the embedded store under tmp_path; mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: monkeypatch restores it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    res = quality.main([
-        "--suite", "tables", "--features", feature_set.path(), "--eval-days", "2", "--rows", "counting,hyformer,longer-rankmixer",
-        "--seeds", "2", "--long-len", "32", "--model", json.dumps(SMALL), "--work", str(tmp_path / "work"),
-        "--out", str(tmp_path / "out"), "--name", "q",
-    ])
+    res = quality.main(
+        [
+            "--suite",
+            "tables",
+            "--features",
+            feature_set.path(),
+            "--eval-days",
+            "2",
+            "--rows",
+            "counting,hyformer,longer-rankmixer",
+            "--seeds",
+            "2",
+            "--long-len",
+            "32",
+            "--model",
+            json.dumps(SMALL),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "out"),
+            "--name",
+            "q",
+        ]
+    )
     assert len(res["runs"]) == 6 and {r["seed"] for r in res["runs"]} == {0, 1}
     counting = [r for r in res["runs"] if r["row"] == quality.COUNTING]
     assert len(counting) == 2 and counting[0]["eval_auc"] == counting[1]["eval_auc"]  # deterministic: one value
@@ -115,7 +155,10 @@ def test_cli_runs_a_suite_logs_mlflow_runs_and_writes_the_table(feature_set, tmp
         assert s["eval_oracle_auc"]["std"] == pytest.approx(0.0, abs=1e-12)  # the oracle scores the same rows
         assert s["dense_params"] > 0 and (s["train_gflops"] > 0) == (row != quality.COUNTING)  # counting: no network
     for r in res["runs"]:
-        assert all(math.isfinite(r[k]) for k in quality_report.EVAL_KEYS) and r["eval_rows"] == res["window"]["eval_samples"]
+        assert (
+            all(math.isfinite(r[k]) for k in quality_report.EVAL_KEYS)
+            and r["eval_rows"] == res["window"]["eval_samples"]
+        )
     md = (tmp_path / "out" / "q.md").read_text()
     assert "(`hyformer`)" in md and "(`longer-rankmixer`)" in md and "| ref. |" in md  # the reference row
     assert "(`counting`)" in md and "ΔAUC vs counting" in md and "Ceilings on these rows" in md
@@ -174,14 +217,23 @@ def test_counting_baseline_learns_rates_and_never_sees_a_rows_own_label():
 def test_auc_standard_error_matches_hanley_mcneil():
     # at AUC 0.5, Q1 = Q2 = 1/3: SE = sqrt((0.25 + 198 / 12) / 10^4) = 0.0409 for 100 positives and 100 negatives
     assert quality_report.auc_standard_error(0.5, 100, 100) == pytest.approx(0.0409, abs=1e-4)
-    assert quality_report.auc_standard_error(0.7, 600, 5400) < quality_report.auc_standard_error(0.7, 60, 540)  # more rows, less error
+    assert quality_report.auc_standard_error(0.7, 600, 5400) < quality_report.auc_standard_error(
+        0.7, 60, 540
+    )  # more rows, less error
 
 
 def test_scaling_plots_are_written(tmp_path):
     stat = lambda m: {"mean": m, "std": 0.001, "n": 2}
     summary = {
-        f"{arch} size={i}": {"arch": arch, "dense_params": 1e5 * (i + 1), "train_gflops": 2.0 * (i + 1), "eval_auc": stat(0.6 + i / 100), "eval_oracle_auc": stat(0.7)}
-        for i in range(2) for arch in quality.SCALING_ARCHS
+        f"{arch} size={i}": {
+            "arch": arch,
+            "dense_params": 1e5 * (i + 1),
+            "train_gflops": 2.0 * (i + 1),
+            "eval_auc": stat(0.6 + i / 100),
+            "eval_oracle_auc": stat(0.7),
+        }
+        for i in range(2)
+        for arch in quality.SCALING_ARCHS
     }
     paths = quality_report.scaling_plots({"summary": summary, "seeds": 2}, str(tmp_path))
     assert [p.rsplit("/", 1)[1] for p in paths] == ["scaling_params.png", "scaling_flops.png"]

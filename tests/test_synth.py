@@ -191,8 +191,17 @@ GOLDEN_TINY = {
     "queries": "6e341f0a11c8404e",
 }
 IMPRESSION_COLUMNS_BEFORE = (
-    "request_id", "user_id", "query_id", "item_id", "position", "ts", "device_type", "network_type", "label",
-    "watch_time_s", "p_click",
+    "request_id",
+    "user_id",
+    "query_id",
+    "item_id",
+    "position",
+    "ts",
+    "device_type",
+    "network_type",
+    "label",
+    "watch_time_s",
+    "p_click",
 )
 
 
@@ -284,8 +293,16 @@ def test_ground_truth_halves_hold_exactly_their_terms(tmp_path):
     imp, _ = _impressions(no_history, str(tmp_path / "a"))
     assert (imp["p_click_ns"] == imp["p_click"]).all() and not (imp["p_click_seq"] == imp["p_click"]).all()
     history_only = dataclasses.replace(
-        cfg, click_relevance=0.0, click_position=0.0, click_evening=0.0, click_night=0.0, click_device=(0.0,) * 4,
-        click_mobile_duration=0.0, click_web_duration=0.0, click_cellular_duration=0.0, click_quality=0.0,
+        cfg,
+        click_relevance=0.0,
+        click_position=0.0,
+        click_evening=0.0,
+        click_night=0.0,
+        click_device=(0.0,) * 4,
+        click_mobile_duration=0.0,
+        click_web_duration=0.0,
+        click_cellular_duration=0.0,
+        click_quality=0.0,
     )
     imp, _ = _impressions(history_only, str(tmp_path / "b"))
     assert (imp["p_click_seq"] == imp["p_click"]).all() and not (imp["p_click_ns"] == imp["p_click"]).all()

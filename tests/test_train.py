@@ -17,12 +17,12 @@ import torch
 
 from features.materialize import Materializer
 from hyformer import ARCHITECTURES, load_model
+from hyformer.training import OptimConfig
 from jobs.evaluate import metrics
 from jobs.promote import decide, evaluate_registered
 from jobs.pyfunc import to_frame
 from jobs.register import champion, commit_decision, daily_record, load_registered, log_training_run
 from jobs.score import read_scores, score
-from hyformer.training import OptimConfig
 from jobs.train import train
 from jobs.train_config import TrainConfig
 
@@ -40,14 +40,23 @@ def trained(feature_set, tmp_path_factory):
 def eval_batch(fs) -> dict[str, torch.Tensor]:
     samples = pl.read_parquet(fs.sample_files(fs.days[-1:])).sort("request_id", "ns_item_id")
     m = Materializer(fs.timelines(), fs.cfg, dedup=False)
-    return {k: torch.from_numpy(v) for k, v in m({c: samples[c].to_numpy() for c in samples.columns if c != "day"}).items()}
+    return {
+        k: torch.from_numpy(v) for k, v in m({c: samples[c].to_numpy() for c in samples.columns if c != "day"}).items()
+    }
 
 
 def test_train_reports_every_metric_per_epoch(trained, feature_set):
     assert [h["epoch"] for h in trained.history] == [0, 1]
     n_eval = pl.read_parquet(feature_set.sample_files(feature_set.days[-1:])).height
     for h in trained.history:
-        for k in ("train_loss", "eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc", "eval_oracle_query_auc"):
+        for k in (
+            "train_loss",
+            "eval_auc",
+            "eval_query_auc",
+            "eval_logloss",
+            "eval_oracle_auc",
+            "eval_oracle_query_auc",
+        ):
             assert math.isfinite(h[k]), k
         assert h["eval_rows"] == n_eval
         assert 0.0 < h["eval_auc"] < 1.0 and h["eval_oracle_auc"] > 0.6
@@ -84,11 +93,22 @@ def kill_a_worker_after_the_first_checkpoint(run_dir: Path, stop: threading.Even
 
 def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_set, tmp_path):
     """Paper §3.8.2 mode on 2 gloo workers, checkpointing every 8 steps; a worker is SIGKILLed after the first
-    checkpoint is registered. Ray Train restarts the group, which resumes from the last checkpoint: every step of both epochs is
-    trained once and the run finishes."""
-    tc = TrainConfig(epochs=2, batch_size=32, workers=2, cpus_per_worker=1, optim=OptimConfig(grad_sync="async"), checkpoint_every=8, max_failures=1, model=TINY_MODEL)
+    checkpoint is registered. Ray Train restarts the group, which resumes from the last checkpoint: every step of both
+    epochs is trained once and the run finishes."""
+    tc = TrainConfig(
+        epochs=2,
+        batch_size=32,
+        workers=2,
+        cpus_per_worker=1,
+        optim=OptimConfig(grad_sync="async"),
+        checkpoint_every=8,
+        max_failures=1,
+        model=TINY_MODEL,
+    )
     stop, killed = threading.Event(), []
-    watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(tmp_path / "test-kill", stop, killed), daemon=True)
+    watcher = threading.Thread(
+        target=kill_a_worker_after_the_first_checkpoint, args=(tmp_path / "test-kill", stop, killed), daemon=True
+    )
     watcher.start()
     try:
         res = train(feature_set, tc, str(tmp_path), "test-kill")
@@ -107,8 +127,14 @@ def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_
 def test_mlflow_run_holds_metrics_plots_and_a_loadable_registered_model(trained, feature_set, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data_dir = str(tmp_path)
-    configs = {"train": trained.train_config.to_dict(), "model": trained.model_config.to_dict(), "features": feature_set.cfg.to_dict()}
-    run_id, version = log_training_run(data_dir, "test-run", trained.checkpoint_dir, trained.history, configs, {"feature_samples": 1.0})
+    configs = {
+        "train": trained.train_config.to_dict(),
+        "model": trained.model_config.to_dict(),
+        "features": feature_set.cfg.to_dict(),
+    }
+    run_id, version = log_training_run(
+        data_dir, "test-run", trained.checkpoint_dir, trained.history, configs, {"feature_samples": 1.0}
+    )
     assert version == "1"
     assert mlflow.get_tracking_uri() == f"sqlite:///{data_dir}/mlflow/mlflow.db"
     run = mlflow.get_run(run_id)
@@ -157,7 +183,9 @@ def test_batch_scoring_equals_the_training_time_evaluation(trained, feature_set,
     np.testing.assert_allclose(by_request(plain).f1, got.f1, rtol=1e-4, atol=1e-6)
 
 
-def test_champion_challenger_decisions_move_the_alias_only_when_the_margin_is_beaten(trained, feature_set, tmp_path, monkeypatch):
+def test_champion_challenger_decisions_move_the_alias_only_when_the_margin_is_beaten(
+    trained, feature_set, tmp_path, monkeypatch
+):
     """The registry side of the daily workflow on real MLflow: a first version becomes the champion; a challenger
     scored against it on the same day is kept at margin 0 (they are the same weights: delta 0) and promoted at margin
     -0.01; each decision is recorded on the run and the version, and the date then counts as done."""
@@ -175,12 +203,20 @@ def test_champion_challenger_decisions_move_the_alias_only_when_the_margin_is_be
             champ_metrics = evaluate_registered(reg, features_dir, feature_set, str(tmp_path / f"scores-{day}"))
             assert champ_metrics["eval_query_auc"] == pytest.approx(trained.metrics["eval_query_auc"], abs=1e-4)
         decision = decide(trained.metrics, champ_metrics, margin)
-        run_id, version = log_training_run(data_dir, f"daily-{day}", trained.checkpoint_dir, trained.history, configs, tags=tags)
-        outcomes.append(commit_decision(data_dir, run_id, "hyformer", version, decision.to_dict() | {"date": day}, before, champ_metrics))
+        run_id, version = log_training_run(
+            data_dir, f"daily-{day}", trained.checkpoint_dir, trained.history, configs, tags=tags
+        )
+        outcomes.append(
+            commit_decision(
+                data_dir, run_id, "hyformer", version, decision.to_dict() | {"date": day}, before, champ_metrics
+            )
+        )
         assert daily_record(data_dir, tags)["outcome"] == outcomes[-1]
         assert champion(data_dir, "hyformer") == {"promoted": version}.get(outcomes[-1], before)
         reason = mlflow.get_run(run_id).data.tags["decision_reason"]
-        assert reason == decision.reason and "plots/per_day_auc.png" in {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "plots")}
+        assert reason == decision.reason and "plots/per_day_auc.png" in {
+            a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_id, "plots")
+        }
     assert outcomes == ["promoted", "kept", "promoted"]
     assert champion(data_dir, "hyformer") == "3"
     tags = {str(v.version): v.tags for v in mlflow.tracking.MlflowClient().search_model_versions("name='hyformer'")}
@@ -218,7 +254,16 @@ def test_a_baseline_trains_through_the_same_job_by_name(feature_set, tmp_path):
 def test_early_stopping_on_validation_days_keeps_the_best_epochs_model(feature_set, tmp_path):
     """--val-days 1: the day before the held-out one leaves training and picks the epoch; two DDP workers stop at the
     same epoch (rank 0's decision is broadcast), and the result is the best validation epoch's model."""
-    tc = TrainConfig(epochs=3, batch_size=64, workers=2, cpus_per_worker=1, val_days=1, patience=1, optim=OptimConfig(lr=3e-2), model=TINY_MODEL)
+    tc = TrainConfig(
+        epochs=3,
+        batch_size=64,
+        workers=2,
+        cpus_per_worker=1,
+        val_days=1,
+        patience=1,
+        optim=OptimConfig(lr=3e-2),
+        model=TINY_MODEL,
+    )
     res = train(feature_set, tc, str(tmp_path), "test-early-stopping")
     epochs = [h for h in res.history if "best_epoch" not in h]
     assert all(math.isfinite(h["val_auc"]) for h in epochs) and 2 <= len(epochs) <= 3

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from hyformer import HyFormerConfig, build_model
 from hyformer.testing import make_batch
-from hyformer.training import EarlyStopping, Learner, NonFiniteError, OptimConfig, RowWiseAdagrad, split_parameters, warm_start
+from hyformer.training import (
+    EarlyStopping,
+    Learner,
+    NonFiniteError,
+    OptimConfig,
+    RowWiseAdagrad,
+    split_parameters,
+    warm_start,
+)
 
 CONFIG = HyFormerConfig.tiny(dropout=0.0)
 # no warmup or clipping here, so the hand-written reference below is plain AdamW + row-wise Adagrad
@@ -98,7 +106,9 @@ def assert_trajectories_equal(got, want, atol=1e-6):
     assert len(got) == len(want)
     for step, (g, w) in enumerate(zip(got, want)):
         for k in w:
-            torch.testing.assert_close(g[k], w[k], atol=atol, rtol=1e-5, msg=lambda m, k=k, step=step: f"step {step}, {k}: {m}")
+            torch.testing.assert_close(
+                g[k], w[k], atol=atol, rtol=1e-5, msg=lambda m, k=k, step=step: f"step {step}, {k}: {m}"
+            )
 
 
 # --- one process ------------------------------------------------------------------------------------------------

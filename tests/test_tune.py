@@ -1,5 +1,5 @@
-"""jobs/tune.py (workflows/tune.py's tuning): a 2-trial Ray Tune run (Optuna + ASHA, Train V2 pattern) on the tiny window, MLflow runs, the
-best config file and its round trip into a TrainConfig."""
+"""jobs/tune.py (workflows/tune.py's tuning): a 2-trial Ray Tune run (Optuna + ASHA, Train V2 pattern) on the tiny
+window, MLflow runs, the best config file and its round trip into a TrainConfig."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ TINY_SPACE = {
 
 
 @pytest.mark.slow
-def test_two_trial_tune_run_writes_the_best_config_and_nested_mlflow_runs(ray_local, feature_set, tmp_path, monkeypatch):
+def test_two_trial_tune_run_writes_the_best_config_and_nested_mlflow_runs(
+    ray_local, feature_set, tmp_path, monkeypatch
+):
     # the embedded store under tmp_path; mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so have monkeypatch
     # unset it again after the test (a plain delenv of an unset variable records nothing to undo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
@@ -66,7 +68,9 @@ def test_two_trial_tune_run_writes_the_best_config_and_nested_mlflow_runs(ray_lo
     assert parent.data.metrics[f"best_{METRIC}"] == pytest.approx(doc["value"])
     assert json.loads(parent.data.params["space.model.seq_encoder"]) == TINY_SPACE["model.seq_encoder"]
     assert parent.data.params["searcher"] == "OptunaSearch"
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")
+    }
     assert {"best_config.json", f"plots/tune_{METRIC}.png"} <= artifacts
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2
@@ -114,7 +118,9 @@ def test_widths_move_to_the_nearest_one_the_model_accepts(feature_set):
     # T = 3 sequences x 2 queries + 5 NS tokens = 11 tokens, 2 heads: d_model must divide by 22
     assert fit_width(feature_set, {"d_model": 32, "n_heads": 2, "n_queries": 2}, "hyformer")["d_model"] == 22
     assert fit_width(feature_set, {"d_model": 32, "n_heads": 2, "n_queries": 1}, "hyformer")["d_model"] == 32
-    tc = trial_train_config(feature_set, TrainConfig(model=TINY_BASE), {"lr": 0.003, "model.d_model": 40, "model.n_queries": 2})
+    tc = trial_train_config(
+        feature_set, TrainConfig(model=TINY_BASE), {"lr": 0.003, "model.d_model": 40, "model.n_queries": 2}
+    )
     assert tc.optim.lr == 0.003 and tc.model["d_model"] == 44 and tc.model["emb_dim"] == 8
 
 

@@ -55,20 +55,55 @@ def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and
     assert "bash infra/install.sh && .venv/bin/python workflows/daily_train.py" in readme.split("\n\n")[1]
     data = tmp_path / "data"
     # two days in order, two workers with the paper's asynchronous all-reduce; margin 1: day D cannot beat day D-1
-    first = run_workflow(data, "--from", "2026-11-21", "--to", "2026-11-22", "--promotion-margin", "1", "--workers", "2", "--cpus-per-worker", "1", "--grad-sync", "async")
+    first = run_workflow(
+        data,
+        "--from",
+        "2026-11-21",
+        "--to",
+        "2026-11-22",
+        "--promotion-margin",
+        "1",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--grad-sync",
+        "async",
+    )
     log = first.stderr + first.stdout
     assert first.returncode == 3, log[-4000:]  # the last day was not promoted
     assert "2 workers (cpu/gloo, grad sync async)" in log
-    for stage in ("synthesize", "ingest", "features", "train", "load champion", "evaluate champion", "register", "decide"):
+    for stage in (
+        "synthesize",
+        "ingest",
+        "features",
+        "train",
+        "load champion",
+        "evaluate champion",
+        "register",
+        "decide",
+    ):
         assert f"=== stage {stage}: done" in log, stage
-    assert re.search(r"daily 2026-11-21: no champion yet: challenger \(eval_query_auc 0\.\d+\) becomes the champion", log), log[-3000:]
-    assert re.search(r"daily 2026-11-22: challenger eval_query_auc 0\.\d+ vs champion 0\.\d+: [-+]0\.\d+ is not more than margin 1; champion kept", log), log[-3000:]
+    assert re.search(
+        r"daily 2026-11-21: no champion yet: challenger \(eval_query_auc 0\.\d+\) becomes the champion", log
+    ), log[-3000:]
+    assert re.search(
+        r"daily 2026-11-22: challenger eval_query_auc 0\.\d+ vs champion 0\.\d+: "
+        r"[-+]0\.\d+ is not more than margin 1; champion kept",
+        log,
+    ), log[-3000:]
     assert "warm start: models:/hyformer/1 (version 1) downloaded to" in log  # day D started from the champion
     runs, versions, champion = registry(data)
     assert versions == {"1": "promoted", "2": "kept"} and champion == "1"
     by_date = {r.data.tags["date"]: r for r in runs}
-    assert by_date["2026-11-22"].data.tags["outcome"] == "kept" and "champion kept" in by_date["2026-11-22"].data.tags["decision_reason"]
-    assert "champion_eval_query_auc" in by_date["2026-11-22"].data.metrics and "champion_eval_query_auc" not in by_date["2026-11-21"].data.metrics
+    assert (
+        by_date["2026-11-22"].data.tags["outcome"] == "kept"
+        and "champion kept" in by_date["2026-11-22"].data.tags["decision_reason"]
+    )
+    assert (
+        "champion_eval_query_auc" in by_date["2026-11-22"].data.metrics
+        and "champion_eval_query_auc" not in by_date["2026-11-21"].data.metrics
+    )
     for r in runs:
         for k in METRICS:
             assert k in r.data.metrics, k
@@ -76,21 +111,30 @@ def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and
         assert {"plots/roc.png", "plots/calibration.png", "plots/per_day_auc.png"} <= artifacts
     # the same date again: a no-op with the recorded outcome (no ingest, no training, no new version)
     again = run_workflow(data, "--date", "2026-11-22")
-    assert again.returncode == 3 and "daily 2026-11-22: already done" in again.stderr + again.stdout, (again.stderr + again.stdout)[-3000:]
+    assert again.returncode == 3 and "daily 2026-11-22: already done" in again.stderr + again.stdout, (
+        again.stderr + again.stdout
+    )[-3000:]
     assert "=== stage ingest" not in again.stderr + again.stdout
     # --force trains again: every ingested day and feature day is up to date. A narrower model (e.g. a newly tuned
     # config) cannot warm-start from the champion, so it trains from scratch; lr 1e30 diverges and stops with a clear
     # error; the MLflow run is FAILED and the champion stays
     narrow = '{"d_model": 16, "n_heads": 2, "n_layers": 2, "ffn_mult": 2, "head_hidden": [64]}'
-    proc = run_workflow(data, "--date", "2026-11-22", "--force", "--model", narrow, "--lr", "1e30", "--sparse-lr", "1e30")
+    proc = run_workflow(
+        data, "--date", "2026-11-22", "--force", "--model", narrow, "--lr", "1e30", "--sparse-lr", "1e30"
+    )
     log = proc.stderr + proc.stdout
     assert "features: all 4 days up to date" in log, log[-3000:]
     assert "0 day partitions to validate, 12 up to date" in log, log[-3000:]  # 4 days x 3 daily tables
     assert "warm start: models:/hyformer/1 (version 1) downloaded to" in log, log[-3000:]
-    assert re.search(r"warm start: the champion cannot start this model \(.*shape .*\): training from scratch", log), log[-3000:]
+    assert re.search(r"warm start: the champion cannot start this model \(.*shape .*\): training from scratch", log), (
+        log[-3000:]
+    )
     assert "train: warm start from" not in log
     assert proc.returncode == 1
-    assert re.search(r"daily_train: 2026-11-22: stage 'train' failed: NonFiniteError: .*non-finite loss or gradient at step \d+", proc.stderr), proc.stderr[-2000:]
+    assert re.search(
+        r"daily_train: 2026-11-22: stage 'train' failed: NonFiniteError: .*non-finite loss or gradient at step \d+",
+        proc.stderr,
+    ), proc.stderr[-2000:]
     runs, versions, champion = registry(data)
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
     failed = next(r for r in runs if r.info.status == "FAILED")
@@ -117,7 +161,15 @@ def ray_head(tmp_path):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs, dash = free_port(), free_port()
     env = clean_env()
-    start = [ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4", "--disable-usage-stats"]
+    start = [
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--num-cpus=4",
+        "--disable-usage-stats",
+    ]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dash}"
@@ -126,7 +178,9 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_scheduled_submission_runs_the_workflow_on_a_cluster_logging_to_an_mlflow_server(ray_head, mlflow_server, tmp_path):
+def test_scheduled_submission_runs_the_workflow_on_a_cluster_logging_to_an_mlflow_server(
+    ray_head, mlflow_server, tmp_path
+):
     """What a scheduler runs (infra/schedule/): jobs/submit.py submits the README's main command to a Ray cluster and
     exits with the workflow's code; the run, its plots and the registered champion are on the MLflow server started
     by infra/mlflow_server.sh (proxied artifacts), where the UI shows them."""
@@ -136,10 +190,29 @@ def test_scheduled_submission_runs_the_workflow_on_a_cluster_logging_to_an_mlflo
     assert server_out.read_text().splitlines()[0] == f"export MLFLOW_TRACKING_URI={url}"
     data_dir = tmp_path / "data"
     cmd = [
-        sys.executable, "jobs/submit.py", "--address", ray_head, "--",
-        "--data-dir", str(data_dir), "--date", "2026-11-22", *SMALL, "--workers", "2", "--cpus-per-worker", "1",
+        sys.executable,
+        "jobs/submit.py",
+        "--address",
+        ray_head,
+        "--",
+        "--data-dir",
+        str(data_dir),
+        "--date",
+        "2026-11-22",
+        *SMALL,
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(RAY_AUTH_MODE="token", MLFLOW_TRACKING_URI=url), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=clean_env(RAY_AUTH_MODE="token", MLFLOW_TRACKING_URI=url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "daily_train: done" in out and "2 workers (cpu/gloo, grad sync ddp)" in out and "no champion yet" in out
@@ -150,7 +223,9 @@ def test_scheduled_submission_runs_the_workflow_on_a_cluster_logging_to_an_mlflo
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded through the server
     for k in METRICS:
         assert k in run.data.metrics, k
-    assert {"plots/roc.png", "plots/calibration.png", "plots/per_day_auc.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/roc.png", "plots/calibration.png", "plots/per_day_auc.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "plots")
+    }
     assert list((server_dir / "artifacts").rglob("per_day_auc.png"))  # stored under the server's artifact root
     champion = client.get_model_version_by_alias("hyformer", "champion")
     assert champion.version in ("1", 1) and champion.run_id == run.info.run_id

@@ -34,19 +34,45 @@ import glob  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-
 from features.build import RELEVANCE, SIDE_INFO, FeatureConfig  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import logs_to_features  # noqa: E402
-from jobs.common import DEFAULT_DATA_DIR, Exit, Locked, StageFailed, absolute, data_dir_lock, init_ray, log, setup_logging, stage  # noqa: E402
+from jobs.common import (
+    DEFAULT_DATA_DIR,
+    Exit,
+    Locked,
+    StageFailed,
+    absolute,
+    data_dir_lock,
+    init_ray,
+    log,
+    setup_logging,
+    stage,
+)  # noqa: E402
 from jobs.promote import decide, evaluate_registered  # noqa: E402
-from jobs.register import champion, commit_decision, daily_record, load_registered, log_failed_run, log_training_run, registered_checkpoint  # noqa: E402
+from jobs.register import (
+    champion,
+    commit_decision,
+    daily_record,
+    load_registered,
+    log_failed_run,
+    log_training_run,
+    registered_checkpoint,
+)  # noqa: E402
 from jobs.train import train, warm_start_state  # noqa: E402
 from jobs.train_config import TrainConfig, add_train_arguments, read_best_config, train_config  # noqa: E402
 
 # The small synthetic default: a few minutes end to end on 2 CPU cores.
-DEMO_SYNTH = dict(users=1000, items=3000, authors=200, queries=400, requests_per_day=120, search_events_per_day=1500, feed_events_per_day=2500)
+DEMO_SYNTH = dict(
+    users=1000,
+    items=3000,
+    authors=200,
+    queries=400,
+    requests_per_day=120,
+    search_events_per_day=1500,
+    feed_events_per_day=2500,
+)
 # the quality suite's base model (benchmarks/quality.py BASE_MODEL, docs/results.md): LONGER on the long sequence
 DEMO_MODEL = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
 
@@ -70,25 +96,78 @@ def training_defaults(path: str | None) -> TrainConfig:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="project data directory (logs/, clean/, features/, mlflow/); default ./data")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="project data directory (logs/, clean/, features/, mlflow/); default ./data",
+    )
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD")
-    when.add_argument("--from", dest="date_from", type=parse_day, default=None, help="backfill: first date (with --to), run in order")
+    when.add_argument(
+        "--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD"
+    )
+    when.add_argument(
+        "--from", dest="date_from", type=parse_day, default=None, help="backfill: first date (with --to), run in order"
+    )
     p.add_argument("--to", dest="date_to", type=parse_day, default=None, help="backfill: last date (inclusive)")
     p.add_argument("--days", type=int, default=70, help="window length in days, ending at the date (default 70)")
     p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (paper: 3000)")
-    p.add_argument("--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per sequence event (paper Table 3: 3 or 7)")
-    p.add_argument("--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences")
-    p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key), for --relevance keys")
-    p.add_argument("--rebuild-features", action="store_true", help="rebuild every feature day of the window (default: only stale days)")
-    p.add_argument("--synth-scale", type=float, default=1.0, help="multiplies the demo's synthetic request/event counts")
-    p.add_argument("--init-from", default="champion", help="warm start: 'champion' (default; the registry alias, cold start without one), 'latest' (newest version), 'none', models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint directory")
-    p.add_argument("--promotion-margin", type=float, default=0.0, help="promote only if the challenger's query AUC beats the champion's by more than this (default 0)")
-    p.add_argument("--force", action="store_true", help="train again for a date that is already done (registers another version)")
-    p.add_argument("--lock-timeout", type=float, default=0.0, help="seconds to wait for another run's lock on the data directory (default 0: exit 75 at once)")
-    p.add_argument("--train-config", default=None, help="JSON with defaults for the training flags, {\"train\": {...}} (e.g. the best config of workflows/tune.py)")
-    p.add_argument("--no-register", action="store_true", help="log the MLflow run but do not register (nor promote) the model")
+    p.add_argument(
+        "--side-info",
+        type=int,
+        default=7,
+        choices=sorted(SIDE_INFO),
+        help="side-info types per sequence event (paper Table 3: 3 or 7)",
+    )
+    p.add_argument(
+        "--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences"
+    )
+    p.add_argument(
+        "--relevance-keys",
+        default=None,
+        help="folder with items.parquet/queries.parquet (id, key), for --relevance keys",
+    )
+    p.add_argument(
+        "--rebuild-features",
+        action="store_true",
+        help="rebuild every feature day of the window (default: only stale days)",
+    )
+    p.add_argument(
+        "--synth-scale", type=float, default=1.0, help="multiplies the demo's synthetic request/event counts"
+    )
+    p.add_argument(
+        "--init-from",
+        default="champion",
+        help=(
+            "warm start: 'champion' (default; the registry alias, cold start without one), 'latest' (newest "
+            "version), 'none', models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint directory"
+        ),
+    )
+    p.add_argument(
+        "--promotion-margin",
+        type=float,
+        default=0.0,
+        help="promote only if the challenger's query AUC beats the champion's by more than this (default 0)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="train again for a date that is already done (registers another version)"
+    )
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=0.0,
+        help="seconds to wait for another run's lock on the data directory (default 0: exit 75 at once)",
+    )
+    p.add_argument(
+        "--train-config",
+        default=None,
+        help='JSON with defaults for the training flags, {"train": {...}} (e.g. the best config of workflows/tune.py)',
+    )
+    p.add_argument(
+        "--no-register", action="store_true", help="log the MLflow run but do not register (nor promote) the model"
+    )
     pre, _ = p.parse_known_args(argv)
     add_train_arguments(p, training_defaults(pre.train_config))
     a = p.parse_args(argv)
@@ -118,12 +197,26 @@ def synthesize_if_empty(a: argparse.Namespace, data_dir: str, dates: list[dt.dat
 def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
     """One date: train the challenger, compare it with the champion on the date, register, promote or keep."""
     day = date.strftime(DAY_FORMAT)
-    tags = {"date": day, "arch": a.arch, "hide_sequences": str(a.hide_sequences), "window_days": str(a.days), "workflow": "daily"}
+    tags = {
+        "date": day,
+        "arch": a.arch,
+        "hide_sequences": str(a.hide_sequences),
+        "window_days": str(a.days),
+        "workflow": "daily",
+    }
     if not a.force and (done := daily_record(data_dir, tags)) is not None:
-        log.info("daily %s: already done (run %s, outcome %s: %s); --force trains again", day, done["run_id"], done["outcome"], done.get("decision_reason", ""))
+        log.info(
+            "daily %s: already done (run %s, outcome %s: %s); --force trains again",
+            day,
+            done["run_id"],
+            done["outcome"],
+            done.get("decision_reason", ""),
+        )
         return {"date": day, "outcome": done["outcome"], "already_done": True, "run_id": done["run_id"]}
     init_ray()
-    fcfg = FeatureConfig(long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys)
+    fcfg = FeatureConfig(
+        long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys
+    )
     counts, fs = logs_to_features(data_dir, date, a.days, fcfg, force=a.rebuild_features, step=stage)
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     models_dir = f"{data_dir}/train/registry/{run_name}"
@@ -131,15 +224,21 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
     champ_version = champion(data_dir, a.arch)
     reg = None
     if champ_version is not None:
-        reg = stage("load champion", load_registered, data_dir, f"models:/{a.arch}/{champ_version}", f"{models_dir}/champion")
+        reg = stage(
+            "load champion", load_registered, data_dir, f"models:/{a.arch}/{champ_version}", f"{models_dir}/champion"
+        )
     if a.init_from == "champion" and reg is not None:
         init_from = reg.checkpoint_dir
-        log.info("warm start: models:/%s/%s (version %s) downloaded to %s", a.arch, champ_version, champ_version, init_from)
+        log.info(
+            "warm start: models:/%s/%s (version %s) downloaded to %s", a.arch, champ_version, champ_version, init_from
+        )
     else:
         init_from = stage("warm-start", registered_checkpoint, data_dir, a.init_from, a.arch, f"{models_dir}/init")
     # merged once here and handed to train(); the default warm start from a champion of another shape (e.g. a newly
     # tuned config) is a cold start
-    tc, init_state = stage("warm-start", warm_start_state, fs, train_config(a, init_from=init_from), a.init_from == "champion")
+    tc, init_state = stage(
+        "warm-start", warm_start_state, fs, train_config(a, init_from=init_from), a.init_from == "champion"
+    )
     init_from = tc.init_from
     configs = {"train": tc.flat(), "features": fs.cfg.to_dict()}
     try:
@@ -149,10 +248,16 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
         raise
     champ_metrics = None
     if reg is not None:
-        champ_metrics = stage("evaluate champion", evaluate_registered, reg, data_dir, fs, f"{models_dir}/champion-scores")
+        champ_metrics = stage(
+            "evaluate champion", evaluate_registered, reg, data_dir, fs, f"{models_dir}/champion-scores"
+        )
     decision = decide(res.metrics, champ_metrics, a.promotion_margin)
     log.info("daily %s: %s", day, decision.reason)
-    ingest_metrics = {f"ingest_{t}_{k}": float(getattr(c, k)) for t, c in counts.items() for k in ("read", "clean", "quarantined", "skipped_days")}
+    ingest_metrics = {
+        f"ingest_{t}_{k}": float(getattr(c, k))
+        for t, c in counts.items()
+        for k in ("read", "clean", "quarantined", "skipped_days")
+    }
     run_id, version = stage(
         "register",
         log_training_run,
@@ -161,14 +266,23 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
         res.checkpoint_dir,
         res.history,
         configs | {"model": res.model_config.to_dict()},
-        extra_metrics=ingest_metrics | {"feature_samples": float(fs.samples), "feature_days_built": float(len(fs.built))},
+        extra_metrics=ingest_metrics
+        | {"feature_samples": float(fs.samples), "feature_days_built": float(len(fs.built))},
         tags=tags | {"init_from": str(a.init_from if init_from else "none")},
         register_as=None if a.no_register else a.arch,
     )
     details = decision.to_dict() | {"date": day, "oracle": res.metrics.get("eval_oracle_query_auc", float("nan"))}
     outcome = stage("decide", commit_decision, data_dir, run_id, a.arch, version, details, champ_version, champ_metrics)
     eval_metrics = {k: v for k, v in res.metrics.items() if k.startswith("eval_")}
-    return {"date": day, "outcome": outcome, "reason": decision.reason, "run_id": run_id, "model_version": version, "champion_before": champ_version, **eval_metrics}
+    return {
+        "date": day,
+        "outcome": outcome,
+        "reason": decision.reason,
+        "run_id": run_id,
+        "model_version": version,
+        "champion_before": champ_version,
+        **eval_metrics,
+    }
 
 
 def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
@@ -201,7 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     code, summaries = run(a)
     if code in (Exit.PROMOTED, Exit.NOT_PROMOTED):
         last = summaries[-1] if summaries else {}
-        print("daily_train: done " + json.dumps({"exit": int(code), "days": len(summaries), "last": last, "wall_seconds": round(time.perf_counter() - t0, 1)}))
+        print(
+            "daily_train: done "
+            + json.dumps(
+                {
+                    "exit": int(code),
+                    "days": len(summaries),
+                    "last": last,
+                    "wall_seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+        )
     return int(code)
 
 

@@ -30,23 +30,55 @@ from jobs.tune import BASE_MODEL, EXPERIMENT, METRIC, SEARCH_SPACE, SMALL_SEARCH
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="project data directory (logs/, clean/, features/, mlflow/, tune/); default ./data")
-    p.add_argument("--date", type=parse_day, default=None, help="newest day of the window (held out for evaluation), YYYY-MM-DD; needed unless --features")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="project data directory (logs/, clean/, features/, mlflow/, tune/); default ./data",
+    )
+    p.add_argument(
+        "--date",
+        type=parse_day,
+        default=None,
+        help="newest day of the window (held out for evaluation), YYYY-MM-DD; needed unless --features",
+    )
     p.add_argument("--days", type=int, default=14, help="window length in days, ending at --date (default 14)")
     p.add_argument("--features", default=None, help="a window-*.json of jobs.build_features instead of --date/--days")
     p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (as the daily workflow)")
-    p.add_argument("--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per sequence event")
-    p.add_argument("--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences")
-    p.add_argument("--relevance-keys", default=None, help="folder with items.parquet/queries.parquet (id, key), for --relevance keys")
+    p.add_argument(
+        "--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per sequence event"
+    )
+    p.add_argument(
+        "--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences"
+    )
+    p.add_argument(
+        "--relevance-keys",
+        default=None,
+        help="folder with items.parquet/queries.parquet (id, key), for --relevance keys",
+    )
     g = p.add_argument_group("tuning")
     g.add_argument("--samples", type=int, default=8, help="trials (default 8)")
-    g.add_argument("--max-concurrent", type=int, default=1, help="trials at a time (each reserves --workers x --cpus-per-worker CPUs)")
+    g.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=1,
+        help="trials at a time (each reserves --workers x --cpus-per-worker CPUs)",
+    )
     g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs every trial runs before it can be stopped")
-    g.add_argument("--space", default=None, help="search space as a JSON file of SEARCH_SPACE's form (default: jobs/tune.py's SEARCH_SPACE)")
+    g.add_argument(
+        "--space",
+        default=None,
+        help="search space as a JSON file of SEARCH_SPACE's form (default: jobs/tune.py's SEARCH_SPACE)",
+    )
     g.add_argument("--small-space", action="store_true", help="the narrow SMALL_SEARCH_SPACE (cheap models)")
     g.add_argument("--smoke-test", action="store_true", help="--small-space, 2 trials of 1 epoch")
-    g.add_argument("--name", default=None, help="tuning name (default tune-<date>-<timestamp>); results under <data-dir>/tune/<name>")
+    g.add_argument(
+        "--name",
+        default=None,
+        help="tuning name (default tune-<date>-<timestamp>); results under <data-dir>/tune/<name>",
+    )
     g.add_argument("--out", default=None, help="best config JSON (default <data-dir>/tune/<name>/best_config.json)")
     g.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
     add_train_arguments(p, TrainConfig(epochs=3, model=BASE_MODEL))
@@ -64,7 +96,9 @@ def run(a: argparse.Namespace) -> TuneOutcome:
     if a.features:
         fs = stage("features", FeatureSet.load, absolute(a.features))
     else:
-        fcfg = FeatureConfig(long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys)
+        fcfg = FeatureConfig(
+            long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys
+        )
         _, fs = logs_to_features(data_dir, a.date, a.days, fcfg, step=stage)
     if a.space:
         with open(a.space) as f:
@@ -73,7 +107,9 @@ def run(a: argparse.Namespace) -> TuneOutcome:
         space = SMALL_SEARCH_SPACE if a.small_space else SEARCH_SPACE
     name = a.name or f"tune-{fs.days[-1]}-{int(time.time())}"
     base = train_config(a)
-    return stage("tune", tune, fs, base, data_dir, name, space, a.samples, a.max_concurrent, a.grace_period, a.out, a.experiment)
+    return stage(
+        "tune", tune, fs, base, data_dir, name, space, a.samples, a.max_concurrent, a.grace_period, a.out, a.experiment
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune: {e}", file=sys.stderr)
         return 1
     summary = {
-        "best_config": outcome.best_config_path, "trial": outcome.best["trial"], METRIC: outcome.best["value"],
-        "trials": {t.trial_id: t.status for t in outcome.trials}, "mlflow_parent_run": outcome.parent_run_id,
+        "best_config": outcome.best_config_path,
+        "trial": outcome.best["trial"],
+        METRIC: outcome.best["value"],
+        "trials": {t.trial_id: t.status for t in outcome.trials},
+        "mlflow_parent_run": outcome.parent_run_id,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     print("tune: done " + json.dumps(summary))
