@@ -63,8 +63,8 @@ def restart_ray() -> None:
 
 
 def synth_and_ingest(work: str, scale: float) -> dict:
-    sizes = {k: (max(1, int(v * scale)) if k.endswith("_per_day") else v) for k, v in FULL.items()}
-    cfg = dataclasses.replace(SynthConfig(), days=70, **sizes)
+    cfg = dataclasses.replace(SynthConfig(), days=70, **FULL).scaled(scale)
+    sizes = {k: getattr(cfg, k) for k in FULL}
     data = f"{work}/data"
     t0 = time.perf_counter()
     if synthesize_cached(cfg, data, END):

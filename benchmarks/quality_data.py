@@ -4,7 +4,6 @@ very same batches (benchmarks/quality.py runs the suites)."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -26,13 +25,7 @@ END = dt.date(2026, 11, 22)  # the synthetic window's last day
 def synthetic_window(work: str, scale: float, days: int, long_len: int) -> FeatureSet:
     """Synthetic logs of ``days`` days ending at END (per-day traffic x ``scale``; cached in ``work``), ingested and
     built into a feature window."""
-    base = SynthConfig()
-    sizes = {
-        f.name: max(1, int(getattr(base, f.name) * scale))
-        for f in dataclasses.fields(SynthConfig)
-        if f.name.endswith("_per_day")
-    }
-    cfg = dataclasses.replace(base, days=days, **sizes)
+    cfg = SynthConfig(days=days).scaled(scale)
     data = f"{work}/data"
     synthesize_cached(cfg, data, END)
     return logs_window(data, END, days, FeatureConfig(long_len=long_len, search_len=50, feed_len=50))

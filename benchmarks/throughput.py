@@ -103,16 +103,7 @@ PRESETS: dict[str, Callable[[], HyFormerConfig]] = {
     "small": small_config,
     "paper": HyFormerConfig.paper,
 }
-# workers part: the daily workflow's demo data (workflows/daily_train.py DEMO_SYNTH, per-day counts x --scale) and model
-WORKERS_SYNTH: dict[str, int] = dict(
-    users=1000,
-    items=3000,
-    authors=200,
-    queries=400,
-    requests_per_day=120,
-    search_events_per_day=1500,
-    feed_events_per_day=2500,
-)
+# workers part: the daily workflow's demo data (SynthConfig.demo, per-day counts x --scale) and model
 WORKERS_MODEL: dict[str, Any] = dict(d_model=32, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,))
 WORKERS_FEATURES = FeatureConfig(long_len=128, search_len=50, feed_len=50)
 WORKERS = 2
@@ -223,14 +214,18 @@ def run_steps(
 
 def build_window(work: str, scale: float, days: int) -> tuple[FeatureSet, dict[str, Any]]:
     """Synthetic logs (cached in `work`), ingest and the feature window of `days` days ending at END (incremental)."""
-    sizes = {k: (max(1, int(v * scale)) if k.endswith("_per_day") else v) for k, v in WORKERS_SYNTH.items()}
-    cfg = dataclasses.replace(SynthConfig(), days=days, **sizes)
+    cfg = SynthConfig.demo(days, scale)
     data = f"{work}/data"
     synthesize_cached(cfg, data, END)
     t0 = time.perf_counter()
     ingest(data, END, days)
     fs = build_features(data, END, days, WORKERS_FEATURES)
-    info = {"synth": sizes, "days": days, "samples": fs.samples, "ingest_and_build_seconds": time.perf_counter() - t0}
+    info = {
+        "synth": dataclasses.asdict(cfg),
+        "days": days,
+        "samples": fs.samples,
+        "ingest_and_build_seconds": time.perf_counter() - t0,
+    }
     return fs, info
 
 

@@ -6,6 +6,7 @@ The numbers in the generative story (the docstrings of ``features.synth_world``,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -79,6 +80,20 @@ class SynthConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid SynthConfig: {', '.join(bad)}")
+
+    def scaled(self, scale: float) -> SynthConfig:
+        """This config with every per-day count x ``scale`` (at least 1)."""
+        per_day = [f.name for f in dataclasses.fields(self) if f.name.endswith("_per_day")]
+        return dataclasses.replace(self, **{n: max(1, int(getattr(self, n) * scale)) for n in per_day})
+
+    @staticmethod
+    def demo(days: int, scale: float = 1.0, seed: int = 0) -> SynthConfig:
+        """The daily workflow's small synthetic default (a few minutes end to end on 2 CPU cores): ``days`` days,
+        per-day traffic x ``scale``."""
+        world = SynthConfig(days=days, seed=seed, users=1000, items=3000, authors=200, queries=400)
+        return dataclasses.replace(
+            world, requests_per_day=120, search_events_per_day=1500, feed_events_per_day=2500
+        ).scaled(scale)
 
     @staticmethod
     def tiny() -> SynthConfig:

@@ -49,7 +49,16 @@ from features.build import (
 )
 from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
-from jobs.common import absolute, atomic_write_json, clean_root, init_ray, log, replace_dir, setup_logging
+from jobs.common import (
+    DEFAULT_DATA_DIR,
+    absolute,
+    atomic_write_json,
+    clean_root,
+    init_ray,
+    log,
+    replace_dir,
+    setup_logging,
+)
 from jobs.ingest import TableCounts, ingest
 
 STORE_VERSION = 2
@@ -255,6 +264,38 @@ def build_features(
         fs.path(),
     )
     return fs
+
+
+def add_feature_arguments(p: argparse.ArgumentParser) -> None:
+    """The data directory and the feature window's settings, shared by the workflows (read back by feature_config)."""
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="project data directory (logs/, clean/, features/, mlflow/, train/, tune/); default ./data",
+    )
+    p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (paper: 3000)")
+    p.add_argument(
+        "--side-info",
+        type=int,
+        default=7,
+        choices=sorted(SIDE_INFO),
+        help="side-info types per sequence event (paper Table 3: 3 or 7)",
+    )
+    p.add_argument(
+        "--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences"
+    )
+    p.add_argument(
+        "--relevance-keys",
+        default=None,
+        help="folder with items.parquet/queries.parquet (id, key), for --relevance keys",
+    )
+
+
+def feature_config(a: argparse.Namespace) -> FeatureConfig:
+    """The FeatureConfig of the flags add_feature_arguments added."""
+    return FeatureConfig(
+        long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys
+    )
 
 
 def _call(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:

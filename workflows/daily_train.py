@@ -28,18 +28,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, also inside a Ray job's working dir
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import datetime as dt  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from features.build import RELEVANCE, SIDE_INFO, FeatureConfig  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
-from jobs.build_features import logs_to_features  # noqa: E402
+from jobs.build_features import add_feature_arguments, feature_config, logs_to_features  # noqa: E402
 from jobs.common import (
-    DEFAULT_DATA_DIR,
     Exit,
     Locked,
     StageFailed,
@@ -63,16 +60,6 @@ from jobs.register import (
 from jobs.train import train, warm_start_state  # noqa: E402
 from jobs.train_config import TrainConfig, add_train_arguments, read_best_config, train_config  # noqa: E402
 
-# The small synthetic default: a few minutes end to end on 2 CPU cores.
-DEMO_SYNTH = dict(
-    users=1000,
-    items=3000,
-    authors=200,
-    queries=400,
-    requests_per_day=120,
-    search_events_per_day=1500,
-    feed_events_per_day=2500,
-)
 # the quality suite's base model (benchmarks/quality.py BASE_MODEL, docs/results.md): LONGER on the long sequence
 DEMO_MODEL = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
 
@@ -99,11 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--data-dir",
-        default=DEFAULT_DATA_DIR,
-        help="project data directory (logs/, clean/, features/, mlflow/); default ./data",
-    )
     when = p.add_mutually_exclusive_group()
     when.add_argument(
         "--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD"
@@ -113,22 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--to", dest="date_to", type=parse_day, default=None, help="backfill: last date (inclusive)")
     p.add_argument("--days", type=int, default=70, help="window length in days, ending at the date (default 70)")
-    p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (paper: 3000)")
-    p.add_argument(
-        "--side-info",
-        type=int,
-        default=7,
-        choices=sorted(SIDE_INFO),
-        help="side-info types per sequence event (paper Table 3: 3 or 7)",
-    )
-    p.add_argument(
-        "--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences"
-    )
-    p.add_argument(
-        "--relevance-keys",
-        default=None,
-        help="folder with items.parquet/queries.parquet (id, key), for --relevance keys",
-    )
+    add_feature_arguments(p)
     p.add_argument(
         "--rebuild-features",
         action="store_true",
@@ -189,8 +156,7 @@ def synthesize_if_empty(a: argparse.Namespace, data_dir: str, dates: list[dt.dat
     """The demo: without logs, a synthetic window covering every date's training window."""
     if Path(logs_root(data_dir)).exists():
         return
-    scaled = {k: (max(1, int(v * a.synth_scale)) if k.endswith("_per_day") else v) for k, v in DEMO_SYNTH.items()}
-    cfg = dataclasses.replace(SynthConfig(), days=a.days + (dates[-1] - dates[0]).days, seed=a.seed, **scaled)
+    cfg = SynthConfig.demo(a.days + (dates[-1] - dates[0]).days, a.synth_scale, a.seed)
     stage("synthesize", generate, cfg, data_dir, dates[-1])
 
 
@@ -214,10 +180,7 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
         )
         return {"date": day, "outcome": done["outcome"], "already_done": True, "run_id": done["run_id"]}
     init_ray()
-    fcfg = FeatureConfig(
-        long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys
-    )
-    counts, fs = logs_to_features(data_dir, date, a.days, fcfg, force=a.rebuild_features, step=stage)
+    counts, fs = logs_to_features(data_dir, date, a.days, feature_config(a), force=a.rebuild_features, step=stage)
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     models_dir = f"{data_dir}/train/registry/{run_name}"
     # the champion is downloaded once: the default warm start and the comparison after training use the same version

@@ -21,10 +21,9 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from features.build import RELEVANCE, SIDE_INFO, FeatureConfig  # noqa: E402
 from features.schema import parse_day  # noqa: E402
-from jobs.build_features import FeatureSet, logs_to_features  # noqa: E402
-from jobs.common import DEFAULT_DATA_DIR, StageFailed, absolute, init_ray, setup_logging, stage  # noqa: E402
+from jobs.build_features import FeatureSet, add_feature_arguments, feature_config, logs_to_features  # noqa: E402
+from jobs.common import StageFailed, absolute, init_ray, setup_logging, stage  # noqa: E402
 from jobs.train_config import TrainConfig, add_train_arguments, train_config  # noqa: E402
 from jobs.tune import BASE_MODEL, EXPERIMENT, METRIC, SEARCH_SPACE, SMALL_SEARCH_SPACE, TuneOutcome, tune  # noqa: E402
 
@@ -34,11 +33,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--data-dir",
-        default=DEFAULT_DATA_DIR,
-        help="project data directory (logs/, clean/, features/, mlflow/, tune/); default ./data",
-    )
-    p.add_argument(
         "--date",
         type=parse_day,
         default=None,
@@ -46,18 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--days", type=int, default=14, help="window length in days, ending at --date (default 14)")
     p.add_argument("--features", default=None, help="a window-*.json of jobs.build_features instead of --date/--days")
-    p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (as the daily workflow)")
-    p.add_argument(
-        "--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per sequence event"
-    )
-    p.add_argument(
-        "--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences"
-    )
-    p.add_argument(
-        "--relevance-keys",
-        default=None,
-        help="folder with items.parquet/queries.parquet (id, key), for --relevance keys",
-    )
+    add_feature_arguments(p)
     g = p.add_argument_group("tuning")
     g.add_argument("--samples", type=int, default=8, help="trials (default 8)")
     g.add_argument(
@@ -96,10 +79,7 @@ def run(a: argparse.Namespace) -> TuneOutcome:
     if a.features:
         fs = stage("features", FeatureSet.load, absolute(a.features))
     else:
-        fcfg = FeatureConfig(
-            long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys
-        )
-        _, fs = logs_to_features(data_dir, a.date, a.days, fcfg, step=stage)
+        _, fs = logs_to_features(data_dir, a.date, a.days, feature_config(a), step=stage)
     if a.space:
         with open(a.space) as f:
             space = json.load(f)
