@@ -15,10 +15,11 @@ earlier day trains. Every model of a suite sees the same training samples in the
 scored on the same held-out rows.
 
 Training: in one process, with the training code of every Ray Train worker (``jobs.train``'s ``Materializer`` collate
-into deduplicated ID tables, ``hyformer.training.Learner``: AdamW with warm-up and clipping on the dense parameters,
-row-wise Adagrad on the tables), ``--epochs`` passes over the training days in a seeded random order, batch 256, fp32,
-``torch`` threads = the machine's cores. It runs in-process rather than through Ray Train to spare a Ray Train start
-per model (seconds each, for ~100 models); ``jobs.train --arch NAME`` trains the same rows on a cluster.
+into deduplicated ID tables, the loop of ``hyformer/loop.py`` around ``hyformer.training.Learner``: AdamW with warm-up
+and clipping on the dense parameters, row-wise Adagrad on the tables), ``--epochs`` passes over the training days in
+a seeded random order, batch 256, fp32, ``torch`` threads = the machine's cores. It runs in-process rather than
+through Ray Train to spare a Ray Train start per model (seconds each, for ~100 models); ``jobs.train --arch NAME``
+trains the same rows on a cluster.
 
 Budgets (``tables``): the paper compares rows at roughly matched dense parameters and reports their FLOPs. Here each
 row's ``d_model`` (the width of its tokens and interaction; ``d_seq``, the sequence side's width, stays fixed) is the
