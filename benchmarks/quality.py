@@ -59,7 +59,7 @@ from benchmarks.quality_report import COUNTING, REFERENCE, SCALING_ARCHS, scalin
 from features.build import FeatureConfig
 from hyformer.config import HyFormerConfig
 from hyformer.counting import CountingBaseline
-from hyformer.loop import LoopConfig, run_epochs
+from hyformer.loop import Hooks, LoopConfig, run_epochs
 from hyformer.metrics import group_auc
 from hyformer.profile import count_params, profile
 from hyformer.training import Learner, OptimConfig
@@ -158,11 +158,14 @@ def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu"
         patience=tc.patience,
         log_every=100,
     )
+    final: dict[str, dict] = {}  # the files of the loop's last report: the result model's held-out predictions
     t0 = time.perf_counter()
-    history = run_epochs(learner, model, batches, evaluate, loop)
+    history = run_epochs(
+        learner, model, batches, evaluate, loop, hooks=Hooks(report=lambda m, f: final.update(f or {}))
+    )
     train_seconds = time.perf_counter() - t0
     epochs = [h for h in history if "best_epoch" not in h]  # the epochs trained (the last entry may be the best one)
-    pred = predict(model, (_on(b, dev) for b in eval_batches))
+    pred = final["eval_predictions.npz"]
     m = metrics(pred) | {"eval_user_auc": group_auc(pred["label"], pred["prob"], win.eval["user_id"])}
     m["eval_mean_len_long"] = float(torch.cat([b["len_long"] for b in eval_batches]).float().mean())  # events seen
     m["best_epoch"] = history[-1].get("best_epoch", epochs[-1]["epoch"]) + 1.0

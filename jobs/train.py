@@ -240,10 +240,8 @@ def train_fn_per_worker(config: dict) -> None:
     hooks = Hooks(rank, world, broadcast_value, lambda m, files: report(m, raw, learner, pos, history, files))
     try:
         run_epochs(learner, raw, batches, evaluate, loop, pos, history, hooks, tags={"restored_step": float(restored)})
-    except (
-        NonFiniteError
-    ):  # reported with a checkpoint (the parameters before the failing step): the driver fails the run
-        return
+    except NonFiniteError:
+        return  # reported with a checkpoint (the parameters before the failing step): the driver fails the run
 
 
 def broadcast_value(value: Any) -> Any:
@@ -315,10 +313,9 @@ def train(
     init_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused
-    names).
-    ``callbacks``: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``, which forwards every report).
-    ``init_state``: the warm start's merged weights when the caller already built them with ``load_init_state`` (else
-    they are built here from ``tc.init_from``).
+    names). ``callbacks``: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``, which forwards
+    every report). ``init_state``: the warm start's merged weights when the caller already built them with
+    ``load_init_state`` (else they are built here from ``tc.init_from``).
 
     Raises NonFiniteError when the loss or a gradient became NaN/inf (training stops on every worker at that step).
     """

@@ -133,15 +133,19 @@ def _add(g: argparse._ArgumentGroup, f: dataclasses.Field, default: Any, dest: s
         )
 
 
+def _flagged() -> list[tuple[dataclasses.Field, str]]:
+    """(field, argparse dest) of every setting with a flag: TrainConfig's with a help text, then OptimConfig's."""
+    return [(f, f.name) for f in fields(TrainConfig) if "help" in f.metadata] + [
+        (f, f"optim.{f.name}") for f in fields(OptimConfig)
+    ]
+
+
 def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = TrainConfig()) -> None:
     """A flag per TrainConfig and OptimConfig setting (their help and choices), plus --model (JSON overrides of the
     model); `train_config` reads them back. ``defaults``: the flags' defaults (e.g. a best config's values)."""
     g = p.add_argument_group("training (jobs.train)")
-    for f in fields(TrainConfig):
-        if "help" in f.metadata:
-            _add(g, f, getattr(defaults, f.name), f.name)
-    for f in fields(OptimConfig):
-        _add(g, f, getattr(defaults.optim, f.name), f"optim.{f.name}")
+    for f, dest in _flagged():
+        _add(g, f, getattr(defaults.optim if dest.startswith("optim.") else defaults, f.name), dest)
     g.add_argument(
         "--model", default=json.dumps(defaults.model), help="HyFormerConfig overrides as JSON, e.g. '{\"d_model\": 64}'"
     )
@@ -149,7 +153,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults: TrainConfig = Trai
 
 def train_config(a: argparse.Namespace, **extra: Any) -> TrainConfig:
     """The TrainConfig of the flags `add_train_arguments` added (+ ``extra`` fields)."""
-    flags = {f.name for f in fields(TrainConfig) if "help" in f.metadata} | {f"optim.{n}" for n in OPTIM_FIELDS}
+    flags = {dest for _, dest in _flagged()}
     values = {k: v for k, v in vars(a).items() if k in flags}
     try:
         model = json.loads(a.model)
