@@ -88,7 +88,7 @@ def build_window(data: str, days: int, cfg: FeatureConfig) -> dict:
     metas = [json.load(open(f"{fs.root}/day={d}/_meta.json")) for d in fs.days]
     events = sum(m["events"] for m in metas)
     cores = os.cpu_count() or 1  # physical parallelism (Ray declares more logical CPUs locally)
-    stored = {part: folder_bytes(f"{fs.root}/day=*/{part}/**/*.parquet") for part in ("samples", "events", "state")}
+    stored = {part: folder_bytes(f"{fs.root}/day=*/v*/{part}/**/*.parquet") for part in ("samples", "events", "state")}
     return {
         "days": days,
         "impressions": fs.samples,

@@ -36,7 +36,6 @@ writes, the report, the CLI). The ``movielens`` profile, a mapping kept in code,
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import NamedTuple
 
 import polars as pl
 
+from features import storage
 from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, Table
 from features.validate import DIM_KEY, REASON, polars_type, validate
 
@@ -181,8 +181,8 @@ def _files(patterns, base_dir: str, where: str) -> tuple[str, ...]:
         patterns = [patterns]
     out = []
     for pat in patterns:
-        full = pat if os.path.isabs(pat) else os.path.join(base_dir, pat)
-        found = sorted(glob.glob(os.path.expanduser(full)))
+        full = pat if os.path.isabs(pat) or storage.is_uri(pat) else os.path.join(base_dir, pat)
+        found = storage.glob(full)  # local paths or object-storage URIs
         if not found:
             raise MappingError(f"{where}: no file matches {full!r}")
         out += found

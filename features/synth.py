@@ -32,13 +32,12 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
+from features import storage
 from features.schema import DAY_FORMAT, GROUND_TRUTH, TABLES, day_start_ms, logs_root, parse_day, table_dir, window
 from features.synth_behaviour import drift, simulate_day
 from features.synth_config import SynthConfig
@@ -56,11 +55,11 @@ def generate(cfg: SynthConfig, data_dir: str, end: dt.date, overwrite: bool = Fa
     """
     t0 = time.perf_counter()
     root = logs_root(data_dir)
-    if os.path.exists(root):
+    if storage.exists(root):
         if not overwrite:
             raise FileExistsError(f"{root} exists; pass overwrite=True (--overwrite) to replace it")
         for name in TABLES:
-            shutil.rmtree(table_dir(root, name), ignore_errors=True)
+            storage.remove(table_dir(root, name))
     days = window(end, cfg.days)
     world = build_world(cfg, day_start_ms(days[0]))
 

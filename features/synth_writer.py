@@ -8,12 +8,10 @@ Impressions are written in request order (time order), search and feed events so
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from features import storage
 from features.schema import PART_FILE, TABLES
 from features.synth_world import World
 
@@ -62,14 +60,8 @@ def dimension_tables(world: World) -> dict[str, pa.Table]:
 
 
 def write_atomic(table: pa.Table, folder: str) -> str:
-    """Write ``folder/part-0.parquet`` through a temporary file in the same folder and ``os.replace``."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, PART_FILE)
-    tmp = os.path.join(folder, f".{PART_FILE}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``folder/part-0.parquet`` whole (``features.storage.write_parquet``: a local temporary file renamed into
+    place, or one object PUT)."""
+    path = storage.join(folder, PART_FILE)
+    storage.write_parquet(table, path)
     return path

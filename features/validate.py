@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features import storage
 from features.schema import DAY_FORMAT, MS_PER_DAY, Table, day_start_ms
 
 REASON, RAW, FILE, ROW = "_reason", "_raw", "_file", "_row"
@@ -115,7 +116,8 @@ def read_log_file(path: str, table: Table) -> tuple[pl.DataFrame, list[str]]:
     dictionary columns are decoded.
     """
     try:
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        fs, inner = storage.resolve(path)
+        pf = pq.ParquetFile(fs.open_input_file(inner), page_checksum_verification=True)
         extra = check_schema(pf.schema_arrow, table, path)
         present = [c for c in pf.schema_arrow.names if c in table.schema.names]
         t = pf.read(columns=present)

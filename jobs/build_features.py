@@ -5,30 +5,29 @@
 A *store* (``<data>/features/v2/<store_id>/``, one per write-side config, see ``FeatureConfig.store_id``) holds one
 folder per built day::
 
-    store.json                          write-side config and the frozen vocabularies
-    day=D/samples/shard-KKKK.parquet    non-sequential ids + ordinals (features.build)
-    day=D/events/<stream>/shard-KKKK.parquet   the day's events, bucketised
-    day=D/state/<stream>/shard-KKKK.parquet    cumulative (user, key) counts after day D
-    day=D/_meta.json                    fingerprint chain: fp = H(parent fp, input fp, store id, BUILD_VERSION), counts
-    window-<end>-<N>d.json              what training reads: days, sample count, read-side config
+    store.json                                    write-side config and the frozen vocabularies
+    day=D/<version>/samples/shard-KKKK.parquet    non-sequential ids + ordinals (features.build)
+    day=D/<version>/events/<stream>/shard-KKKK.parquet   the day's events, bucketised
+    day=D/<version>/state/<stream>/shard-KKKK.parquet    cumulative (user, key) counts after day D
+    day=D/_meta.json        the day's pointer (features.storage): version, files, counts, and the fingerprint chain
+                            fp = H(parent fp, input fp, store id, BUILD_VERSION)
+    window-<end>-<N>d.json  what training reads: days, sample count, read-side config
 
 Building a window builds only the days whose fingerprint is stale (new day, re-ingested input, rebuilt parent) —
-normally just the newest day — from the previous day's state. A run writes into a temporary folder and swaps each
-finished day in with renames: a failure leaves the store as it was, a re-run replaces a day whole.
-Every clean impression of a built day becomes exactly one sample (checked per day).
+normally just the newest day — from the previous day's state. A run writes each day under a new version and commits
+the finished days by writing their pointers, oldest first: a failure leaves every pointer as it was, a re-run
+replaces a day whole. The input fingerprint is the versions of the day's committed clean partitions (ingest makes a
+new version whenever a day's raw content changes). Every clean impression of a built day becomes exactly one sample
+(checked per day). The store's root may be a local folder or an ``s3://`` (``gs://``, ``abfs://``) URI.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import glob
 import hashlib
 import json
-import os
 import resource
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 import polars as pl
 import ray
 
+from features import storage
 from features.build import (
     BUILD_VERSION,
     RELEVANCE,
@@ -49,20 +49,14 @@ from features.build import (
 )
 from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
-from jobs.common import (
-    DEFAULT_DATA_DIR,
-    absolute,
-    atomic_write_json,
-    clean_root,
-    init_ray,
-    log,
-    replace_dir,
-    setup_logging,
-)
-from jobs.ingest import TableCounts, ingest
+from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
+from jobs.ingest import MANIFEST, TableCounts, clean_files, ingest
+from jobs.lease import cli_lock
 
 STORE_VERSION = 2
 READ_SIDE = ("long_len", "search_len", "feed_len", "side_info")
+META = "_meta.json"  # a built day's pointer
+PARTS = ("samples", *(f"events/{s}" for s in STREAMS), *(f"state/{s}" for s in STREAMS))  # features.build.build_day
 
 
 def store_root(data_dir: str, cfg: FeatureConfig) -> str:
@@ -80,10 +74,15 @@ class FeatureSet:
     built: tuple[str, ...] = ()  # days (re)built by the call that wrote this window
 
     def sample_files(self, days: list[str] | tuple[str, ...] | None = None) -> list[str]:
-        return [f for d in (days or self.days) for f in sorted(glob.glob(f"{self.root}/day={d}/samples/*.parquet"))]
+        return [f for d in (days or self.days) for f in day_files(self.root, d, "samples")]
 
     def timelines(self) -> Timelines:
-        return Timelines.load(self.root, self.days)
+        """The window's events and the state before its first day (features.materialize.Timelines)."""
+        first = previous_day(self.days[0])
+        return Timelines.load(
+            {s: [f for d in self.days for f in day_files(self.root, d, f"events/{s}")] for s in STREAMS},
+            {s: day_files(self.root, first, f"state/{s}", missing_ok=True) for s in STREAMS},
+        )
 
     def path(self) -> str:
         return f"{self.root}/window-{self.days[-1]}-{len(self.days)}d.json"
@@ -95,10 +94,10 @@ class FeatureSet:
     @staticmethod
     def load(path: str) -> FeatureSet:
         """From a ``window-*.json`` written by ``build_features``."""
-        with open(path) as f:
-            w = json.load(f)
+        path = storage.absolute(path)
+        w = storage.read_json(path)
         return FeatureSet(
-            os.path.dirname(os.path.abspath(path)),
+            storage.parent(path),
             FeatureConfig(**w["config"]),
             tuple(w["days"]),
             w["samples"],
@@ -106,17 +105,23 @@ class FeatureSet:
         )
 
 
-def clean_day_files(data_dir: str, table: str, day: str) -> list[str]:
-    return sorted(glob.glob(f"{clean_root(data_dir)}/{table}/day={day}/*.parquet"))
+def day_files(root: str, day: str, part: str, missing_ok: bool = False) -> list[str]:
+    """The committed files of one part (``samples``, ``events/<stream>``, ``state/<stream>``) of a built day."""
+    meta = read_meta(root, day)
+    if meta is None:
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"feature day {day} is not built in {root} (no {META}): run jobs.build_features")
+    return [f for f in storage.files_of(f"{root}/day={day}", meta) if storage.parent(f).endswith(f"/{part}")]
 
 
 def input_fingerprint(data_dir: str, day: str) -> str:
-    """Names, sizes and mtimes of the day's clean files (ingest rewrites a day only when its raw input changed)."""
+    """The committed versions of the day's clean partitions (ingest commits a new version exactly when the day's raw
+    content or the rules changed)."""
     h = hashlib.sha1()
     for t in ("impressions", *STREAMS.values()):
-        for f in clean_day_files(data_dir, t, day):
-            st = os.stat(f)
-            h.update(f"{t}/{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        m = storage.current(f"{clean_root(data_dir)}/{t}/day={day}", MANIFEST) or {}
+        h.update(f"{t}:{m.get('version')};".encode())
     return h.hexdigest()
 
 
@@ -125,32 +130,42 @@ def chain_fp(parent: str | None, inputs: str, store_id: str) -> str:
 
 
 def read_meta(root: str, day: str) -> dict | None:
-    try:
-        with open(f"{root}/day={day}/_meta.json") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    """The committed pointer of a built day, or None."""
+    return storage.current(f"{root}/day={day}", META)
 
 
 def scan_day(data_dir: str, table: str, day: str) -> pl.LazyFrame:
-    files = clean_day_files(data_dir, table, day)
-    if not files:
-        raise FileNotFoundError(f"no clean {table} for day={day} under {clean_root(data_dir)}: run jobs.ingest first")
-    return pl.scan_parquet(files).with_columns(pl.lit(day).alias("day"))
+    try:
+        files = clean_files(data_dir, table, day)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no clean {table} for day={day} under {clean_root(data_dir)}: run jobs.ingest first"
+        ) from None
+    return storage.scan_parquet(files).with_columns(pl.lit(day).alias("day"))
 
 
-def read_state(root: str, day: str, stream: str, shard: int) -> pl.LazyFrame:
-    f = f"{root}/day={day}/state/{stream}/shard-{shard:04d}.parquet"
-    return pl.scan_parquet(f) if os.path.exists(f) else empty_state()
+def read_state(root: str, meta: dict | None, stream: str, shard: int) -> pl.LazyFrame:
+    """One shard's state of a built day (``meta``: its pointer), or the empty state before the store's first day."""
+    rel = f"state/{stream}/shard-{shard:04d}.parquet"
+    if meta is None or rel not in meta["files"]:
+        return empty_state()
+    return storage.scan_parquet([storage.join(f"{root}/day={meta['day']}", meta["version"], rel)])
 
 
 def build_shard_days(
-    batch: dict[str, np.ndarray], data_dir: str, root: str, tmp: str, days: list[str], prev: str, cfg: FeatureConfig
+    batch: dict[str, np.ndarray],
+    data_dir: str,
+    root: str,
+    version: str,
+    days: list[str],
+    prev: dict | None,
+    cfg: FeatureConfig,
 ) -> dict:
-    """Ray Data UDF: days ``days`` (in order) of one user shard; starts from day ``prev``'s stored state."""
+    """Ray Data UDF: days ``days`` (in order) of one user shard, written under ``version`` of each day; starts from
+    the stored state of the day before (``prev``: its pointer; None before the store's first day)."""
     shard = int(batch["shard"][0])
     mine = (pl.col("user_id") % cfg.n_shards) == shard
-    dims = {t: pl.scan_parquet(f"{clean_root(data_dir)}/{t}/*.parquet") for t in DIM_TABLES}
+    dims = {t: storage.scan_parquet(clean_files(data_dir, t)) for t in DIM_TABLES}
     state = {s: read_state(root, prev, s, shard) for s in STREAMS}
     name = f"shard-{shard:04d}.parquet"
     stats = {"shard": [], "day": [], "samples": [], "events": [], "peak_rss_mb": []}
@@ -163,8 +178,7 @@ def build_shard_days(
             cfg,
         )
         for part, df in res.items():
-            os.makedirs(f"{tmp}/day={day}/{part}", exist_ok=True)
-            df.write_parquet(f"{tmp}/day={day}/{part}/{name}", statistics=False)
+            storage.write_parquet(df, storage.join(f"{root}/day={day}", version, part, name), statistics=False)
         state = {s: res[f"state/{s}"].lazy() for s in STREAMS}
         stats["shard"].append(shard)
         stats["day"].append(day)
@@ -178,15 +192,12 @@ def open_store(data_dir: str, cfg: FeatureConfig) -> tuple[str, FeatureConfig]:
     """The store for ``cfg``'s write side; created (vocabularies planned from the dims) if new, else its frozen
     vocab."""
     root = store_root(data_dir, cfg)
-    if os.path.exists(f"{root}/store.json"):
-        with open(f"{root}/store.json") as f:
-            vocab = json.load(f)["vocab"]
-        return root, replace(cfg, vocab=vocab)
-    dims = {t: pl.read_parquet(f"{clean_root(data_dir)}/{t}/*.parquet") for t in DIM_TABLES}
+    if (store := storage.read_json_or_none(f"{root}/store.json")) is not None:
+        return root, replace(cfg, vocab=store["vocab"])
+    dims = {t: storage.read_parquet(clean_files(data_dir, t)) for t in DIM_TABLES}
     cfg = replace(cfg, vocab=plan_vocab(dims, cfg))
-    os.makedirs(root, exist_ok=True)
     write_side = {k: v for k, v in cfg.to_dict().items() if k not in READ_SIDE}
-    atomic_write_json(f"{root}/store.json", {"version": STORE_VERSION, "store_id": cfg.store_id(), **write_side})
+    storage.write_json(f"{root}/store.json", {"version": STORE_VERSION, "store_id": cfg.store_id(), **write_side})
     return root, cfg
 
 
@@ -212,14 +223,13 @@ def build_features(
     data_dir: str, end: dt.date, days: int = 70, cfg: FeatureConfig | None = None, force: bool = False
 ) -> FeatureSet:
     """Make sure every day of the ``days``-day window ending at ``end`` is built; return the window."""
-    data_dir = absolute(data_dir)
+    data_dir = storage.absolute(data_dir)
     cfg = cfg or FeatureConfig()
     day_list = [d.strftime(DAY_FORMAT) for d in window(end, days)]
     root, cfg = open_store(data_dir, cfg)
     todo, expected = stale_days(root, data_dir, day_list, cfg.store_id(), force)
     if todo:
-        prev = previous_day(todo[0])
-        tmp = f"{root}/.tmp-{uuid.uuid4().hex[:8]}"
+        version = storage.new_version()
         log.info(
             "features: building %d day(s) %s..%s in %d shards (store %s)",
             len(todo),
@@ -228,33 +238,30 @@ def build_features(
             cfg.n_shards,
             root,
         )
-        try:
-            shards = ray.data.from_items([{"shard": k} for k in range(cfg.n_shards)], override_num_blocks=cfg.n_shards)
-            kw = {"data_dir": data_dir, "root": root, "tmp": tmp, "days": todo, "prev": prev, "cfg": cfg}
-            stats = pl.DataFrame(shards.map_batches(build_shard_days, batch_size=1, fn_kwargs=kw).take_all())
-            per_day = stats.group_by("day").agg(
-                pl.col("samples").sum(), pl.col("events").sum(), pl.col("peak_rss_mb").max(), pl.len().alias("shards")
-            )
-            for row in per_day.sort("day").iter_rows(named=True):
-                d = row["day"]
-                n_imps = scan_day(data_dir, "impressions", d).select(pl.len()).collect().item()
-                if row["samples"] != n_imps or row["shards"] != cfg.n_shards:
-                    raise RuntimeError(
-                        f"build_features day={d}: {row['samples']} samples for {n_imps} clean impressions"
-                    )
-                meta = {"day": d, **expected[d], **row}
-                atomic_write_json(f"{tmp}/day={d}/_meta.json", meta)
-            for (
-                d
-            ) in todo:  # oldest first: an interrupted swap leaves a consistent prefix (later days re-check as stale)
-                replace_dir(f"{tmp}/day={d}", f"{root}/day={d}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shards = ray.data.from_items([{"shard": k} for k in range(cfg.n_shards)], override_num_blocks=cfg.n_shards)
+        prev = read_meta(root, previous_day(todo[0]))
+        kw = {"data_dir": data_dir, "root": root, "version": version, "days": todo, "prev": prev, "cfg": cfg}
+        stats = pl.DataFrame(shards.map_batches(build_shard_days, batch_size=1, fn_kwargs=kw).take_all())
+        per_day = stats.group_by("day").agg(
+            pl.col("samples").sum(), pl.col("events").sum(), pl.col("peak_rss_mb").max(), pl.len().alias("shards")
+        )
+        metas = {}
+        for row in per_day.sort("day").iter_rows(named=True):
+            d = row["day"]
+            n_imps = scan_day(data_dir, "impressions", d).select(pl.len()).collect().item()
+            if row["samples"] != n_imps or row["shards"] != cfg.n_shards:
+                raise RuntimeError(f"build_features day={d}: {row['samples']} samples for {n_imps} clean impressions")
+            files = [f"{part}/shard-{k:04d}.parquet" for part in PARTS for k in range(cfg.n_shards)]
+            metas[d] = {"version": version, "files": files, "day": d, **expected[d], **row}
+        for d in todo:  # oldest first: an interrupted commit leaves a consistent prefix (later days re-check as stale)
+            storage.publish(f"{root}/day={d}", metas[d], META)
+        for d in todo:
+            storage.collect_garbage(f"{root}/day={d}", META)
     else:
         log.info("features: all %d days up to date in %s", len(day_list), root)
     n = sum(read_meta(root, d)["samples"] for d in day_list)
     fs = FeatureSet(root, cfg, tuple(day_list), n, tuple(todo))
-    atomic_write_json(fs.path(), {"days": day_list, "samples": n, "built": todo, "config": cfg.to_dict()})
+    storage.write_json(fs.path(), {"days": day_list, "samples": n, "built": todo, "config": cfg.to_dict()})
     log.info(
         "features: window %s..%s = %d samples (%d day(s) built) -> %s",
         day_list[0],
@@ -347,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         relevance_keys=a.relevance_keys,
         n_shards=a.shards,
     )
-    fs = build_features(a.data_dir, a.date, a.days, cfg, force=a.force)
+    with cli_lock(a.data_dir):
+        fs = build_features(a.data_dir, a.date, a.days, cfg, force=a.force)
     print(json.dumps({"window": fs.path(), "samples": fs.samples, "days": len(fs.days)}))
 
 

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import os
-import shutil
 import socket
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
 
 import ray
-from filelock import FileLock, Timeout
 
 log = logging.getLogger("hyformer")
 
@@ -82,27 +75,6 @@ class Locked(RuntimeError):
     """Another run holds the data directory's lock; the message names it (pid, host, since when)."""
 
 
-@contextmanager
-def data_dir_lock(data_dir: str, timeout: float = 0.0) -> Iterator[None]:
-    """Hold ``<data_dir>/locks/daily.lock`` (one run writes the data directory at a time), with the holder named in
-    ``daily.holder.json`` while it is held. Raises Locked after ``timeout`` seconds (0: at once)."""
-    os.makedirs(f"{data_dir}/locks", exist_ok=True)
-    lock = FileLock(f"{data_dir}/locks/daily.lock", timeout=timeout)
-    holder = Path(f"{data_dir}/locks/daily.holder.json")
-    try:
-        lock.acquire()
-    except Timeout:
-        who = holder.read_text() if holder.exists() else "unknown"
-        raise Locked(f"{data_dir} is locked by another run ({who}); waited {timeout:g} s") from None
-    try:
-        since = dt.datetime.now().isoformat(timespec="seconds")
-        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
-        yield
-    finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
-
-
 class ReconcileError(RuntimeError):
     """Row counts that do not add up (read != written + dropped, read != clean + quarantined): a bug, never let it
     pass silently."""
@@ -129,11 +101,6 @@ def stage(name: str, fn, *args, **kwargs):
     return out
 
 
-def absolute(path: str) -> str:
-    """Absolute path: a submitted job runs in a temporary copy of the working directory."""
-    return str(Path(path).expanduser().resolve())
-
-
 def clean_root(data_dir: str) -> str:
     from features.schema import SCHEMA_VERSION
 
@@ -154,34 +121,3 @@ def pyplot():
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
-
-
-def atomic_write_json(path: str, obj: object) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary sibling and ``os.replace``: readers see the old file or
-    the new one, never half of one. numpy scalars become numbers, other unknown objects strings."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    os.replace(tmp, path)
-
-
-def replace_dir(new: str | None, final: str, trash: str | None = None) -> None:
-    """Put folder ``new`` at ``final`` (``None``: remove ``final``): rename the old one away, the new one in, delete
-    the old one.
-
-    Readers see the old folder or the new one, never a half-written one (between the two renames, none). The old one
-    goes into ``trash`` (default: a sibling ``<final>.old-<id>``) before it is deleted.
-    """
-    old = None
-    if os.path.lexists(final):
-        if trash is None:
-            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        else:
-            os.makedirs(trash, exist_ok=True)
-            old = f"{trash}/{uuid.uuid4().hex}"
-        os.rename(final, old)
-    if new is not None:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

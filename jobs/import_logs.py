@@ -12,9 +12,10 @@ stage and rename the partitions, write the report, and the CLI. The mapping lang
 
 Output: daily tables as ``logs/v1/<table>/day=YYYY-MM-DD/part-0.parquet`` (UTC day of ``ts``), dimension snapshots as
 ``logs/v1/<table>/part-0.parquet``, id maps as ``logs/v1/_idmaps/<space>.parquet`` (key, id), the report as
-``logs/v1/_import.json``. Everything is read and checked before anything is written; each partition is staged
-under ``<data-dir>/tmp/import-*`` and renamed into place (``jobs.common.replace_dir``). A daily table's days that
-the input has are replaced, other days are left alone; dimension snapshots are replaced. Per table, rows read =
+``logs/v1/_import.json``. Everything is read and checked before anything is written; then each partition's one file
+is written whole (``features.storage``: one PUT on object storage, a renamed temporary file on a local disk) and any
+other file of that partition removed, so a re-run after a failure part-way writes the same files. A daily table's days
+that the input has are replaced, other days are left alone; dimension snapshots are replaced. Per table, rows read =
 rows written + rows dropped, with a count per reason.
 """
 
@@ -22,18 +23,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import glob
 import json
 import os
-import shutil
 import sys
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import polars as pl
-import pyarrow.parquet as pq
 
+from features import storage
 from features.mapping import (
     MappingError,
     Plan,
@@ -51,7 +49,8 @@ from features.mapping import (
 from features.movielens import movielens_mapping
 from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, PART_FILE, TABLES, logs_root, parse_day, table_dir
 from features.validate import DIM_KEY
-from jobs.common import DEFAULT_DATA_DIR, ReconcileError, absolute, atomic_write_json, log, replace_dir, setup_logging
+from jobs.common import DEFAULT_DATA_DIR, ReconcileError, log, setup_logging
+from jobs.lease import cli_lock
 
 IDMAPS = "_idmaps"  # logs/v1/_idmaps/<space>.parquet: key (the source value as text), id (int64, from 0)
 REPORT = "_import.json"
@@ -101,14 +100,14 @@ def idmap_path(data_dir: str, space: str) -> str:
 
 def read_idmap(data_dir: str, space: str) -> pl.DataFrame:
     path = idmap_path(data_dir, space)
-    if os.path.exists(path):
-        return pl.read_parquet(path)
+    if storage.exists(path):
+        return storage.read_parquet([path])
     return pl.DataFrame(schema={"key": pl.String, "id": pl.Int64})
 
 
 def existing_dim(data_dir: str, dim: str) -> pl.DataFrame | None:
-    files = sorted(glob.glob(f"{table_dir(logs_root(data_dir), dim)}/*.parquet"))
-    return pl.read_parquet(files) if files else None
+    files = storage.list_files(table_dir(logs_root(data_dir), dim))
+    return storage.read_parquet(files) if files else None
 
 
 # --- the report -------------------------------------------------------------------------------------------------
@@ -145,11 +144,12 @@ class ImportReport:
 
 def days_on_disk(data_dir: str, table: str) -> set[str]:
     """Day partitions of a daily table that hold at least one row (their Parquet footers)."""
-    out = set()
-    for d in glob.glob(f"{table_dir(logs_root(data_dir), table)}/day=*"):
-        if sum(pq.read_metadata(f).num_rows for f in glob.glob(f"{d}/*.parquet")):
-            out.add(os.path.basename(d).removeprefix("day="))
-    return out
+    root = table_dir(logs_root(data_dir), table)
+    return {
+        d.removeprefix("day=")
+        for d in storage.list_dirs(root, "day=")
+        if storage.num_rows(storage.list_files(storage.join(root, d)))
+    }
 
 
 def complete_window(by_table: dict[str, set[str]]) -> tuple[dict, dict[str, list[str]]]:
@@ -181,7 +181,7 @@ def import_logs(data_dir: str, specs: dict[str, TableSpec], mapping: dict | None
     Reads and checks everything first (one ``pl.collect_all``); raises ``MappingError``/``ValueParseError`` before
     writing anything. Then extends the id maps, stages every partition and renames them into place.
     """
-    data_dir = absolute(data_dir)
+    data_dir = storage.absolute(data_dir)
     plans = {name: plan_table(spec) for name, spec in specs.items()}
     results = collect(plans)
     for name, r in results.items():
@@ -237,7 +237,7 @@ def import_logs(data_dir: str, specs: dict[str, TableSpec], mapping: dict | None
     write(data_dir, frames, idmaps, reports)
     window, gaps = complete_window({t: days_on_disk(data_dir, t) for t in DAILY_TABLES})
     report = ImportReport(data_dir, {t: reports[t] for t in specs}, idstats, window, gaps)
-    atomic_write_json(f"{logs_root(data_dir)}/{REPORT}", report.to_dict() | {"mapping": mapping})
+    storage.write_json(f"{logs_root(data_dir)}/{REPORT}", report.to_dict() | {"mapping": mapping})
     for r in report.tables.values():
         log.info(
             "import %s: read %d = written %d + dropped %s%s",
@@ -255,36 +255,27 @@ def import_logs(data_dir: str, specs: dict[str, TableSpec], mapping: dict | None
 def write(
     data_dir: str, frames: dict[str, pl.DataFrame], idmaps: dict[str, pl.DataFrame], reports: dict[str, TableImport]
 ) -> None:
-    """Stage every partition under ``<data_dir>/tmp/import-*``; then rename id maps, dimensions and days into place."""
+    """Write the id maps, then every partition's one file (whole), removing the partition's other files."""
     root = logs_root(data_dir)
-    staging = f"{data_dir}/tmp/import-{uuid.uuid4().hex[:12]}"
-    moves: list[tuple[str, str]] = []
-    try:
-        for space, m in idmaps.items():
-            os.makedirs(f"{staging}/{IDMAPS}", exist_ok=True)
-            m.write_parquet(f"{staging}/{IDMAPS}/{space}.parquet")
-            moves.append((f"{staging}/{IDMAPS}/{space}.parquet", idmap_path(data_dir, space)))
-        for name, df in frames.items():
-            if not TABLES[name].daily:
-                os.makedirs(f"{staging}/{name}")
-                df.write_parquet(f"{staging}/{name}/{PART_FILE}")
-                moves.append((f"{staging}/{name}", table_dir(root, name)))
-                continue
-            by_day = df.with_columns(utc_day("ts").alias("_day")).partition_by("_day", as_dict=True)
-            for (day,), part in sorted(by_day.items()):
-                os.makedirs(f"{staging}/{name}/day={day}")
-                part.drop("_day").write_parquet(f"{staging}/{name}/day={day}/{PART_FILE}")
-                moves.append((f"{staging}/{name}/day={day}", f"{table_dir(root, name)}/day={day}"))
-                r = reports[name]
-                r.days, r.first_day, r.last_day = r.days + 1, r.first_day or day, day
-        for src, dst in moves:  # every file is written: only now is anything replaced
-            if src.endswith(".parquet"):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(src, dst)
-            else:
-                replace_dir(src, dst, f"{staging}/old")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for space, m in idmaps.items():
+        storage.write_parquet(m, idmap_path(data_dir, space))
+    for name, df in frames.items():
+        if not TABLES[name].daily:
+            replace_partition(table_dir(root, name), df)
+            continue
+        by_day = df.with_columns(utc_day("ts").alias("_day")).partition_by("_day", as_dict=True)
+        for (day,), part in sorted(by_day.items()):
+            replace_partition(f"{table_dir(root, name)}/day={day}", part.drop("_day"))
+            r = reports[name]
+            r.days, r.first_day, r.last_day = r.days + 1, r.first_day or day, day
+
+
+def replace_partition(folder: str, df: pl.DataFrame) -> None:
+    """``folder``'s only Parquet file becomes ``df``."""
+    storage.write_parquet(df, storage.join(folder, PART_FILE))
+    for f in storage.list_files(folder):
+        if storage.name(f) != PART_FILE:
+            storage.remove(f)
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------
@@ -297,7 +288,7 @@ def _inputs(items: list[str]) -> dict[str, list[str]]:
         table, sep, path = item.partition("=")
         if not sep or not path:
             raise MappingError(f"--input {item!r}: expected TABLE=PATH")
-        out.setdefault(table, []).append(absolute(path))
+        out.setdefault(table, []).append(storage.absolute(path))
     return out
 
 
@@ -344,15 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.profile:
             if not a.source:
                 p.error("--profile needs --source")
-            raw, base = PROFILES[a.profile](absolute(a.source), a.positive_rating), "."
+            raw, base = PROFILES[a.profile](storage.absolute(a.source), a.positive_rating), "."
         else:
-            raw, base = load_mapping(a.mapping), os.path.dirname(absolute(a.mapping))
+            raw, base = load_mapping(a.mapping), os.path.dirname(storage.absolute(a.mapping))
         if a.print_mapping:
             print(json.dumps(raw, indent=1))
             return 0
         tables = tuple(t.strip() for t in a.tables.split(",")) if a.tables else None
         specs = parse_mapping(raw, base, tables, _inputs(a.input))
-        report = import_logs(a.data_dir, specs, raw)
+        with cli_lock(a.data_dir):
+            report = import_logs(a.data_dir, specs, raw)
     except MappingError as e:
         print(f"import_logs: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

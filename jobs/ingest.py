@@ -9,14 +9,17 @@ snapshot (``logs/v1/<table>/*.parquet``). The job
    (``MissingPartitionError``), an unreadable file or a file without a required column (``ContractError``) or a
    partition of 0 rows (``EmptyPartitionError``) fails the job before anything is written, naming it;
 2. validates the dimension snapshots (users, items, queries: re-ingested on every run) into a staging folder;
-3. validates every daily partition that is not up to date (its ``_manifest.json`` differs: raw files' names, sizes or
-   mtimes, ``features.validate.RULES_VERSION``; or ``force``) in a Ray Data task that
-   reads its files with pyarrow, checks them with ``features.validate.validate_partition`` (contract types, nulls,
-   bounds, non-finite floats, partition day, ids unknown to the clean dimensions, duplicate keys) and writes its clean
-   and quarantined rows to the staging folder;
-4. only if every task succeeded, swaps each staged partition into place (rename the old one away, rename the new one
-   in, delete the old one): ``clean/v1/<table>/day=D/`` (+ ``_manifest.json``) and ``quarantine/v1/<table>/day=D/``.
-   A failure anywhere leaves the clean and quarantine data exactly as they were.
+3. validates every daily partition that is not up to date (its ``_manifest.json`` differs: the raw files' names and
+   content fingerprints (``fingerprint``: the object's ETag on S3, a hash of the bytes elsewhere), or
+   ``features.validate.RULES_VERSION``; or ``force``) in a Ray Data task that reads its files, checks them with
+   ``features.validate.validate_partition`` (contract types, nulls, bounds, non-finite floats, partition day, ids
+   unknown to the clean dimensions, duplicate keys) and writes its clean and quarantined rows under a new version of
+   the partition (``clean/v1/<table>/day=D/<version>/``, ``quarantine/v1/<table>/day=D/<version>/``);
+4. only if every task succeeded, commits each partition by writing its pointers (``features.storage``: the quarantine's
+   ``_manifest.json``, then the clean one, the mark of a finished partition). A failure anywhere leaves every pointer,
+   so every reader, on the data as it was; versions older than the retention period are deleted afterwards.
+
+Local folders and ``s3://`` (``gs://``, ``abfs://``) data directories run the same code (``features.storage``).
 
 Per partition and per table, read = clean + quarantined is checked; counts over the whole window (days skipped as up
 to date are counted from their manifests) and schema drift (extra columns) go to ``clean/v1/_ingest.json``.
@@ -27,19 +30,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import glob
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 import ray
 
+from features import storage
 from features.schema import (
     DAILY_TABLES,
     DAY_FORMAT,
@@ -64,17 +63,7 @@ from features.validate import (
     read_log_file,
     validate_partition,
 )
-from jobs.common import (
-    ReconcileError,
-    absolute,
-    atomic_write_json,
-    clean_root,
-    init_ray,
-    log,
-    quarantine_root,
-    replace_dir,
-    setup_logging,
-)
+from jobs.common import ReconcileError, clean_root, init_ray, log, quarantine_root, setup_logging
 
 MANIFEST = "_manifest.json"
 
@@ -110,7 +99,7 @@ class Partition:
     table: str
     day: str | None  # YYYY-MM-DD; None for a dimension snapshot
     raw_dir: str
-    files: tuple[tuple[str, int, int], ...]  # (name, size, mtime_ns) of every raw Parquet file, sorted by name
+    files: tuple[tuple[str, int, str], ...]  # (name, size, content fingerprint) of every raw Parquet file, by name
 
     @property
     def rel(self) -> str:  # path below clean/v1 and quarantine/v1
@@ -121,16 +110,33 @@ class Partition:
 
     @property
     def file_stats(self) -> list[dict]:
-        return [{"name": n, "size": s, "mtime_ns": m} for n, s, m in self.files]
+        return [{"name": n, "size": s, "fingerprint": f} for n, s, f in self.files]
+
+
+def fingerprint(path: str) -> str:
+    """What changes whenever a raw file's content does (never its name, size or mtime: a same-size rewrite with the
+    mtime kept is a change): on S3 the object's ETag, the store's own checksum of the bytes, read with one HEAD; on
+    other storage a hash of the bytes (reads the file)."""
+    if path.startswith("s3://"):
+        bucket, key = path.removeprefix("s3://").split("/", 1)
+        return "etag:" + _s3().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    return "blake2b:" + storage.content_hash(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _s3():
+    import boto3  # noqa: PLC0415 - the AWS SDK, only for S3 data directories
+
+    return boto3.client("s3")  # credentials and endpoint: the SDK's environment and config
 
 
 def plan_partition(data_dir: str, table: str, day: dt.date | None) -> Partition:
-    """The raw files of one partition and their sizes and mtimes; raise naming a missing partition."""
+    """The raw files of one partition, their sizes and content fingerprints; raise naming a missing partition."""
     d = table_dir(logs_root(data_dir), table, day)
-    found = sorted(glob.glob(f"{d}/*.parquet"))
+    found = storage.file_sizes(d)
     if not found:
         raise MissingPartitionError(f"missing partition: {d} has no Parquet file (table {table!r})")
-    stats = tuple((os.path.basename(f), (st := os.stat(f)).st_size, st.st_mtime_ns) for f in found)
+    stats = tuple((storage.name(f), size, fingerprint(f)) for f, size in found)
     return Partition(table, day.strftime(DAY_FORMAT) if day else None, d, stats)
 
 
@@ -139,7 +145,7 @@ def check_footers(p: Partition) -> None:
     rows = 0
     for f in p.paths():
         try:
-            pf = pq.ParquetFile(f)
+            pf = storage.parquet_file(f)
             rows += pf.metadata.num_rows
             check_schema(pf.schema_arrow, TABLES[p.table], f)
         except ContractError:
@@ -153,26 +159,30 @@ def check_footers(p: Partition) -> None:
         )
 
 
+Dims = tuple[tuple[str, tuple[str, ...]], ...]  # (table, its clean files) of the dimension snapshots
+
+
 @functools.lru_cache(maxsize=2)
-def known_ids(clean_dims: str) -> dict[str, pl.Series]:
-    """Ids of the clean dimension tables under ``clean_dims`` (cached per worker process: read once per run)."""
-    return {t: pl.read_parquet(f"{clean_dims}/{t}/*.parquet", columns=[k])[k] for t, k in DIM_KEY.items()}
+def known_ids(dims: Dims) -> dict[str, pl.Series]:
+    """Ids of the clean dimension tables (cached per worker process: read once per run)."""
+    files = dict(dims)
+    return {t: storage.read_parquet(list(files[t]), columns=[k])[k] for t, k in DIM_KEY.items()}
 
 
-def dims_fingerprint(clean_dims: str) -> str:
+def dims_fingerprint(dims: Dims) -> str:
     """Hash of the clean dimension ids: a change re-validates every day (their unknown-id verdicts may change)."""
     h = hashlib.sha256()
-    for t, ids in known_ids(clean_dims).items():
+    for t, ids in known_ids(dims).items():
         h.update(t.encode())
         h.update(ids.sort().to_numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def ingest_partition(p: Partition, staging: str, dims_fp: str | None) -> dict:
-    """Validate one partition; write its clean rows, quarantined rows and manifest under ``staging``; return the
-    manifest."""
+def ingest_partition(p: Partition, data_dir: str, version: str, dims: Dims | None, dims_fp: str | None) -> dict:
+    """Validate one partition; write its clean and quarantined rows under ``version`` of its clean and quarantine
+    partitions (nothing reads them before the driver commits them); return the clean manifest to commit."""
     spec = TABLES[p.table]
-    known = known_ids(f"{staging}/clean") if p.table in REFERENCES else None
+    known = known_ids(dims) if p.table in REFERENCES else None
     frames, extra = [], set()
     for path in p.paths():
         df, cols = read_log_file(path, spec)
@@ -187,37 +197,35 @@ def ingest_partition(p: Partition, staging: str, dims_fp: str | None) -> dict:
     bad = v.filter(~ok).select(FILE, ROW, REASON, RAW, *([pl.lit(p.day).alias("day")] if p.day else []))
     if read != v.height or v.height != clean.height + bad.height:
         raise ReconcileError(f"{p.raw_dir}: read {read} != clean {clean.height} + quarantined {bad.height}")
-    out, qout = f"{staging}/clean/{p.rel}", f"{staging}/quarantine/{p.rel}"
-    for d in (out, qout):  # a retried task starts over
-        shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(out)
-    clean.write_parquet(f"{out}/{PART_FILE}")  # even when empty: the partition exists, with its schema
+    # a retried task writes the same files again (same version, whole-file writes)
+    storage.write_parquet(clean, storage.join(clean_root(data_dir), p.rel, version, PART_FILE))  # even when empty
     if bad.height:
-        os.makedirs(qout)
-        bad.write_parquet(f"{qout}/{PART_FILE}")
-    manifest = {
+        storage.write_parquet(bad, storage.join(quarantine_root(data_dir), p.rel, version, PART_FILE))
+    return {
+        "version": version,
+        "files": [PART_FILE],
+        "quarantine": {"version": version, "files": [PART_FILE] if bad.height else []},
         "table": p.table,
         "day": p.day,
         "rules_version": RULES_VERSION,
         "dims_fingerprint": dims_fp,
-        "files": p.file_stats,
+        "raw_files": p.file_stats,
         "counts": {"read": read, "clean": clean.height, "quarantined": bad.height},
         "extra_columns": sorted(extra),
         "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    with open(f"{out}/{MANIFEST}", "w") as f:
-        json.dump(manifest, f, indent=1)
-    return manifest
 
 
-def ingest_partition_udf(batch: dict[str, np.ndarray], staging: str, dims_fp: str | None) -> dict[str, np.ndarray]:
+def ingest_partition_udf(
+    batch: dict[str, np.ndarray], data_dir: str, version: str, dims: Dims | None, dims_fp: str | None
+) -> dict[str, np.ndarray]:
     """Ray Data UDF: one partition per call. Errors come back as data, so the driver re-raises them with their type."""
     out = []
     for text in batch["partition"]:
         d = json.loads(text)
         p = Partition(d["table"], d["day"], d["raw_dir"], tuple(tuple(f) for f in d["files"]))
         try:
-            res = {"manifest": ingest_partition(p, staging, dims_fp)}
+            res = {"manifest": ingest_partition(p, data_dir, version, dims, dims_fp)}
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - also Polars' PanicException (a BaseException)
@@ -226,9 +234,11 @@ def ingest_partition_udf(batch: dict[str, np.ndarray], staging: str, dims_fp: st
     return {"result": np.array(out, dtype=object)}
 
 
-def run_partitions(parts: list[Partition], staging: str, dims_fp: str | None) -> dict[str, dict]:
-    """Validate ``parts`` with Ray Data (one task per partition); manifests by ``Partition.rel``; raise the first
-    error."""
+def run_partitions(
+    parts: list[Partition], data_dir: str, version: str, dims: Dims | None, dims_fp: str | None
+) -> dict[str, dict]:
+    """Validate ``parts`` with Ray Data (one task per partition), writing ``version`` of each; manifests by
+    ``Partition.rel``; raise the first error."""
     if not parts:
         return {}
     items = [{"partition": json.dumps(asdict(p))} for p in parts]
@@ -237,7 +247,9 @@ def run_partitions(parts: list[Partition], staging: str, dims_fp: str | None) ->
     blocks = min(len(items), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     rows = ds.map_batches(
-        ingest_partition_udf, batch_size=1, fn_kwargs={"staging": staging, "dims_fp": dims_fp}
+        ingest_partition_udf,
+        batch_size=1,
+        fn_kwargs={"data_dir": data_dir, "version": version, "dims": dims, "dims_fp": dims_fp},
     ).take_all()
     results = [json.loads(r["result"]) for r in rows]
     errors = sorted(
@@ -257,29 +269,40 @@ def run_partitions(parts: list[Partition], staging: str, dims_fp: str | None) ->
     return manifests
 
 
-def up_to_date(data_dir: str, p: Partition, dims_fp: str) -> dict | None:
-    """The manifest of ``p``'s clean partition if it was ingested from the same raw files and rules.
+def up_to_date(data_dir: str, p: Partition) -> dict | None:
+    """The manifest of ``p``'s clean partition if it was ingested from the same raw files (by content) and rules.
 
     Dimension changes do not re-validate a day (point in time: a row is judged against the dimensions of its ingest,
-    as features are built from the snapshot of their day); ``force`` does. ``dims_fp`` is recorded, not compared.
+    as features are built from the snapshot of their day); ``force`` does. ``dims_fingerprint`` is recorded, not
+    compared.
     """
     try:
-        with open(f"{clean_root(data_dir)}/{p.rel}/{MANIFEST}") as f:
-            m = json.load(f)
-    except (OSError, ValueError):
+        m = storage.current(storage.join(clean_root(data_dir), p.rel), MANIFEST)
+    except ValueError:  # not JSON: re-validate
         return None
-    same = m.get("rules_version") == RULES_VERSION and m.get("files") == p.file_stats
-    has_quarantine = m.get("counts", {}).get("quarantined", 0) == 0 or os.path.isdir(
-        f"{quarantine_root(data_dir)}/{p.rel}"
-    )
-    return m if same and has_quarantine else None
+    if m is None or m.get("rules_version") != RULES_VERSION or m.get("raw_files") != p.file_stats:
+        return None
+    q = storage.current(storage.join(quarantine_root(data_dir), p.rel), MANIFEST)
+    return m if (q or {}).get("version") == m.get("quarantine", {}).get("version") else None
 
 
-def swap_in(data_dir: str, p: Partition, staging: str) -> None:
-    """Quarantine first, clean (with its manifest, the mark of a finished partition) last."""
-    q = f"{staging}/quarantine/{p.rel}"
-    replace_dir(q if os.path.isdir(q) else None, f"{quarantine_root(data_dir)}/{p.rel}", f"{staging}/old")
-    replace_dir(f"{staging}/clean/{p.rel}", f"{clean_root(data_dir)}/{p.rel}", f"{staging}/old")
+def commit(data_dir: str, p: Partition, manifest: dict) -> None:
+    """Publish a validated partition: the quarantine's pointer first, the clean one (the mark of a finished
+    partition, naming the quarantine version it goes with) last."""
+    storage.publish(storage.join(quarantine_root(data_dir), p.rel), manifest["quarantine"], MANIFEST)
+    storage.publish(storage.join(clean_root(data_dir), p.rel), manifest, MANIFEST)
+
+
+def collect_garbage(data_dir: str, parts: list[Partition]) -> int:
+    """Delete the replaced versions of ``parts`` (and the leftovers of killed runs) older than the retention."""
+    roots = (clean_root(data_dir), quarantine_root(data_dir))
+    return sum(len(storage.collect_garbage(storage.join(r, p.rel), MANIFEST)) for p in parts for r in roots)
+
+
+def clean_files(data_dir: str, table: str, day: str | None = None) -> list[str]:
+    """The committed clean files of a dimension table (``day`` None) or of one day of a daily table."""
+    rel = table if day is None else f"{table}/day={day}"
+    return storage.current_files(storage.join(clean_root(data_dir), rel), MANIFEST)
 
 
 def table_counts(table: str, parts: list[Partition], manifests: dict[str, dict], skipped: set[str]) -> TableCounts:
@@ -304,30 +327,33 @@ def ingest(data_dir: str, end: dt.date, days: int = 70, force: bool = False) -> 
 
     Days whose clean partition is up to date are skipped unless ``force``. Dimension snapshots are always re-ingested.
     """
-    data_dir = absolute(data_dir)
+    data_dir = storage.absolute(data_dir)
     init_ray()  # no-op when Ray is up (a job on a cluster, the workflow, tests)
     win = window(end, days)
     dims = [plan_partition(data_dir, t, None) for t in DIM_TABLES]
     daily = [plan_partition(data_dir, t, d) for t in DAILY_TABLES for d in win]
     for p in dims + daily:  # fail fast: nothing is validated or written while any input is unreadable
         check_footers(p)
-    staging = f"{data_dir}/tmp/ingest-{uuid.uuid4().hex[:12]}"
-    try:
-        manifests = run_partitions(dims, staging, None)
-        dims_fp = dims_fingerprint(f"{staging}/clean")
-        previous = {p.rel: m for p in daily if not force and (m := up_to_date(data_dir, p, dims_fp))}
-        todo = [p for p in daily if p.rel not in previous]
-        log.info(
-            "ingest: %d dimension snapshots, %d day partitions to validate, %d up to date",
-            len(dims),
-            len(todo),
-            len(previous),
-        )
-        manifests |= run_partitions(todo, staging, dims_fp)
-        for p in dims + todo:  # every partition validated: only now does anything replace the previous data
-            swap_in(data_dir, p, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    version = storage.new_version()  # this run's version of every partition it writes
+    manifests = run_partitions(dims, data_dir, version, None, None)
+    new_dims: Dims = tuple(
+        (p.table, tuple(storage.files_of(storage.join(clean_root(data_dir), p.rel), manifests[p.rel]))) for p in dims
+    )
+    dims_fp = dims_fingerprint(new_dims)
+    previous = {p.rel: m for p in daily if not force and (m := up_to_date(data_dir, p))}
+    todo = [p for p in daily if p.rel not in previous]
+    log.info(
+        "ingest: %d dimension snapshots, %d day partitions to validate, %d up to date",
+        len(dims),
+        len(todo),
+        len(previous),
+    )
+    manifests |= run_partitions(todo, data_dir, version, new_dims, dims_fp)
+    for p in dims + todo:  # every partition validated: only now does any pointer move
+        commit(data_dir, p, manifests[p.rel])
+    removed = collect_garbage(data_dir, dims + todo)
+    if removed:
+        log.info("ingest: %d replaced partition version(s) past the retention deleted", removed)
     manifests |= previous
     by_table = {t: [p for p in dims + daily if p.table == t] for t in TABLES}
     counts = {t: table_counts(t, parts, manifests, set(previous)) for t, parts in by_table.items()}
@@ -359,7 +385,7 @@ def ingest(data_dir: str, end: dt.date, days: int = 70, force: bool = False) -> 
         "counts": {t: asdict(c) for t, c in counts.items()},
         "partitions": partitions,
     }
-    atomic_write_json(f"{clean_root(data_dir)}/_ingest.json", summary)
+    storage.write_json(storage.join(clean_root(data_dir), "_ingest.json"), summary)
     return counts
 
 
@@ -368,6 +394,8 @@ def partition_summary(p: Partition, manifest: dict, skipped: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jobs.lease import cli_lock  # noqa: PLC0415 - the CLI only
+
     p = argparse.ArgumentParser(
         description="Validate a window of raw log partitions into clean + quarantine datasets (Ray Data, one task per "
         "table and day); days already ingested from the same raw files and dimensions are skipped."
@@ -379,7 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
-    for c in ingest(a.data_dir, a.date, a.days, force=a.force).values():
+    with cli_lock(a.data_dir):
+        counts = ingest(a.data_dir, a.date, a.days, force=a.force)
+    for c in counts.values():
         print(json.dumps(asdict(c)))
 
 

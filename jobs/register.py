@@ -14,9 +14,9 @@ Registry conventions: one registered model per architecture (``--arch``), one ve
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 import hyformer
+from features import storage
 from hyformer import load_model
 from hyformer.model import RankingModel
 from jobs.common import log, pyplot
@@ -38,7 +39,17 @@ CHAMPION = "champion"  # the registry alias of the version in production
 
 
 def tracking_uri(data_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir}/mlflow/mlflow.db"
+    """``MLFLOW_TRACKING_URI``, else the embedded store of a local data directory. A data directory on object storage
+    needs a tracking server (an SQLite file cannot live in a bucket); its artifacts go where the server sends them
+    (e.g. ``mlflow server --artifacts-destination s3://...``, infra/mlflow_server.sh)."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    if not storage.is_local(data_dir):
+        raise ValueError(
+            f"data directory {data_dir} is on object storage: set MLFLOW_TRACKING_URI to an MLflow tracking server "
+            "(the embedded SQLite store needs a local disk); see docs/operations_infra.md"
+        )
+    return f"sqlite:///{data_dir}/mlflow/mlflow.db"
 
 
 def use_tracking(data_dir: str, experiment: str = EXPERIMENT) -> str:
@@ -90,10 +101,10 @@ def log_training_run(
             mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch" and np.isfinite(v)}, step=step)
         if extra_metrics:
             mlflow.log_metrics(dict(extra_metrics))
-        pred_file = Path(checkpoint_dir) / "eval_predictions.npz"
+        pred_file = storage.join(checkpoint_dir, "eval_predictions.npz")
         with tempfile.TemporaryDirectory() as tmp:
-            if pred_file.exists():
-                pred = dict(np.load(pred_file))
+            if storage.exists(pred_file):
+                pred = dict(np.load(io.BytesIO(storage.read_bytes(pred_file))))
                 for p in plots(pred, f"{tmp}/"):
                     mlflow.log_artifact(p, "plots")
             if len(history) > 1:
@@ -118,12 +129,13 @@ def log_training_run(
 
 
 def model_artifact(checkpoint_dir: str, features: Mapping, tags: Mapping[str, str], tmp: str) -> str:
-    """The registered model's artifact: the weights and config (no optimiser state) + the feature config it reads."""
+    """The registered model's artifact: the weights and config (no optimiser state) + the feature config it reads,
+    copied from ``checkpoint_dir`` (a local folder or a URI) into the local folder ``tmp``."""
     out = Path(tmp) / "checkpoint"
     out.mkdir()
     for f in ("config.json", "model.pt", "history.json"):
-        if (Path(checkpoint_dir) / f).exists():
-            shutil.copy(Path(checkpoint_dir) / f, out / f)
+        if storage.exists(src := storage.join(checkpoint_dir, f)):
+            (out / f).write_bytes(storage.read_bytes(src))
     (out / "features.json").write_text(json.dumps(dict(features), indent=1))
     (out / "window.json").write_text(json.dumps({k: tags[k] for k in ("date", "window_days") if k in tags}))
     return str(out)

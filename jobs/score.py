@@ -9,31 +9,31 @@ must be built (the daily workflow does that). Each actor of the pool holds the m
 once into the object store); per batch it materializes the dedup ID tables (as training does) and scores every request's
 candidates with KV reuse (hyformer/serving.py): one sequence encoding per request. Output, one row per sample:
 ``request_id, user_id, item_id, ts, label, p_click, prob`` (``p_click``: the synthetic ground truth, NaN for real logs),
-written to a temporary folder and renamed into place; the row count is checked against the day's samples.
+written under a new version of the output folder and committed by its ``_manifest.json`` (``features.storage``), once
+the row count is checked against the day's samples; a local folder or an ``s3://`` URI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
+from features import storage
 from features.build import FeatureConfig
 from features.materialize import Materializer
 from features.schema import DAY_FORMAT, parse_day
 from hyformer import HyFormerConfig, build_model
 from hyformer.serving import predict_requests
 from jobs.build_features import FeatureSet, store_root
-from jobs.common import absolute, init_ray, log, replace_dir, setup_logging
+from jobs.common import init_ray, log, setup_logging
+from jobs.lease import cli_lock
 
 OUTPUT_COLUMNS = ("request_id", "user_id", "item_id", "ts", "label", "p_click", "prob")
 
@@ -82,7 +82,7 @@ def scoring_window(data_dir: str, features: dict, date: str, days: int) -> Featu
     """The built window of ``days`` days ending at ``date`` in the store of ``features`` (a FeatureConfig dict)."""
     cfg = FeatureConfig(**features)
     path = f"{store_root(data_dir, cfg)}/window-{date}-{days}d.json"
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"no built feature window {path}: build day {date} first (workflows/daily_train.py or jobs.build_features)"
         )
@@ -106,7 +106,7 @@ def score(
     days = list(days or fs.days[-1:])
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(fs.sample_files(days), partitioning=None).drop_columns(["day"])
-    expected = sum(pq.ParquetFile(f).metadata.num_rows for f in fs.sample_files(days))
+    expected = storage.num_rows(fs.sample_files(days))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     kwargs = {
         "model": ray.put((model.config.to_dict(), state)),
@@ -126,20 +126,19 @@ def score(
         num_gpus=1 if gpu else 0,
         batch_format="numpy",
     )
-    out_dir = absolute(out_dir)
-    tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        scored.write_parquet(tmp)
-        rows, requests = 0, set()
-        for f in sorted(os.listdir(tmp)):
-            t = pq.read_table(os.path.join(tmp, f), columns=["request_id"])
-            rows += t.num_rows
-            requests.update(t.column("request_id").to_numpy().tolist())
-        if rows != expected:
-            raise RuntimeError(f"score: wrote {rows} rows for {expected} samples of days {days}")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out_dir, version = storage.absolute(out_dir), storage.new_version()
+    filesystem, inner = storage.resolve(storage.join(out_dir, version))
+    scored.write_parquet(inner, filesystem=filesystem)
+    files = storage.list_files(storage.join(out_dir, version))
+    rows, requests = 0, set()
+    for f in files:
+        ids = storage.read_parquet([f], columns=["request_id"])["request_id"]
+        rows += len(ids)
+        requests.update(ids.to_list())
+    if rows != expected:
+        raise RuntimeError(f"score: wrote {rows} rows for {expected} samples of days {days}")
+    storage.publish(out_dir, {"version": version, "files": [storage.name(f) for f in files], "rows": rows})
+    storage.collect_garbage(out_dir)
     res = ScoreResult(out_dir, rows, len(requests), time.perf_counter() - t0)
     log.info(
         "score: %d rows (%d requests) of %s in %.1f s -> %s", rows, len(requests), ",".join(days), res.seconds, out_dir
@@ -150,8 +149,8 @@ def score(
 def read_scores(path: str) -> dict[str, np.ndarray]:
     """The scores written by ``score`` as numpy columns (the keys of jobs.evaluate.metrics: label, prob, request_id,
     p_click)."""
-    t = pq.read_table(path)
-    return {c: t.column(c).to_numpy() for c in OUTPUT_COLUMNS}
+    t = storage.read_parquet(storage.current_files(path))
+    return {c: t[c].to_numpy() for c in OUTPUT_COLUMNS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,22 +178,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-kv-reuse", action="store_true", help="a plain forward per row (for comparison)")
     a = p.parse_args(argv)
     setup_logging()
-    data_dir = absolute(a.data_dir)
+    data_dir = storage.absolute(a.data_dir)
     init_ray()
-    reg = load_registered(data_dir, a.model, f"{data_dir}/scores/.models/{uuid.uuid4().hex[:8]}")
+    with tempfile.TemporaryDirectory(prefix="hyformer-model-") as tmp:  # the download: local scratch
+        reg = load_registered(data_dir, a.model, tmp)
     day = a.date.strftime(DAY_FORMAT)
     fs = scoring_window(data_dir, reg.features, day, a.days or reg.window_days)
     out = a.out or f"{data_dir}/scores/{reg.name}-v{reg.version}/{day}"
-    res = score(
-        fs,
-        reg.model,
-        out,
-        batch_size=a.batch_size,
-        actors=a.actors,
-        cpus_per_actor=a.cpus_per_actor,
-        kv_reuse=not a.no_kv_reuse,
-        gpu=a.gpu,
-    )
+    with cli_lock(data_dir):
+        res = score(
+            fs,
+            reg.model,
+            out,
+            batch_size=a.batch_size,
+            actors=a.actors,
+            cpus_per_actor=a.cpus_per_actor,
+            kv_reuse=not a.no_kv_reuse,
+            gpu=a.gpu,
+        )
     print(
         json.dumps(
             {

@@ -95,9 +95,10 @@ def flag_value(args: Sequence[str], flag: str) -> str | None:
 def check_workflow_args(args: Sequence[str], environ: Mapping[str, str]) -> None:
     """Paths that would land in the job's temporary copy of the working dir (and vanish with it) are usage errors."""
     data_dir = flag_value(args, "--data-dir")
-    if data_dir is not None and not os.path.isabs(data_dir):
+    if data_dir is not None and "://" not in data_dir and not os.path.isabs(data_dir):
         raise UsageError(
-            f"--data-dir {data_dir!r} must be absolute: the job runs in a temporary copy of the working dir"
+            f"--data-dir {data_dir!r} must be absolute (or an s3://, gs://, abfs:// URI): the job runs in a "
+            "temporary copy of the working dir"
         )
     if data_dir is None:
         say("warning: no --data-dir: the workflow's default (./data, or HYFORMER_DATA_DIR on the cluster) is used")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from features import storage
 from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines
 from hyformer import HyFormerConfig, InputSchema, build_model
@@ -45,7 +47,7 @@ from hyformer.model import RankingModel
 from hyformer.training import Learner, NonFiniteError, broadcast_parameters, warm_start
 from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
-from jobs.common import absolute, init_ray, log, setup_logging
+from jobs.common import init_ray, log, setup_logging
 from jobs.evaluate import metrics, predict
 from jobs.train_config import TrainConfig, add_train_arguments, train_config
 
@@ -258,7 +260,7 @@ def broadcast_value(value: Any) -> Any:
 
 @dataclass
 class TrainResult:
-    checkpoint_dir: str  # last checkpoint: config.json, model.pt, eval_predictions.npz
+    checkpoint_dir: str  # last checkpoint (a local path or a URI): config.json, model.pt, eval_predictions.npz
     metrics: dict[str, float]  # last epoch
     history: list[dict[str, float]]  # every epoch
     model_config: HyFormerConfig
@@ -271,13 +273,13 @@ def load_init_state(tc: TrainConfig, mc: HyFormerConfig) -> dict[str, torch.Tens
     would have initialised."""
     if tc.init_from is None:
         return None
-    path = absolute(tc.init_from)
-    if not os.path.exists(os.path.join(path, "model.pt")):
+    path = storage.absolute(tc.init_from)
+    if not storage.exists(storage.join(path, "model.pt")):
         raise FileNotFoundError(
             f"init_from={tc.init_from!r}: no model.pt there (a checkpoint directory of jobs.train or hyformer's "
             "model.save)"
         )
-    state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, "model.pt"))), "cpu", weights_only=True)
     with torch.random.fork_rng():
         torch.manual_seed(tc.seed)  # as train_fn_per_worker
         model = build_model(mc)
@@ -361,7 +363,7 @@ def train(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=absolute(storage_path),
+            storage_path=storage.absolute(storage_path),  # a local folder or a URI (Ray Train's pyarrow.fs)
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
@@ -387,9 +389,9 @@ def train(
             f"{int(result.metrics['nonfinite_step'])} "
             f"(epoch {int(result.metrics['epoch'])}); parameters and checkpoints before it are finite (lower the lr?)"
         )
-    with open(os.path.join(result.checkpoint.path, "history.json")) as f:
-        history = [{k: float(v) for k, v in h.items()} for h in json.load(f)]
-    return TrainResult(result.checkpoint.path, history[-1] | {"step": float(result.metrics["step"])}, history, mc, tc)
+    checkpoint = storage.uri_of(storage.absolute(storage_path), result.checkpoint.path)
+    history = [{k: float(v) for k, v in h.items()} for h in storage.read_json(storage.join(checkpoint, "history.json"))]
+    return TrainResult(checkpoint, history[-1] | {"step": float(result.metrics["step"])}, history, mc, tc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -404,11 +406,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
-    fs = FeatureSet.load(absolute(a.features))
+    fs = FeatureSet.load(a.features)
     tc = train_config(a, init_from=a.init_from)
-    res = train(
-        fs, tc, a.storage or os.path.normpath(f"{fs.root}/../../../train"), a.name or f"train-{int(time.time())}"
-    )
+    data_dir = storage.parent(storage.parent(storage.parent(fs.root)))  # <data>/features/v<N>/<store>
+    res = train(fs, tc, a.storage or storage.join(data_dir, "train"), a.name or f"train-{int(time.time())}")
     print(json.dumps({"checkpoint": res.checkpoint_dir, **res.metrics}))
 
 

@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from features import storage
 from hyformer import ARCHITECTURES, HyFormerConfig
 from hyformer.config import SCHEMA_FIELDS
 from hyformer.training import OptimConfig, setting
-from jobs.common import atomic_write_json
 
 OPTIM_FIELDS = tuple(f.name for f in fields(OptimConfig))
 MODEL_FIELDS = tuple(f.name for f in fields(HyFormerConfig))
@@ -186,14 +186,13 @@ def best_config(tc: TrainConfig, searched: Mapping[str, Any], metric: str, value
 
 def write_best_config(path: str, doc: dict[str, Any]) -> None:
     """Write atomically: a daily run starting now reads the old file or the new one."""
-    atomic_write_json(path, doc)
+    storage.write_json(path, doc)
 
 
 def read_best_config(path: str) -> dict[str, Any]:
     """The "train" settings of a best-config file, validated: apply them with ``tc.override(...)``. Raises
     ValueError naming the file when it is not a tuning result or a setting is unknown or invalid."""
-    with open(path) as f:
-        doc = json.load(f)
+    doc = storage.read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("train"), dict):
         raise ValueError(f"{path}: not a tuning result (expected a JSON object with a 'train' object)")
     if not isinstance(doc["train"].get("model", {}), dict):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from features import storage
 from jobs.build_features import FeatureSet
-from jobs.common import absolute, log, pyplot, quiet_ray_data, setup_logging
+from jobs.common import log, pyplot, quiet_ray_data, setup_logging
 from jobs.register import flat_params, use_tracking
 from jobs.train import match_width, model_config, train
 from jobs.train_config import TrainConfig, best_config, route, write_best_config
@@ -128,14 +128,14 @@ def trial_train_config(fs: FeatureSet, base: TrainConfig, params: dict) -> Train
 # --- the Tune trial (runs in its own Tune actor) ---------------------------------------------------------------------
 
 
-def run_trial(config: dict, fs: FeatureSet, base: TrainConfig, storage: str, name: str) -> None:
+def run_trial(config: dict, fs: FeatureSet, base: TrainConfig, storage_path: str, name: str) -> None:
     """One trial: ``base`` + the sampled ``config`` -> one Ray Train run; every epoch's report goes to Tune."""
     setup_logging()  # this is the trial's own process: the driver's logging and Ray Data settings do not reach it
     quiet_ray_data()
     tc = trial_train_config(fs, base, config)
     trial_id = ray.tune.get_context().get_trial_id()
     log.info("trial %s: %s", trial_id, json.dumps({"optim": dataclasses.asdict(tc.optim), "model": tc.model}))
-    train(fs, tc, storage, f"{name}-{trial_id}", callbacks=[TuneReportCallback()])
+    train(fs, tc, storage_path, f"{name}-{trial_id}", callbacks=[TuneReportCallback()])
 
 
 # --- MLflow: one child run per trial, written by the driver ---------------------------------------------------------
@@ -233,9 +233,9 @@ def tune(
 
     Raises RuntimeError when no trial reported the metric.
     """
-    data_dir = absolute(data_dir)
-    storage = f"{data_dir}/tune/{name}"
-    out = absolute(out or f"{storage}/best_config.json")
+    data_dir = storage.absolute(data_dir)
+    tune_dir = f"{data_dir}/tune/{name}"
+    out = storage.absolute(out or f"{tune_dir}/best_config.json")
     if base.checkpoint_every:
         log.info(
             "tune: checkpoint_every=%d -> 0 (step reports carry no %s and would count as ASHA iterations)",
@@ -268,7 +268,7 @@ def tune(
         params |= {"searcher": type(searcher).__name__, "scheduler": type(scheduler).__name__}
         client.log_batch(parent_id, params=[Param(k, v) for k, v in params.items()])
         trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(run_trial, fs=fs, base=base, storage=f"{storage}/train", name=name),
+            ray.tune.with_parameters(run_trial, fs=fs, base=base, storage_path=f"{tune_dir}/train", name=name),
             {"cpu": 0.01},  # the trial function only drives its TorchTrainer, whose workers reserve the CPUs
         )
         tuner = ray.tune.Tuner(
@@ -314,7 +314,6 @@ def tune(
         doc = best_config(
             trial_train_config(fs, base, best.config), space, METRIC, best.metrics[METRIC], best.metrics["trial_id"]
         )
-        os.makedirs(os.path.dirname(out), exist_ok=True)
         write_best_config(out, doc)
         log_parent_results(client, parent_id, doc, best.metrics, trials, out)
         client.set_terminated(parent_id, "FINISHED")
@@ -330,7 +329,7 @@ def tune(
         out,
         parent_id,
     )
-    return TuneOutcome(out, doc, trials, parent_id, type(searcher).__name__, type(scheduler).__name__, storage)
+    return TuneOutcome(out, doc, trials, parent_id, type(searcher).__name__, type(scheduler).__name__, tune_dir)
 
 
 def summarize(result, max_epochs: int) -> TrialSummary:

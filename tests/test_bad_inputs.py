@@ -120,13 +120,24 @@ def with_row(values: list, i: int, v) -> list:
     return [v if j == i else x for j, x in enumerate(values)]
 
 
+def committed_files(d: str, root: str, table: str) -> list[str]:
+    """The files the committed pointers (_manifest.json) of a table's partitions name (features.storage)."""
+    out = []
+    for m in sorted(glob.glob(f"{d}/{root}/v1/{table}/**/_manifest.json", recursive=True)):
+        man = json.load(open(m))
+        out += [f"{os.path.dirname(m)}/{man['version']}/{f}" for f in man["files"]]
+    return out
+
+
 def read_clean(d: str, table: str) -> pl.DataFrame:
-    pattern = "**/*.parquet" if TABLES[table].daily else "*.parquet"
-    return pl.read_parquet(f"{d}/clean/v1/{table}/{pattern}", hive_partitioning=TABLES[table].daily)
+    files = committed_files(d, "clean", table)
+    if not TABLES[table].daily:
+        return pl.read_parquet(files)
+    return pl.concat(pl.read_parquet(f).with_columns(day=pl.lit(f.split("day=")[1][:10])) for f in files)
 
 
 def read_quarantine(d: str, table: str) -> pl.DataFrame:
-    files = glob.glob(f"{d}/quarantine/v1/{table}/**/*.parquet", recursive=True)
+    files = committed_files(d, "quarantine", table)
     return (
         pl.read_parquet(files)
         if files
@@ -135,10 +146,19 @@ def read_quarantine(d: str, table: str) -> pl.DataFrame:
 
 
 def file_digests(d: str, root: str = "clean", json_too: bool = False) -> dict[str, str]:
-    """Content hash of every file under <root>/v1 (manifests and _ingest.json only if ``json_too``: they hold times)."""
-    files = sorted(glob.glob(f"{d}/{root}/v1/**/*", recursive=True))
-    keep = [f for f in files if os.path.isfile(f) and (json_too or not f.endswith(".json"))]
-    return {os.path.relpath(f, d): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in keep}
+    """Content hash of every committed file under <root>/v1, by partition and name (not by version); the pointers
+    and _ingest.json only if ``json_too`` (they hold versions and times)."""
+
+    def digest(f: str) -> str:
+        return hashlib.sha256(open(f, "rb").read()).hexdigest()
+
+    out = {}
+    for m in sorted(glob.glob(f"{d}/{root}/v1/**/_manifest.json", recursive=True)):
+        part, man = os.path.dirname(m), json.load(open(m))
+        out |= {os.path.relpath(f"{part}/{f}", d): digest(f"{part}/{man['version']}/{f}") for f in man["files"]}
+    if json_too:
+        out |= {os.path.relpath(f, d): digest(f) for f in glob.glob(f"{d}/{root}/v1/**/*.json", recursive=True)}
+    return out
 
 
 # --- the corpus ------------------------------------------------------------------------------------------------------
@@ -445,8 +465,8 @@ def test_bad_input(case: Case, tmp_path):
             ingest(d, END, 2)
         for text in case.match:
             assert text.format(dir=d) in str(e.value), str(e.value)
-        assert not glob.glob(f"{d}/clean/v1/**/*.parquet", recursive=True), "nothing is written by a failing run"
-        assert not glob.glob(f"{d}/tmp/*"), "the staging folder is removed"
+        assert not glob.glob(f"{d}/clean/v1/**/_manifest.json", recursive=True), "nothing is committed by a failure"
+        assert not os.path.exists(f"{d}/tmp"), "no staging folder"
         return
     counts = ingest(d, END, 2)
     for t, c in counts.items():

@@ -147,3 +147,18 @@ def test_throughput_benchmark_runs_and_writes_its_results(tmp_path, parts):
         assert math.isfinite(r["eval_logloss"]) and r["eval_logloss"] > 0
     assert set(w["summary"]) == {"ddp", "async"} and w["summary"]["ddp"]["eval_auc"]["std"] is None  # one seed
     assert "| grad sync |" in md
+
+
+@pytest.mark.skipif(not os.environ.get("HYFORMER_SLOW"), reason="~3 min; set HYFORMER_SLOW=1")
+@pytest.mark.slow
+def test_data_plane_benchmark_runs_on_both_storages_and_counts_the_network(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.data_plane", "--scales", "0.25", "--days", "3"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "data_plane.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["local", "s3"]
+    for r in rows:
+        for stage in ("ingest", "features", "train"):
+            assert r[stage]["seconds"] > 0 and r[stage]["written_mb"] > 0, (r["backend"], stage)
+    assert rows[1]["ingest"]["s3_received_mb"] > 0 and rows[1]["features"]["s3_sent_mb"] > 0  # through the relay
+    assert "| 0.25x | s3 |" in (tmp_path / "data_plane.md").read_text()

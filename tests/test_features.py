@@ -17,7 +17,7 @@ from polars.testing import assert_frame_equal
 from features.build import EVENT_FIELDS, SIDE_INFO, STREAMS, FeatureConfig, build_day, empty_state, plan_vocab
 from features.materialize import Materializer, Stream, Timelines, reconstruct, unique_ratio
 from jobs.build_features import FeatureSet, build_features
-from tests.conftest import DAYS, END
+from tests.conftest import DAYS, END, committed_files
 
 H = 3_600_000
 
@@ -254,7 +254,7 @@ def all_samples(fs: FeatureSet) -> pl.DataFrame:
 
 
 def clean(data_dir: str, table: str) -> pl.DataFrame:
-    return pl.read_parquet(f"{data_dir}/clean/v1/{table}/**/*.parquet", hive_partitioning=False)
+    return pl.read_parquet(committed_files(f"{data_dir}/clean/v1/{table}"))
 
 
 def test_every_impression_becomes_one_sample(ingested, feature_set, materialized):
@@ -365,11 +365,12 @@ def test_stored_bytes_do_not_depend_on_sequence_length(feature_set):
 
 
 def store_frames(root: str) -> dict[str, pl.DataFrame]:
-    """Every stored parquet file of a store, by relative path."""
-    return {
-        os.path.relpath(f, root): pl.read_parquet(f)
-        for f in sorted(glob.glob(f"{root}/day=*/**/*.parquet", recursive=True))
-    }
+    """Every committed parquet file of a store, by day and path below its version (day=D/<version>/x -> day=D/x)."""
+    out = {}
+    for f in committed_files(root, "_meta.json"):
+        day, _version, rest = f.removeprefix(f"{root}/").split("/", 2)
+        out[f"{day}/{rest}"] = pl.read_parquet(f)
+    return out
 
 
 def assert_same_store(a: str, b: str) -> None:
@@ -377,6 +378,17 @@ def assert_same_store(a: str, b: str) -> None:
     assert fa.keys() == fb.keys() and len(fa) > 0
     for k in fa:
         assert_frame_equal(fa[k], fb[k], check_row_order=True), k
+
+
+def recommit(partition: str, change) -> None:
+    """As if ingest re-validated a clean partition: ``change`` of its data under a new version, then the pointer."""
+    from features import storage
+
+    m = storage.current(partition)
+    df = change(storage.read_parquet(storage.files_of(partition, m)))
+    m = m | {"version": storage.new_version()}
+    storage.write_parquet(df, storage.files_of(partition, m)[0])
+    storage.publish(partition, m)
 
 
 def copy_clean(src: str, dst) -> str:
@@ -428,9 +440,7 @@ def test_reingested_day_rebuilds_it_and_its_successors_only(ingested, tmp_path):
     d = copy_clean(data_dir, tmp_path / "d")
     fs = build_features(d, END, DAYS, CFG)
     middle = fs.days[2]
-    f = glob.glob(f"{d}/clean/v1/search_events/day={middle}/*.parquet")[0]
-    df = pl.read_parquet(f)
-    df.head(df.height // 2).write_parquet(f)  # as if the day were re-ingested with fewer events
+    recommit(f"{d}/clean/v1/search_events/day={middle}", lambda df: df.head(df.height // 2))  # fewer events
     fs2 = build_features(d, END, DAYS, CFG)
     assert json.load(open(fs2.path()))["built"] == list(fs.days[2:])
     full = copy_clean(d, tmp_path / "full")
@@ -443,13 +453,12 @@ def test_a_failed_build_leaves_the_store_unchanged(ingested, tmp_path):
     d = copy_clean(data_dir, tmp_path / "d")
     fs = build_features(d, END - dt.timedelta(days=1), DAYS - 1, CFG)  # all days but the newest
     before = store_frames(fs.root)
-    f = glob.glob(f"{d}/clean/v1/impressions/day={END}/*.parquet")[0]
-    pl.read_parquet(f).drop("query_id").write_parquet(f)  # the newest day cannot be built
+    recommit(f"{d}/clean/v1/impressions/day={END}", lambda df: df.drop("query_id"))  # the newest day cannot be built
     with pytest.raises(Exception, match="query_id"):
         build_features(d, END, DAYS, CFG)
     after = store_frames(fs.root)
     assert before.keys() == after.keys()
-    assert not os.path.exists(f"{fs.root}/day={END}") and not glob.glob(f"{fs.root}/.tmp-*")
+    assert not os.path.exists(f"{fs.root}/day={END}/_meta.json"), "the failed day is not committed"
 
 
 @pytest.mark.parametrize("bad_day", ["2026-13-01", "yesterday"])

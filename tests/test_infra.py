@@ -252,6 +252,18 @@ def test_gpu_worker_groups_request_one_gpu_per_worker(manifest, kind):
             assert c["resources"]["requests"]["nvidia.com/gpu"] == 1, c["name"]
 
 
+def test_the_s3_rayjob_needs_no_shared_volume():
+    """The object-storage RayJob: data under s3://, runs on a tracking server, and no pod mounts a PVC."""
+    job = one_doc(INFRA / "k8s" / "rayjob-s3.yaml", "RayJob")
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["python", "workflows/daily_train.py"]
+    assert entry[entry.index("--data-dir") + 1].startswith("s3://")
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"].startswith("http")  # the embedded SQLite store cannot live in a bucket
+    for group, pod in ray_pod_templates(job["spec"]["rayClusterSpec"]):
+        assert not [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v], group
+
+
 def test_manifests_run_the_image_the_dockerfile_builds():
     import ray
 
@@ -263,6 +275,7 @@ def test_manifests_run_the_image_the_dockerfile_builds():
     clusters = [
         one_doc(INFRA / "k8s" / "raycluster.yaml", "RayCluster")["spec"],
         one_doc(INFRA / "k8s" / "rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"],
+        one_doc(INFRA / "k8s" / "rayjob-s3.yaml", "RayJob")["spec"]["rayClusterSpec"],
     ]
     for cluster in clusters:
         assert cluster["rayVersion"] == ray.__version__

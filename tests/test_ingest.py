@@ -14,7 +14,7 @@ import pytest
 from features.schema import TABLES, day_start_ms, window
 from features.validate import ContractError, validate
 from jobs.ingest import MissingPartitionError, ingest
-from tests.conftest import DAYS, END
+from tests.conftest import DAYS, END, committed_files
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -25,7 +25,7 @@ def test_counts_reconcile_and_clean_data_is_typed(ingested):
     for name, c in counts.items():
         assert c.read == c.clean + c.quarantined and c.read > 0, name
         assert c.quarantined == 0, name  # the generator writes valid logs
-        clean = pl.read_parquet(f"{data_dir}/clean/v1/{name}/**/*.parquet", hive_partitioning=False)
+        clean = pl.read_parquet(committed_files(f"{data_dir}/clean/v1/{name}"))
         assert clean.height == c.clean
         want = pl.from_arrow(TABLES[name].schema.empty_table()).schema
         assert {k: clean.schema[k] for k in want} == dict(want), name
@@ -72,7 +72,7 @@ def test_invalid_rows_are_quarantined_with_reasons(synth_dir, tmp_path):
     counts = ingest(data_dir, END, 2)
     c = counts["impressions"]
     assert c.quarantined == 3 and c.clean == c.read - 3 and c.read == 2 * df.height  # 2 days of equal size
-    q = pl.read_parquet(f"{data_dir}/quarantine/v1/impressions/**/*.parquet").sort("_reason")
+    q = pl.read_parquet(committed_files(f"{data_dir}/quarantine/v1/impressions")).sort("_reason")
     reasons = " | ".join(q["_reason"].to_list())
     assert "label: 3 outside [0, 1]" in reasons
     assert "user_id: null in required field" in reasons

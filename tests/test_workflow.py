@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -178,6 +180,10 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("HYFORMER_SLOW"),
+    reason="~3 min; the two-node S3 test below covers submission + server by default; set HYFORMER_SLOW=1",
+)
 def test_scheduled_submission_runs_the_workflow_on_a_cluster_logging_to_an_mlflow_server(
     ray_head, mlflow_server, tmp_path
 ):
@@ -231,3 +237,78 @@ def test_scheduled_submission_runs_the_workflow_on_a_cluster_logging_to_an_mlflo
     assert champion.version in ("1", 1) and champion.run_id == run.info.run_id
     mlflow.set_tracking_uri(url)
     assert mlflow.pyfunc.load_model("models:/hyformer@champion").metadata.run_id == run.info.run_id
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """A Ray cluster of two nodes on this machine: `ray start --head` and a second `ray start --address ...` with its
+    own temp dir and resources (the workflow's tasks and workers may land on either); yields the dashboard address."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash = free_port(), free_port()
+    env = clean_env()
+    second_tmp = tempfile.mkdtemp(prefix="ray2-", dir="/tmp")
+    head = [ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2"]
+    second = [
+        ray_bin,
+        "start",
+        f"--address=127.0.0.1:{gcs}",
+        "--num-cpus=2",
+        '--resources={"second_node": 1}',
+        f"--temp-dir={second_tmp}",  # short: Ray's socket paths below it must fit in 107 bytes
+    ]
+    try:
+        subprocess.run([*head, "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+        # joining a cluster needs its token (~/.ray/auth_token, written by the head) and token mode on the client
+        second_env = env | {"RAY_AUTH_MODE": "token"}
+        subprocess.run([*second, "--disable-usage-stats"], env=second_env, check=True, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(second_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_runs_the_workflow_from_s3_with_artifacts_in_the_bucket(
+    two_node_cluster, s3, tmp_path, monkeypatch
+):
+    """The cluster path: no shared disk. A two-node Ray cluster runs the daily workflow submitted with
+    jobs/submit.py on ``--data-dir s3://...`` (logs, clean data, features, Ray Train checkpoints, scores, the lock),
+    MLflow's artifacts go through the tracking server into the same bucket, and nothing lands on a local disk."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import serve_mlflow
+
+    bucket = s3.removeprefix("s3://")
+    data_dir = f"{s3}/data"
+    monkeypatch.chdir(tmp_path)
+    with serve_mlflow(tmp_path, f"{s3}/mlflow") as (url, server_dir, _):
+        cmd = [sys.executable, str(ROOT / "jobs" / "submit.py"), "--address", two_node_cluster]
+        cmd += ["--working-dir", str(ROOT), "--", "--data-dir", data_dir, "--date", "2026-11-22", *SMALL]
+        cmd += ["--workers", "2", "--cpus-per-worker", "1", "--checkpoint-every", "5"]
+        env = clean_env(RAY_AUTH_MODE="token", MLFLOW_TRACKING_URI=url, HYFORMER_DATA_DIR=str(tmp_path / "data"))
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        assert "daily_train: done" in out and "2 workers (cpu/gloo" in out
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
+        (run,) = client.search_runs([client.get_experiment_by_name("hyformer-daily").experiment_id])
+        assert run.data.tags["outcome"] == "promoted" and "eval_query_auc" in run.data.metrics
+        assert "plots/per_day_auc.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    keys = [
+        o["Key"]
+        for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    ]
+    for prefix in ("data/logs/v1/impressions/day=", "data/clean/v1/impressions/day=", "data/features/v2/"):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert any(k.startswith("data/train/daily-2026-11-22") and k.endswith("/model.pt") for k in keys)  # checkpoints
+    assert any(k.startswith("mlflow/") and k.endswith("per_day_auc.png") for k in keys)  # MLflow artifacts
+    assert any(k.startswith("mlflow/") and k.endswith("model.pt") for k in keys)  # the registered model
+    assert not any(k.startswith("data/locks/") for k in keys)  # the lease was given back
+    # nothing of the run on a local disk: no data directory, no Parquet, no checkpoint (the MLflow server's own
+    # database and logs are all there is)
+    local = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not (tmp_path / "data").exists()
+    assert not [p for p in local if p.suffix in (".parquet", ".pt", ".npz")], local
+    assert {p.name for p in local} <= {"mlflow.db", "mlflow-server.out", "mlflow-server.err"}, local

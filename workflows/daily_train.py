@@ -29,24 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from features import storage  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import add_feature_arguments, feature_config, logs_to_features  # noqa: E402
-from jobs.common import (
-    Exit,
-    Locked,
-    StageFailed,
-    absolute,
-    data_dir_lock,
-    init_ray,
-    log,
-    setup_logging,
-    stage,
-)  # noqa: E402
+from jobs.common import Exit, Locked, StageFailed, init_ray, log, setup_logging, stage  # noqa: E402
+from jobs.lease import data_dir_lock  # noqa: E402
 from jobs.promote import decide, evaluate_registered  # noqa: E402
 from jobs.register import (
     champion,
@@ -68,7 +60,7 @@ OUTCOME_EXIT = {"promoted": Exit.PROMOTED, "kept": Exit.NOT_PROMOTED, "logged": 
 
 
 def newest_log_day(data_dir: str) -> dt.date | None:
-    days = sorted(Path(p).name.removeprefix("day=") for p in glob.glob(f"{logs_root(data_dir)}/impressions/day=*"))
+    days = [d.removeprefix("day=") for d in storage.list_dirs(f"{logs_root(data_dir)}/impressions", "day=")]
     return parse_day(days[-1]) if days else None
 
 
@@ -154,14 +146,15 @@ def dates_of(a: argparse.Namespace, data_dir: str) -> list[dt.date]:
 
 def synthesize_if_empty(a: argparse.Namespace, data_dir: str, dates: list[dt.date]) -> None:
     """The demo: without logs, a synthetic window covering every date's training window."""
-    if Path(logs_root(data_dir)).exists():
+    if storage.exists(logs_root(data_dir)):
         return
     cfg = SynthConfig.demo(a.days + (dates[-1] - dates[0]).days, a.synth_scale, a.seed)
     stage("synthesize", generate, cfg, data_dir, dates[-1])
 
 
-def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
-    """One date: train the challenger, compare it with the champion on the date, register, promote or keep."""
+def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str) -> dict:
+    """One date: train the challenger, compare it with the champion on the date, register, promote or keep.
+    ``models_dir``: a local scratch folder for registry downloads (MLflow downloads to local disk)."""
     day = date.strftime(DAY_FORMAT)
     tags = {
         "date": day,
@@ -182,7 +175,6 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
     init_ray()
     counts, fs = logs_to_features(data_dir, date, a.days, feature_config(a), force=a.rebuild_features, step=stage)
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
-    models_dir = f"{data_dir}/train/registry/{run_name}"
     # the champion is downloaded once: the default warm start and the comparison after training use the same version
     champ_version = champion(data_dir, a.arch)
     reg = None
@@ -212,7 +204,12 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
     champ_metrics = None
     if reg is not None:
         champ_metrics = stage(
-            "evaluate champion", evaluate_registered, reg, data_dir, fs, f"{models_dir}/champion-scores"
+            "evaluate champion",
+            evaluate_registered,
+            reg,
+            data_dir,
+            fs,
+            storage.join(data_dir, "scores", f"{a.arch}-v{champ_version}", day),
         )
     decision = decide(res.metrics, champ_metrics, a.promotion_margin)
     log.info("daily %s: %s", day, decision.reason)
@@ -250,7 +247,7 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date) -> dict:
 
 def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
     """Every date in order under the data directory's lock; stops at the first failure."""
-    data_dir = absolute(a.data_dir)
+    data_dir = storage.absolute(a.data_dir)
     try:
         with data_dir_lock(data_dir, a.lock_timeout):
             dates = dates_of(a, data_dir)
@@ -258,7 +255,8 @@ def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
             summaries, code = [], Exit.PROMOTED
             for date in dates:
                 try:
-                    s = run_day(a, data_dir, date)
+                    with tempfile.TemporaryDirectory(prefix="hyformer-registry-") as scratch:
+                        s = run_day(a, data_dir, date, scratch)
                 except StageFailed as e:
                     print(f"daily_train: {date}: {e}", file=sys.stderr)
                     return Exit.FAILED, summaries

@@ -21,9 +21,11 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
+from features import storage  # noqa: E402
 from features.schema import parse_day  # noqa: E402
 from jobs.build_features import FeatureSet, add_feature_arguments, feature_config, logs_to_features  # noqa: E402
-from jobs.common import StageFailed, absolute, init_ray, setup_logging, stage  # noqa: E402
+from jobs.common import Exit, Locked, StageFailed, init_ray, setup_logging, stage  # noqa: E402
+from jobs.lease import data_dir_lock  # noqa: E402
 from jobs.train_config import TrainConfig, add_train_arguments, train_config  # noqa: E402
 from jobs.tune import BASE_MODEL, EXPERIMENT, METRIC, SEARCH_SPACE, SMALL_SEARCH_SPACE, TuneOutcome, tune  # noqa: E402
 
@@ -64,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     g.add_argument("--out", default=None, help="best config JSON (default <data-dir>/tune/<name>/best_config.json)")
     g.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=0.0,
+        help="seconds to wait for another run's lock on the data directory while building the window (default 0)",
+    )
     add_train_arguments(p, TrainConfig(epochs=3, model=BASE_MODEL))
     a = p.parse_args(argv)
     if a.features is None and a.date is None:
@@ -74,12 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(a: argparse.Namespace) -> TuneOutcome:
-    data_dir = absolute(a.data_dir)
+    data_dir = storage.absolute(a.data_dir)
     init_ray()
     if a.features:
-        fs = stage("features", FeatureSet.load, absolute(a.features))
+        fs = stage("features", FeatureSet.load, a.features)
     else:
-        _, fs = logs_to_features(data_dir, a.date, a.days, feature_config(a), step=stage)
+        with data_dir_lock(data_dir, a.lock_timeout):  # only while it writes the data directory
+            _, fs = logs_to_features(data_dir, a.date, a.days, feature_config(a), step=stage)
     if a.space:
         with open(a.space) as f:
             space = json.load(f)
@@ -101,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:
         print(f"tune: {e}", file=sys.stderr)
         return 1
+    except Locked as e:
+        print(f"tune: {e} (--lock-timeout)", file=sys.stderr)
+        return int(Exit.LOCKED)
     summary = {
         "best_config": outcome.best_config_path,
         "trial": outcome.best["trial"],
