@@ -193,6 +193,19 @@ def remove(path: str) -> None:
         fs.delete_file(p)
 
 
+def download(path: str, local_dir: str) -> str:
+    """Copy the folder ``path`` (local or a URI) with everything below it into the local folder ``local_dir``;
+    returns ``local_dir``."""
+    fs, root = resolve(path)
+    for i in listing(path, recursive=True):
+        if i.type == pafs.FileType.File:
+            dst = Path(local_dir) / i.path[len(root) :].lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(i.path) as f:
+                dst.write_bytes(f.read())
+    return local_dir
+
+
 def makedirs(path: str) -> None:
     """Create a local folder (object stores have no folders: nothing to do there)."""
     fs, p = resolve(path)

@@ -9,8 +9,10 @@ arguments.
     history = run_epochs(learner, model, batches, evaluate, LoopConfig(epochs=1, steps_per_epoch=n, batch_size=256))
 
 `batches(epoch)` yields the epoch's training batches (on the learner's device); `evaluate(split)` scores "eval" (the
-held-out days) or "val" (the validation days) and returns (metrics with "eval_auc", predictions to keep). Only rank 0
-evaluates; its decisions (stop early, which epoch was best) reach every worker through `Hooks.broadcast`.
+held-out days) or "val" (the validation days) and returns (metrics with "eval_auc", predictions to keep). Every rank
+calls it at the same points (it may be collective: jobs/train.py scores each rank's share of the requests and gathers
+the predictions) and gets the same metrics; rank 0's decisions (stop early, which epoch was best) reach every worker
+through `Hooks.broadcast` all the same.
 """
 
 from __future__ import annotations
@@ -154,13 +156,13 @@ def run_epochs(
         if pos.epoch == cfg.epochs - 1:
             learner.flush()  # async mode: apply the last averaged dense gradient
         m = {"epoch": pos.epoch, **(tags or {}), **m}
-        files, stop = None, False
-        if hooks.rank == 0:  # evaluation is not split: rank 0 scores the held-out (and validation) days
-            if stopper is not None:
-                m["val_auc"] = evaluate("val")[0]["eval_auc"]
-                stop = stopper.update(model, m["val_auc"]) and pos.epoch < cfg.epochs - 1
-            metrics, files = _evaluate(evaluate)
-            m |= metrics
+        stop = False
+        if stopper is not None:  # every rank: the same metrics, the same weights kept for the best epoch
+            m["val_auc"] = evaluate("val")[0]["eval_auc"]
+            stop = stopper.update(model, m["val_auc"]) and pos.epoch < cfg.epochs - 1
+        metrics, files = _evaluate(evaluate)
+        m |= metrics
+        if hooks.rank == 0:
             log.info("epoch %d/%d: %s", pos.epoch + 1, cfg.epochs, json.dumps({k: round(v, 5) for k, v in m.items()}))
         history.append(m)
         pos.epoch, pos.batch = pos.epoch + 1, 0
@@ -173,16 +175,13 @@ def run_epochs(
             )
             pos.epoch = cfg.epochs
         hooks.report(m, files)
-    if stopper is not None and bool(hooks.broadcast(hooks.rank == 0 and stopper.restore(model))):
+    if stopper is not None and bool(hooks.broadcast(stopper.restore(model))):  # every rank restores the same weights
         # the model of the best validation epoch is the result: one more entry (and report) with it
-        best = hooks.broadcast(first_epoch + stopper.best_epoch if hooks.rank == 0 else None)  # only rank 0 validates
-        m, files = (
-            next(h for h in history if h["epoch"] == best) | {"epoch": len(history), "best_epoch": float(best)},
-            None,
-        )
+        best = hooks.broadcast(first_epoch + stopper.best_epoch)
+        m = next(h for h in history if h["epoch"] == best) | {"epoch": len(history), "best_epoch": float(best)}
+        metrics, files = _evaluate(evaluate)
+        m |= metrics
         if hooks.rank == 0:
-            metrics, files = _evaluate(evaluate)
-            m |= metrics
             log.info("the model of epoch %d (best validation AUC %.5f) is the result", best + 1, stopper.best_score)
         history.append(m)
         hooks.report(m, files)

@@ -17,6 +17,12 @@ Gradient sync between data-parallel workers (``grad_sync``):
   tables stay identical on every worker) and applied with the current step: sparse parameters stay one step ahead.
   The model is *not* wrapped in DDP.
 
+Embedding tables with at least ``row_exchange_rows`` rows are exchanged **row-sparse** in both modes (`RowExchange`):
+each worker sends only the rows its step touched (their ids and gradient rows) and every worker sums them into the
+averaged gradient: the same sum as all-reducing the whole table (tests hold the trajectories equal), with bytes that
+grow with the batch instead of the table. In DDP mode these tables are left out of DDP's reducer
+(`ddp_ignored_parameters`). Smaller tables go the dense way.
+
 Non-finite values stop training with `NonFiniteError` on every worker at the same step, before any parameter moves:
 the decision is made on all-reduced values, so no worker goes on alone.
 Precision: ``"bf16"`` runs the forward under ``torch.autocast`` (weights, gradients and optimiser state stay fp32);
@@ -107,6 +113,11 @@ class OptimConfig:
         GRAD_SYNCS,
     )
     precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere", PRECISIONS)
+    row_exchange_rows: int = setting(
+        100_000,
+        "embedding tables with at least this many rows send only the rows a step touched (ids + gradient rows) "
+        "between workers; smaller ones all-reduce the whole table (0: every table row-sparse)",
+    )
 
     def __post_init__(self):
         for f in fields(self):
@@ -115,6 +126,8 @@ class OptimConfig:
                 raise ValueError(f"OptimConfig.{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
         if self.lr <= 0 or self.sparse_lr <= 0 or self.warmup_steps < 0 or self.clip_norm < 0:
             raise ValueError(f"OptimConfig: lr, sparse_lr > 0 and warmup_steps, clip_norm >= 0 required, got {self}")
+        if self.row_exchange_rows < 0:
+            raise ValueError(f"OptimConfig.row_exchange_rows must be >= 0, got {self.row_exchange_rows}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -148,6 +161,65 @@ def _set_grads(params: list[nn.Parameter], flat: Tensor) -> None:
         offset += p.numel()
 
 
+def row_exchanged(model: nn.Module, config: OptimConfig) -> dict[str, nn.Parameter]:
+    """The embedding tables exchanged row-sparse (by parameter name): those of the sparse optimiser with at least
+    ``config.row_exchange_rows`` rows."""
+    if config.sparse_optimizer == "adamw":  # the tables are dense parameters then
+        return {}
+    tables = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {n: p for n, p in model.named_parameters() if n in tables and p.shape[0] >= max(1, config.row_exchange_rows)}
+
+
+def ddp_ignored_parameters(model: nn.Module, config: OptimConfig) -> list[str]:
+    """Leave the row-exchanged tables of ``model`` (not yet wrapped) out of DDP's gradient all-reduce: call before
+    wrapping it in DistributedDataParallel; the Learner exchanges their gradients. Returns their names."""
+    names = sorted(row_exchanged(model, config))
+    if names:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
+
+
+class RowExchange:
+    """Row-sparse gradient sync of large embedding tables. ``exchange()`` after backward: every worker all-gathers the
+    ids of the rows its step touched (non-zero gradient rows) and those rows, and sums all workers' rows into the
+    table's gradient, divided by the world size: the averaged gradient, as a dense all-reduce would give it.
+    ``bytes_per_step``: what this worker put on the wire in the last exchange (ids + rows, padded to the largest
+    worker's count), next to ``dense_bytes_per_step``, a ring all-reduce of the same tables."""
+
+    def __init__(self, tables: list[nn.Parameter]):
+        self.tables = tables
+        self.bytes_per_step = 0
+        self.dense_bytes_per_step = 0
+
+    def exchange(self) -> None:
+        world = _world()
+        if world == 1 or not self.tables:
+            return
+        sent = dense = 0
+        for p in self.tables:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            rows = (g != 0).any(dim=1).nonzero().squeeze(1)  # (R,) touched rows (NaN rows included)
+            counts = [torch.zeros(1, dtype=torch.int64, device=g.device) for _ in range(world)]
+            dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.int64, device=g.device))
+            width = max(int(c.item()) for c in counts)
+            ids = torch.zeros(width, dtype=torch.int64, device=g.device)
+            ids[: len(rows)] = rows
+            vals = torch.zeros(width, g.shape[1], dtype=torch.float32, device=g.device)
+            vals[: len(rows)] = g[rows].float()
+            all_ids = [torch.empty_like(ids) for _ in range(world)]
+            all_vals = [torch.empty_like(vals) for _ in range(world)]
+            dist.all_gather(all_ids, ids)
+            dist.all_gather(all_vals, vals)
+            total = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+            for c, i, v in zip(counts, all_ids, all_vals):  # rank order: the same sum on every worker
+                n = int(c.item())
+                total.index_add_(0, i[:n], v[:n])
+            p.grad = total.div_(world).to(p.dtype)
+            sent += (world - 1) * width * (8 + 4 * g.shape[1])  # ring all-gather: each block passes W-1 links
+            dense += 2 * (world - 1) * g.numel() * 4 // world  # ring all-reduce of the fp32 table
+        self.bytes_per_step, self.dense_bytes_per_step = sent, dense
+
+
 class AsyncAllReduce:
     """§3.8.2 gradient sync for one process group: `sync()` after backward leaves averaged gradients in ``.grad``:
     the sparse ones of this step, the dense ones of the previous step (None at the first step), and starts the
@@ -178,7 +250,8 @@ class AsyncAllReduce:
         dense_now = _flat_grads(self.dense).div_(world)
         # the sparse gradients and the workers' non-finite flags travel together in one blocking all-reduce
         bad = float(local_bad or not bool(torch.isfinite(dense_now).all()))
-        head = torch.cat([_flat_grads(self.sparse).div_(world), dense_now.new_tensor([bad])])
+        sparse_now = [_flat_grads(self.sparse).div_(world)] if self.sparse else []  # (none: all row-exchanged)
+        head = torch.cat([*sparse_now, dense_now.new_tensor([bad])])
         if world > 1:
             dist.all_reduce(head)  # queued behind step k-1's dense all-reduce, which overlapped this step's compute
         # a non-finite sparse gradient on any worker is non-finite in the sum: every worker sees it and stops
@@ -234,7 +307,10 @@ class Learner:
             self.sparse_schedule = torch.optim.lr_scheduler.LambdaLR(
                 self.sparse_opt, lambda n: config.decay(n, total_steps)
             )
-        self.sync = AsyncAllReduce(self.dense, self.sparse) if config.grad_sync == "async" else None
+        rows = {id(p) for p in row_exchanged(model, config).values()}
+        self.rows = RowExchange([p for p in self.sparse if id(p) in rows])
+        whole = [p for p in self.sparse if id(p) not in rows]  # the tables all-reduced whole
+        self.sync = AsyncAllReduce(self.dense, whole) if config.grad_sync == "async" else None
         self.steps = 0  # steps taken (each one updates sparse; dense from the second on in async mode)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
@@ -250,8 +326,10 @@ class Learner:
             p.grad = None
         loss.backward()
         loss_value = loss.item()
+        self.rows.exchange()  # large tables, both modes: averaged (identical on every worker) from here on
         if self.sync is not None:
-            if self.sync.sync(local_bad=not math.isfinite(loss_value)):
+            rows_bad = not all(bool(torch.isfinite(p.grad).all()) for p in self.rows.tables if p.grad is not None)
+            if self.sync.sync(local_bad=not math.isfinite(loss_value) or rows_bad):
                 raise NonFiniteError(
                     f"non-finite loss or gradient on a worker at step {self.steps} (local loss {loss_value})"
                 )
@@ -315,10 +393,15 @@ class Learner:
         self.steps = int(state["steps"])
 
 
-def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
-    """Give every worker rank ``src``'s parameters and buffers (what DDP does at construction; async mode needs it)."""
+def broadcast_parameters(model: nn.Module, src: int = 0, names: list[str] | None = None) -> None:
+    """Give every worker rank ``src``'s parameters and buffers (what DDP does at construction; async mode needs it);
+    ``names``: only those parameters (e.g. the tables DDP ignores)."""
     if _world() > 1:
-        for t in [*model.parameters(), *model.buffers()]:
+        if names is None:
+            tensors = [*model.parameters(), *model.buffers()]
+        else:
+            tensors = [p for n, p in model.named_parameters() if n in set(names)]
+        for t in tensors:
             dist.broadcast(t.data, src)
 
 

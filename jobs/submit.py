@@ -4,7 +4,8 @@
     python jobs/submit.py --address http://head:8265 -- --data-dir /abs/shared/data --date 2026-11-22
 
 Everything after ``--`` is passed to ``python workflows/daily_train.py``. The job runs in a copy of ``--working-dir``
-(the project root by default), so ``--data-dir`` must be an absolute path on storage every node can read;
+(the project root by default), so ``--data-dir`` must be an absolute path on storage every node can read, or an
+object-storage URI (``s3://bucket/prefix``; then ``MLFLOW_TRACKING_URI`` names a tracking server);
 ``MLFLOW_TRACKING_URI`` is forwarded to the job when it is set. A blocking ``ray job submit`` exits 0 or 1 only; this
 wrapper exits with the driver's own exit code, so that a scheduler can tell the outcomes apart:
 

@@ -10,8 +10,9 @@ the unique events only and gathers the sequences. The last day is the evaluation
 
 Workers: ``--workers`` TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Each
 runs a ``hyformer.training.Learner``: dense AdamW (warmup, clipping) + row-wise Adagrad on the embedding tables,
-``--grad-sync ddp`` or ``async`` (§3.8.2), bf16 autocast on GPU, a non-finite guard. Rank 0 logs progress, evaluates
-the held-out day at every epoch end and writes checkpoints (model, both optimisers, position; also every
+``--grad-sync ddp`` or ``async`` (§3.8.2), bf16 autocast on GPU, a non-finite guard. At every epoch end each worker
+scores its share of the held-out day's requests (a request whole on one rank) and the predictions are gathered, so
+every worker has the metrics; rank 0 logs progress and writes checkpoints (model, both optimisers, position; also every
 ``--checkpoint-every`` steps); after a worker failure Ray Train restarts the group from the last one. See
 docs/training.md.
 """
@@ -44,7 +45,7 @@ from features.materialize import Materializer, Timelines
 from hyformer import HyFormerConfig, InputSchema, build_model
 from hyformer.loop import Hooks, LoopConfig, Position, run_epochs
 from hyformer.model import RankingModel
-from hyformer.training import Learner, NonFiniteError, broadcast_parameters, warm_start
+from hyformer.training import Learner, NonFiniteError, broadcast_parameters, ddp_ignored_parameters, warm_start
 from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import init_ray, log, setup_logging
@@ -114,13 +115,29 @@ def match_width(
 
 class MaterializeCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate: a batch of stored samples -> dedup ID tables (``dedup=False``: full sequences)
-    as CPU tensors (device: Ray)."""
+    as CPU tensors (device: Ray). ``shard=(rank, world)``: only the rows of this rank's requests (``request_id mod
+    world == rank``: a request's candidates stay together on one rank); a batch with none is ``{"label": empty}``."""
 
-    def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True):
+    def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True, shard: tuple[int, int] = (0, 1)):
         self.materialize = Materializer(timelines, cfg, dedup=dedup)
+        self.rank, self.world = shard
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if self.world > 1:
+            mine = batch["request_id"] % self.world == self.rank
+            if not mine.any():
+                return {"label": torch.zeros(0)}
+            batch = {k: v[mine] for k, v in batch.items()}
         return {k: torch.from_numpy(v) for k, v in self.materialize(batch).items()}
+
+
+def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every rank's predictions (``jobs.evaluate.predict``'s columns), concatenated, on every rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return pred
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, pred)
+    return {k: np.concatenate([p[k] for p in parts]) for k in pred}
 
 
 def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], shuffle: bool, seed: int = 0) -> ray.data.Dataset:
@@ -200,10 +217,14 @@ def train_fn_per_worker(config: dict) -> None:
     if config["init_state"] is not None:  # merged on the driver (load_init_state)
         model.load_state_dict(ray.get(config["init_state"]))
     raw = model
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if tc.optim.grad_sync == "ddp" else None)
+    ddp = tc.optim.grad_sync == "ddp"
+    ignored = ddp_ignored_parameters(raw, tc.optim) if ddp else []  # large tables: exchanged row-sparse instead
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
     device = ray.train.torch.get_device()
-    if tc.optim.grad_sync == "async":
+    if not ddp:
         broadcast_parameters(model)  # what DDP does at construction
+    elif ignored:
+        broadcast_parameters(raw, names=ignored)  # DDP does not broadcast the parameters it ignores
     steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * world))
     learner = Learner(model, tc.optim, device, total_steps=steps_per_epoch * tc.epochs)
     pos, restored, history = Position(), -1, []
@@ -212,7 +233,9 @@ def train_fn_per_worker(config: dict) -> None:
         restored = pos.step
         if rank == 0:
             log.info("restored from checkpoint at epoch %d batch %d (step %d)", pos.epoch, pos.batch, pos.step)
-    collate = MaterializeCollate(ray.get(config["timelines"]), FeatureConfig(**config["features"]))
+    timelines, features = ray.get(config["timelines"]), FeatureConfig(**config["features"])
+    collate = MaterializeCollate(timelines, features)
+    own_requests = MaterializeCollate(timelines, features, shard=(rank, world))
     shards = {
         split: ray.train.get_dataset_shard(split) for split in ("train", "eval", *(("val",) if tc.val_days else ()))
     }
@@ -227,7 +250,10 @@ def train_fn_per_worker(config: dict) -> None:
         )
 
     def evaluate(split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        pred = predict(raw, shards[split].iter_torch_batches(batch_size=1024, collate_fn=collate, device=device))
+        """Collective: each rank scores its own requests of the (unsplit) split, every rank gets the metrics of all
+        of them (query-level AUC exact: a request is whole on one rank)."""
+        batches = shards[split].iter_torch_batches(batch_size=1024, collate_fn=own_requests, device=device)
+        pred = gather_predictions(predict(raw, (b for b in batches if len(b["label"]))))
         return metrics(pred), pred
 
     loop = LoopConfig(

@@ -33,7 +33,7 @@ def root(request, tmp_path) -> str:
     return storage.join(request.getfixturevalue("s3"), "prefix")
 
 
-def test_files_round_trip_and_list(root):
+def test_files_round_trip_and_list(root, tmp_path):
     df = pl.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
     storage.write_parquet(df, storage.join(root, "t", "day=2026-11-21", "part-0.parquet"))
     storage.write_parquet(df.head(1), storage.join(root, "t", "day=2026-11-22", "part-0.parquet"))
@@ -51,6 +51,12 @@ def test_files_round_trip_and_list(root):
     assert storage.read_json(storage.join(root, "t", "_doc.json")) == {"k": 1}
     assert storage.read_json_or_none(storage.join(root, "t", "nope.json")) is None
     assert storage.list_files(storage.join(root, "t")) == []  # _doc.json is hidden, day=* are folders
+    local = Path(storage.download(storage.join(root, "t"), str(tmp_path / "copy")))
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == [
+        "_doc.json",
+        "day=2026-11-21/part-0.parquet",
+        "day=2026-11-22/part-0.parquet",
+    ]
     storage.remove(storage.join(root, "t"))
     assert not storage.exists(storage.join(root, "t")) and storage.list_dirs(root) == []
 

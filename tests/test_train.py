@@ -45,6 +45,21 @@ def eval_batch(fs) -> dict[str, torch.Tensor]:
     }
 
 
+def test_each_rank_materializes_only_its_own_requests_and_together_all_rows(feature_set):
+    from jobs.train import MaterializeCollate
+
+    samples = pl.read_parquet(feature_set.sample_files(feature_set.days[-1:])).drop("day")
+    batch = {c: samples[c].to_numpy() for c in samples.columns}
+    tl = feature_set.timelines()
+    parts = [MaterializeCollate(tl, feature_set.cfg, shard=(r, 3))(batch) for r in range(3)]
+    ids = [p["request_id"].numpy() for p in parts if len(p["label"])]
+    for r, own in enumerate(ids):
+        assert (own % 3 == r).all()  # a request's candidates are all on one rank
+    assert sorted(np.concatenate(ids).tolist()) == sorted(batch["request_id"].tolist())
+    whole = MaterializeCollate(tl, feature_set.cfg)(batch)
+    assert len(whole["label"]) == len(samples)
+
+
 def test_train_reports_every_metric_per_epoch(trained, feature_set):
     assert [h["epoch"] for h in trained.history] == [0, 1]
     n_eval = pl.read_parquet(feature_set.sample_files(feature_set.days[-1:])).height
@@ -75,14 +90,17 @@ def test_checkpoint_reproduces_the_reported_eval_predictions(trained, feature_se
     assert set(saved["request_id"]) == set(batch["request_id"].numpy())
 
 
-def kill_a_worker_after_the_first_checkpoint(run_dir: Path, stop: threading.Event, killed: list[int]) -> None:
-    """Wait until the run has registered a checkpoint, then SIGKILL one Ray Train worker process (once)."""
+def kill_a_worker_after_the_first_checkpoint(run_dir: str, stop: threading.Event, killed: list[int]) -> None:
+    """Wait until the run (a local folder or a URI) has registered a checkpoint, then SIGKILL one Ray Train worker
+    process (once)."""
     from ray.util.state import list_actors
+
+    from features import storage
 
     while not stop.is_set():
         # a checkpoint folder appears when rank 0 writes it; the run restores from it only once Ray Train's controller
         # has registered it (its polls take one report every 2 s), which writes this snapshot
-        if (run_dir / "checkpoint_manager_snapshot.json").exists():
+        if storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
@@ -91,10 +109,14 @@ def kill_a_worker_after_the_first_checkpoint(run_dir: Path, stop: threading.Even
         time.sleep(0.1)
 
 
-def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_set, tmp_path):
-    """Paper §3.8.2 mode on 2 gloo workers, checkpointing every 8 steps; a worker is SIGKILLed after the first
-    checkpoint is registered. Ray Train restarts the group, which resumes from the last checkpoint: every step of both
-    epochs is trained once and the run finishes."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_set, tmp_path, where, request):
+    """Paper §3.8.2 mode on 2 gloo workers, checkpointing every 8 steps (to a local folder, or to the S3 server); a
+    worker is SIGKILLed after the first checkpoint is registered. Ray Train restarts the group, which resumes from the
+    last checkpoint: every step of both epochs is trained once and the run finishes."""
+    from features import storage
+
+    runs = str(tmp_path) if where == "local" else storage.join(request.getfixturevalue("s3"), "train")
     tc = TrainConfig(
         epochs=2,
         batch_size=32,
@@ -107,11 +129,13 @@ def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_
     )
     stop, killed = threading.Event(), []
     watcher = threading.Thread(
-        target=kill_a_worker_after_the_first_checkpoint, args=(tmp_path / "test-kill", stop, killed), daemon=True
+        target=kill_a_worker_after_the_first_checkpoint,
+        args=(storage.join(runs, "test-kill"), stop, killed),
+        daemon=True,
     )
     watcher.start()
     try:
-        res = train(feature_set, tc, str(tmp_path), "test-kill")
+        res = train(feature_set, tc, runs, "test-kill")
     finally:
         stop.set()
     assert killed, "no worker was killed: the run ended before a checkpoint was registered"
@@ -121,7 +145,8 @@ def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_
     assert res.metrics["restored_step"] >= tc.checkpoint_every  # the restarted workers began from a checkpoint
     assert res.metrics["step"] == 2 * steps_per_epoch  # and no step was lost or repeated
     assert math.isfinite(res.metrics["eval_query_auc"])
-    assert load_model(res.checkpoint_dir) is not None
+    assert res.checkpoint_dir.startswith(runs)  # checkpoints went where they were sent
+    assert load_model(storage.download(res.checkpoint_dir, str(tmp_path / "ckpt"))) is not None
 
 
 def test_mlflow_run_holds_metrics_plots_and_a_loadable_registered_model(trained, feature_set, tmp_path, monkeypatch):
@@ -275,8 +300,10 @@ def test_early_stopping_on_validation_days_keeps_the_best_epochs_model(feature_s
         assert res.history == epochs and res.metrics["eval_auc"] == epochs[-1]["eval_auc"]
     if len(epochs) < 3:  # stopped early: the validation AUC had fallen
         assert epochs[1]["val_auc"] <= epochs[0]["val_auc"]
-    # the checkpoint is the reported model
+    # the checkpoint is the reported model, and each rank's share of the held-out requests was gathered: every row
+    # once
     saved = dict(np.load(f"{res.checkpoint_dir}/eval_predictions.npz"))
     with torch.no_grad():
         probs = torch.sigmoid(load_model(res.checkpoint_dir).eval()(eval_batch(feature_set))).numpy()
+    assert len(saved["prob"]) == len(probs) == res.metrics["eval_rows"]
     np.testing.assert_allclose(np.sort(probs), np.sort(saved["prob"]), rtol=1e-4, atol=1e-5)

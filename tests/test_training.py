@@ -280,29 +280,40 @@ def test_optim_config_rejects_unknown_choices():
 # --- two gloo workers (Ray Train) ---------------------------------------------------------------------------------
 
 
+MODES = ("sync", "async", "sync-rows", "async-rows")  # -rows: every embedding table exchanged row-sparse
+
+
 def two_worker_fn(config: dict) -> None:
-    """On each of 2 workers: both modes, each from the same seed, on this rank's half of every batch; every step's
-    parameters are written to ``out/<mode>-rank<r>.pt``."""
+    """On each of 2 workers: every mode, each from the same seed, on this rank's half of every batch; every step's
+    parameters are written to ``out/<mode>-rank<r>.pt`` (and the row exchange's bytes per step to ``...-bytes.pt``)."""
     import ray.train
     import ray.train.torch
 
-    from hyformer.training import broadcast_parameters
+    from hyformer.training import broadcast_parameters, ddp_ignored_parameters
 
     rank = ray.train.get_context().get_world_rank()
-    for mode in ("sync", "async"):
+    for mode in MODES:
+        sync = mode.startswith("sync")
+        optim = dataclasses.replace(OPTIM, grad_sync="ddp" if sync else "async")
+        if mode.endswith("-rows"):
+            optim = dataclasses.replace(optim, row_exchange_rows=0)
         torch.manual_seed(0)
         raw = build_model(CONFIG)
-        model = ray.train.torch.prepare_model(raw, parallel_strategy="ddp" if mode == "sync" else None)
-        if mode == "async":
+        if sync:
+            ddp_ignored_parameters(raw, optim)  # the row-exchanged tables stay out of DDP's all-reduce
+        model = ray.train.torch.prepare_model(raw, parallel_strategy="ddp" if sync else None)
+        if not sync:
             broadcast_parameters(model)
-        learner = Learner(model, dataclasses.replace(OPTIM, grad_sync="ddp" if mode == "sync" else "async"))
-        trajectory = []
+        learner = Learner(model, optim)
+        trajectory, sent = [], []
         for batch in batches():
             learner.step(half(batch, rank))
             trajectory.append(snapshot(raw))
+            sent.append((learner.rows.bytes_per_step, learner.rows.dense_bytes_per_step))
         if learner.flush():
             trajectory.append(snapshot(raw))
         torch.save(trajectory, os.path.join(config["out"], f"{mode}-rank{rank}.pt"))
+        torch.save(sent, os.path.join(config["out"], f"{mode}-rank{rank}-bytes.pt"))
     ray.train.report({"done": 1})
 
 
@@ -321,21 +332,27 @@ def two_worker_trajectories(ray_local, tmp_path_factory):
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="semantics", storage_path=str(tmp_path_factory.mktemp("ray"))),
     ).fit()
-    return {(mode, r): torch.load(out / f"{mode}-rank{r}.pt") for mode in ("sync", "async") for r in (0, 1)}
+    got = {(mode, r): torch.load(out / f"{mode}-rank{r}.pt") for mode in MODES for r in (0, 1)}
+    return got | {(mode, r, "bytes"): torch.load(out / f"{mode}-rank{r}-bytes.pt") for mode in MODES for r in (0, 1)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", MODES)
 def test_two_gloo_workers_follow_the_single_process_reference(two_worker_trajectories, mode):
     """sync (DDP) on 2 workers = one process on the concatenated batch; async = the hand-written one-step-stale
-    schedule on the concatenated batch. Both workers hold identical parameters after every step. (Workers run with
-    one thread: so does the reference.)"""
+    schedule on the concatenated batch; with the embedding tables exchanged row-sparse (-rows) the same trajectory.
+    Both workers hold identical parameters after every step. (Workers run with one thread: so does the reference.)"""
     rank0, rank1 = two_worker_trajectories[(mode, 0)], two_worker_trajectories[(mode, 1)]
     assert_trajectories_equal(rank0, rank1, atol=0.0)
+    sent = two_worker_trajectories[(mode, 0, "bytes")]
+    if mode.endswith("-rows"):  # ids and touched rows travelled (fewer bytes than the tables once they are large:
+        assert all(rows > 0 and dense > 0 for rows, dense in sent), sent  # benchmarks/embedding_exchange.py)
+    else:
+        assert all(rows == 0 for rows, _ in sent), sent
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        want = reference(mode, parts=2)
+        want = reference(mode.removesuffix("-rows"), parts=2)
     finally:
         torch.set_num_threads(threads)
     assert_trajectories_equal(rank0, want, atol=1e-6)
