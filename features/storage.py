@@ -27,7 +27,8 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -150,19 +151,33 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file at once: readers see the old content or the new, never part (one PUT on an object store;
-    a temporary sibling renamed over the file on a local disk)."""
+@contextmanager
+def whole_file(path: str) -> Iterator[pa.NativeFile]:
+    """An output stream for ``path`` whose content appears whole: readers see the old file or the new one, never
+    part. On a local disk through a hidden temporary sibling, renamed over the file when the block ends and removed
+    when it fails; on an object store the object appears when the stream closes (pyarrow exposes no abort, so a block
+    that fails part-way still closes it: data files go under new versions, which no pointer names until they are
+    complete)."""
     fs, p = resolve(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(parent(p), recursive=True)
-        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, p)  # a file rename (atomic on POSIX), not a folder's
-    else:
+    if not isinstance(fs, pafs.LocalFileSystem):
         with fs.open_output_stream(p) as f:
-            f.write(data)
+            yield f
+        return
+    fs.create_dir(parent(p), recursive=True)
+    tmp = f"{parent(p)}/.{name(p)}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+        os.replace(tmp, p)  # a file rename (atomic on POSIX), not a folder's
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file at once (``whole_file``)."""
+    with whole_file(path) as f:
+        f.write(data)
 
 
 def read_json(path: str) -> Any:
@@ -206,13 +221,6 @@ def download(path: str, local_dir: str) -> str:
     return local_dir
 
 
-def makedirs(path: str) -> None:
-    """Create a local folder (object stores have no folders: nothing to do there)."""
-    fs, p = resolve(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(p, recursive=True)
-
-
 def content_hash(path: str) -> str:
     """BLAKE2b of the file's bytes (reads the whole file)."""
     fs, p = resolve(path)
@@ -227,24 +235,13 @@ def content_hash(path: str) -> str:
 
 
 def write_parquet(df: pl.DataFrame | pa.Table, path: str, **kwargs: Any) -> None:
-    """``df`` (Polars, or an Arrow table: written by pyarrow) as one Parquet file at ``path``, written whole like
-    ``write_bytes`` (one PUT; a local temporary sibling renamed over the file)."""
-    fs, p = resolve(path)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    if local:
-        fs.create_dir(parent(p), recursive=True)
-    out = f"{parent(p)}/.{name(p)}.tmp-{uuid.uuid4().hex[:8]}" if local else p
-    try:
-        with fs.open_output_stream(out) as f:
-            if isinstance(df, pa.Table):
-                pq.write_table(df, f, **kwargs)
-            else:
-                df.write_parquet(f, **kwargs)
-        if local:
-            os.replace(out, p)
-    finally:
-        if local and os.path.exists(out):
-            os.remove(out)
+    """``df`` (Polars, or an Arrow table: written by pyarrow) as one Parquet file at ``path``, written whole
+    (``whole_file``)."""
+    with whole_file(path) as f:
+        if isinstance(df, pa.Table):
+            pq.write_table(df, f, **kwargs)
+        else:
+            df.write_parquet(f, **kwargs)
 
 
 def scan_parquet(files: list[str]) -> pl.LazyFrame:

@@ -400,7 +400,8 @@ def broadcast_parameters(model: nn.Module, src: int = 0, names: list[str] | None
         if names is None:
             tensors = [*model.parameters(), *model.buffers()]
         else:
-            tensors = [p for n, p in model.named_parameters() if n in set(names)]
+            wanted = set(names)
+            tensors = [p for n, p in model.named_parameters() if n in wanted]
         for t in tensors:
             dist.broadcast(t.data, src)
 

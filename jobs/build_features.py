@@ -77,11 +77,14 @@ class FeatureSet:
         return [f for d in (days or self.days) for f in day_files(self.root, d, "samples")]
 
     def timelines(self) -> Timelines:
-        """The window's events and the state before its first day (features.materialize.Timelines)."""
-        first = previous_day(self.days[0])
+        """The window's events and the state before its first day (features.materialize.Timelines); each day's
+        pointer is read once."""
+        metas = [(d, built_meta(self.root, d)) for d in self.days]
+        before = previous_day(self.days[0])
+        first = read_meta(self.root, before)
         return Timelines.load(
-            {s: [f for d in self.days for f in day_files(self.root, d, f"events/{s}")] for s in STREAMS},
-            {s: day_files(self.root, first, f"state/{s}", missing_ok=True) for s in STREAMS},
+            {s: [f for d, m in metas for f in part_files(self.root, d, m, f"events/{s}")] for s in STREAMS},
+            {s: [] if first is None else part_files(self.root, before, first, f"state/{s}") for s in STREAMS},
         )
 
     def path(self) -> str:
@@ -105,14 +108,22 @@ class FeatureSet:
         )
 
 
-def day_files(root: str, day: str, part: str, missing_ok: bool = False) -> list[str]:
-    """The committed files of one part (``samples``, ``events/<stream>``, ``state/<stream>``) of a built day."""
+def built_meta(root: str, day: str) -> dict:
+    """The pointer of a built day; FileNotFoundError naming the day when it is not built."""
     meta = read_meta(root, day)
     if meta is None:
-        if missing_ok:
-            return []
         raise FileNotFoundError(f"feature day {day} is not built in {root} (no {META}): run jobs.build_features")
+    return meta
+
+
+def part_files(root: str, day: str, meta: dict, part: str) -> list[str]:
+    """The committed files of one part (``samples``, ``events/<stream>``, ``state/<stream>``) of a built day."""
     return [f for f in storage.files_of(f"{root}/day={day}", meta) if storage.parent(f).endswith(f"/{part}")]
+
+
+def day_files(root: str, day: str, part: str) -> list[str]:
+    """``part_files`` of a built day, its pointer read from storage."""
+    return part_files(root, day, built_meta(root, day), part)
 
 
 def input_fingerprint(data_dir: str, day: str) -> str:

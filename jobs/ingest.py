@@ -8,7 +8,7 @@ snapshot (``logs/v1/<table>/*.parquet``). The job
 1. lists every partition of the window and reads every file's footer: a missing partition
    (``MissingPartitionError``), an unreadable file or a file without a required column (``ContractError``) or a
    partition of 0 rows (``EmptyPartitionError``) fails the job before anything is written, naming it;
-2. validates the dimension snapshots (users, items, queries: re-ingested on every run) into a staging folder;
+2. validates the dimension snapshots (users, items, queries: re-ingested on every run) into a new version of each;
 3. validates every daily partition that is not up to date (its ``_manifest.json`` differs: the raw files' names and
    content fingerprints (``fingerprint``: the object's ETag on S3, a hash of the bytes elsewhere), or
    ``features.validate.RULES_VERSION``; or ``force``) in a Ray Data task that reads its files, checks them with
@@ -64,6 +64,7 @@ from features.validate import (
     validate_partition,
 )
 from jobs.common import ReconcileError, clean_root, init_ray, log, quarantine_root, setup_logging
+from jobs.lease import cli_lock
 
 MANIFEST = "_manifest.json"
 
@@ -394,8 +395,6 @@ def partition_summary(p: Partition, manifest: dict, skipped: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jobs.lease import cli_lock  # noqa: PLC0415 - the CLI only
-
     p = argparse.ArgumentParser(
         description="Validate a window of raw log partitions into clean + quarantine datasets (Ray Data, one task per "
         "table and day); days already ingested from the same raw files and dimensions are skipped."
