@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -147,8 +148,8 @@ def fit(win: Window, spec: Spec, tc: TrainConfig, seed: int, device: str = "cpu"
         pred = predict(model, (_on(b, dev) for b in batches))
         return metrics(pred), pred
 
-    def batches(epoch: int):
-        return (_on(b, dev) for b in win.train_batches(spec.features, seed, epoch))
+    def batches(epoch: int, skip: int):
+        return (_on(b, dev) for b in itertools.islice(win.train_batches(spec.features, seed, epoch), skip, None))
 
     loop = LoopConfig(
         epochs=tc.epochs,

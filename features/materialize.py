@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from features import storage
 from features.build import EVENT_FIELDS, N_DT_BUCKETS, NS_GROUPS, SEQ_STREAM, SEQUENCES, STREAMS, FeatureConfig
 from features.schema import GROUND_TRUTH
 
@@ -157,15 +156,16 @@ class Timelines:
         self.streams = streams
 
     @staticmethod
-    def load(events: dict[str, list[str]], state: dict[str, list[str]]) -> Timelines:
-        """Per stream: the Parquet files of the window's events (its days in order, oldest first) and those of the
-        state of the day before the first (none before a store's first day); local paths or URIs."""
+    def load(events: dict[str, pl.LazyFrame | None], state: dict[str, pl.LazyFrame | None]) -> Timelines:
+        """Per stream: the window's events (its days in order, oldest first) and the state of the day before the
+        first (None: no events; no state before a store's first day), as lazy scans, each collected once
+        (features.shards.Layout.timelines makes them, for all users or one reader's)."""
         streams = {}
         for s in STREAMS:
-            ev = storage.read_parquet(events[s]) if events.get(s) else pl.DataFrame()
+            ev = events[s].collect() if events.get(s) is not None else pl.DataFrame()
             st = (
-                storage.read_parquet(state[s])
-                if state.get(s)
+                state[s].collect()
+                if state.get(s) is not None
                 else pl.DataFrame(schema={"user_id": pl.Int64, "key": pl.Int64, "n": pl.Int64})
             )
             streams[s] = Stream.build(ev, st)

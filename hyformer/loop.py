@@ -8,7 +8,8 @@ arguments.
 
     history = run_epochs(learner, model, batches, evaluate, LoopConfig(epochs=1, steps_per_epoch=n, batch_size=256))
 
-`batches(epoch)` yields the epoch's training batches (on the learner's device); `evaluate(split)` scores "eval" (the
+`batches(epoch, skip)` yields the epoch's training batches (on the learner's device) after its first `skip` (a
+restart resumes mid-epoch: the source skips them without building them); `evaluate(split)` scores "eval" (the
 held-out days) or "val" (the validation days) and returns (metrics with "eval_auc", predictions to keep). Every rank
 calls it at the same points (it may be collective: jobs/train.py scores each rank's share of the requests and gathers
 the predictions) and gets the same metrics; rank 0's decisions (stop early, which epoch was best) reach every worker
@@ -17,7 +18,6 @@ through `Hooks.broadcast` all the same.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
@@ -33,6 +33,7 @@ from hyformer.training import EarlyStopping, Learner, NonFiniteError
 log = logging.getLogger("hyformer")
 
 Batch = dict[str, Tensor]
+Batches = Callable[[int, int], Iterable[Batch]]  # (epoch, skip) -> the epoch's batches after the first `skip`
 Evaluate = Callable[[str], tuple[dict[str, float], dict[str, np.ndarray]]]
 
 
@@ -75,10 +76,8 @@ class Hooks:
     report: Callable[[dict[str, float], dict[str, dict] | None], None] = _ignore
 
 
-def train_epoch(
-    learner: Learner, batches: Iterable[Batch], cfg: LoopConfig, pos: Position, hooks: Hooks
-) -> dict[str, float]:
-    """One epoch from ``pos`` (skipping its ``pos.batch`` batches done before a restart), advancing ``pos``."""
+def train_epoch(learner: Learner, batches: Batches, cfg: LoopConfig, pos: Position, hooks: Hooks) -> dict[str, float]:
+    """One epoch from ``pos`` (after its ``pos.batch`` batches done before a restart), advancing ``pos``."""
     if pos.batch:
         log.info(
             "rank %d: epoch %d resumes after batch %d (skipping the batches done before the restart)",
@@ -86,9 +85,8 @@ def train_epoch(
             pos.epoch,
             pos.batch,
         )
-        batches = itertools.islice(batches, pos.batch, None)
     losses, n, t0 = [], 0, time.perf_counter()
-    for batch in batches:
+    for batch in batches(pos.epoch, pos.batch):
         stats = learner.step(batch)
         losses.append(stats["loss"])
         n += len(batch["label"])
@@ -130,7 +128,7 @@ def _evaluate(evaluate: Evaluate) -> tuple[dict[str, float], dict[str, dict]]:
 def run_epochs(
     learner: Learner,
     model: nn.Module,
-    batches: Callable[[int], Iterable[Batch]],
+    batches: Batches,
     evaluate: Evaluate,
     cfg: LoopConfig,
     pos: Position | None = None,
@@ -148,7 +146,7 @@ def run_epochs(
     first_epoch = pos.epoch  # the stopper's epoch 0
     while pos.epoch < cfg.epochs:
         try:
-            m = train_epoch(learner, batches(pos.epoch), cfg, pos, hooks)
+            m = train_epoch(learner, batches, cfg, pos, hooks)
         except NonFiniteError as e:  # on every worker at the same step: stop, with the parameters before that step
             log.error("rank %d: %s", hooks.rank, e)
             hooks.report({"nonfinite_step": float(pos.step)}, None)

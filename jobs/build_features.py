@@ -49,6 +49,7 @@ from features.build import (
 )
 from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
+from features.shards import Layout, UserSlice
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
 from jobs.ingest import MANIFEST, TableCounts, clean_files, ingest
 from jobs.lease import cli_lock
@@ -76,16 +77,18 @@ class FeatureSet:
     def sample_files(self, days: list[str] | tuple[str, ...] | None = None) -> list[str]:
         return [f for d in (days or self.days) for f in day_files(self.root, d, "samples")]
 
-    def timelines(self) -> Timelines:
-        """The window's events and the state before its first day (features.materialize.Timelines); each day's
-        pointer is read once."""
-        metas = [(d, built_meta(self.root, d)) for d in self.days]
+    def layout(self) -> Layout:
+        """Where the window's files are (features.shards): each day's pointer, read once; what readers get."""
         before = previous_day(self.days[0])
-        first = read_meta(self.root, before)
-        return Timelines.load(
-            {s: [f for d, m in metas for f in part_files(self.root, d, m, f"events/{s}")] for s in STREAMS},
-            {s: [] if first is None else part_files(self.root, before, first, f"state/{s}") for s in STREAMS},
-        )
+        metas = {d: built_meta(self.root, d) for d in self.days}
+        if (first := read_meta(self.root, before)) is not None:
+            metas[before] = first
+        return Layout(self.root, self.cfg.n_shards, self.days, before, metas)
+
+    def timelines(self, owner: UserSlice | None = None) -> Timelines:
+        """The window's events and the state before its first day (features.materialize.Timelines): every user's,
+        or ``owner``'s only."""
+        return self.layout().timelines(owner)
 
     def path(self) -> str:
         return f"{self.root}/window-{self.days[-1]}-{len(self.days)}d.json"

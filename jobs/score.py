@@ -1,16 +1,19 @@
-"""Batch scoring with a registered model: Ray Data ``map_batches`` over one day's samples -> Parquet of click scores.
+"""Batch scoring with a registered model: one Ray task per slice of the users -> Parquet of click scores.
 
     python -m jobs.score --data-dir /abs/data --model models:/hyformer@champion --date 2026-11-22
     python -m jobs.score --data-dir /abs/data --model models:/hyformer/3 --date 2026-11-22 --out /abs/scores
 
 The model version carries the feature config it was trained on (jobs/pyfunc.py), so the day is scored with the same
 store, vocabularies, sequence lengths and side info; the day (and the window before it, which its sequences read)
-must be built (the daily workflow does that). Each actor of the pool holds the model and the window's events (put
-once into the object store); per batch it materializes the dedup ID tables (as training does) and scores every request's
-candidates with KV reuse (hyformer/serving.py): one sequence encoding per request. Output, one row per sample:
+must be built (the daily workflow does that). ``--actors N`` tasks each own a slice of the users
+(features.shards.UserSlice, as training's workers do) and read their users' events of the window and samples of the
+day from storage; the driver holds only the model, the days' pointers and the counts. Per batch a task materializes
+the dedup ID tables (as training does) and scores every request's candidates with KV reuse (hyformer/serving.py): one
+sequence encoding per request. Output, one row per sample:
 ``request_id, user_id, item_id, ts, label, p_click, prob`` (``p_click``: the synthetic ground truth, NaN for real logs),
-written under a new version of the output folder and committed by its ``_manifest.json`` (``features.storage``), once
-the row count is checked against the day's samples; a local folder or an ``s3://`` URI.
+one file per piece (day x shard) of each slice, written under a new version of the output folder and committed by its
+``_manifest.json`` (``features.storage``) once the row count is checked against the day's samples; a local folder or
+an ``s3://`` URI.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
 from features import storage
 from features.build import FeatureConfig
-from features.materialize import Materializer
+from features.materialize import Materializer, Timelines
 from features.schema import DAY_FORMAT, parse_day
+from features.shards import Layout, Samples, UserSlice
 from hyformer import HyFormerConfig, build_model
 from hyformer.serving import predict_requests
 from jobs.build_features import FeatureSet, store_root
@@ -47,20 +53,24 @@ class ScoreResult:
 
 
 class Scorer:
-    """A Ray Data actor: stored samples -> click probabilities (one model and the window's events per actor)."""
+    """Stored samples -> click probabilities, with one model and the events of the users it scores."""
 
     def __init__(
-        self, model: tuple[dict, dict], timelines, features: dict, kv_reuse: bool, threads: int, gpu: bool = False
+        self,
+        model: tuple[dict, dict],
+        timelines: Timelines,
+        features: dict,
+        kv_reuse: bool,
+        threads: int,
+        gpu: bool = False,
     ):
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
-        config, state = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+        self.device = torch.device("cuda" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
+        config, state = model
         self.model = build_model(HyFormerConfig.from_dict(config))
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
-        self.materialize = Materializer(
-            ray.get(timelines) if isinstance(timelines, ray.ObjectRef) else timelines, FeatureConfig(**features)
-        )
+        self.materialize = Materializer(timelines, FeatureConfig(**features))
         self.kv_reuse = kv_reuse
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,6 +86,36 @@ class Scorer:
             "p_click": inputs["p_click"].cpu().numpy(),
             "prob": torch.sigmoid(logits.float()).cpu().numpy(),
         }
+
+
+@ray.remote
+def score_slice(
+    layout: Layout,
+    owner: UserSlice,
+    days: list[str],
+    model: tuple[dict, dict],
+    out: str,
+    features: dict,
+    kv_reuse: bool,
+    threads: int,
+    gpu: bool,
+    batch_size: int,
+) -> dict[str, Any]:
+    """One task: ``owner``'s samples of ``days`` scored, one Parquet file per piece (day x shard) under ``out``; its
+    rows, requests (a request is whole in one slice and one day) and file names."""
+    scorer = Scorer(model, layout.timelines(owner), features, kv_reuse, threads, gpu)
+    samples = Samples(layout.pieces("samples", days, owner))
+    rows, requests, files = 0, 0, []
+    for i, piece in enumerate(samples.pieces):
+        scored = [scorer(b) for b in Samples([piece]).in_order(batch_size)]
+        if not scored:
+            continue
+        columns = {c: np.concatenate([b[c] for b in scored]) for c in OUTPUT_COLUMNS}
+        name = f"part-{owner.rank:04d}-{i:04d}.parquet"
+        storage.write_parquet(pa.table(columns), storage.join(out, name))
+        rows, requests = rows + len(columns["label"]), requests + len(np.unique(columns["request_id"]))
+        files.append(name)
+    return {"rows": rows, "requests": requests, "files": files}
 
 
 def scoring_window(data_dir: str, features: dict, date: str, days: int) -> FeatureSet:
@@ -102,47 +142,42 @@ def score(
     gpu: bool = False,
 ) -> ScoreResult:
     """Score the samples of ``days`` (default: the window's last day) with ``model``; Parquet files into ``out_dir``.
-    ``gpu``: each actor takes one GPU and scores on it."""
+    ``actors``: parallel tasks, each scoring ~1/actors of the users; ``gpu``: each task takes one GPU and scores on
+    it."""
     days = list(days or fs.days[-1:])
+    if missing := sorted(set(days) - set(fs.days)):
+        raise ValueError(f"score: days {missing} are not in the feature window {fs.days[0]}..{fs.days[-1]}")
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(fs.sample_files(days), partitioning=None).drop_columns(["day"])
-    expected = storage.num_rows(fs.sample_files(days))
+    layout = fs.layout()  # the days' pointers: each task reads its own users' files (features.shards)
+    expected = storage.num_rows(layout.files("samples", days))  # Parquet footers only
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    kwargs = {
-        "model": ray.put((model.config.to_dict(), state)),
-        "timelines": ray.put(fs.timelines()),
-        "features": fs.cfg.to_dict(),
-        "kv_reuse": kv_reuse,
-        "threads": max(1, int(cpus_per_actor)),
-        "gpu": gpu,
-    }
-    pool = ray.data.ActorPoolStrategy(size=actors)
-    scored = ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs=kwargs,
-        batch_size=batch_size,
-        compute=pool,
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if gpu else 0,
-        batch_format="numpy",
-    )
+    model_ref = ray.put((model.config.to_dict(), state))
     out_dir, version = storage.absolute(out_dir), storage.new_version()
-    filesystem, inner = storage.resolve(storage.join(out_dir, version))
-    scored.write_parquet(inner, filesystem=filesystem)
-    files = storage.list_files(storage.join(out_dir, version))
-    rows, requests = 0, set()
-    for f in files:
-        ids = storage.read_parquet([f], columns=["request_id"])["request_id"]
-        rows += len(ids)
-        requests.update(ids.to_list())
+    task = score_slice.options(num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)
+    parts = ray.get(
+        [
+            task.remote(
+                layout,
+                UserSlice(layout.n_shards, r, actors),
+                days,
+                model_ref,
+                storage.join(out_dir, version),
+                fs.cfg.to_dict(),
+                kv_reuse,
+                max(1, int(cpus_per_actor)),
+                gpu,
+                batch_size,
+            )
+            for r in range(actors)
+        ]
+    )
+    rows, requests = sum(p["rows"] for p in parts), sum(p["requests"] for p in parts)
     if rows != expected:
         raise RuntimeError(f"score: wrote {rows} rows for {expected} samples of days {days}")
-    storage.publish(out_dir, {"version": version, "files": [storage.name(f) for f in files], "rows": rows})
+    storage.publish(out_dir, {"version": version, "files": [f for p in parts for f in p["files"]], "rows": rows})
     storage.collect_garbage(out_dir)
-    res = ScoreResult(out_dir, rows, len(requests), time.perf_counter() - t0)
-    log.info(
-        "score: %d rows (%d requests) of %s in %.1f s -> %s", rows, len(requests), ",".join(days), res.seconds, out_dir
-    )
+    res = ScoreResult(out_dir, rows, requests, time.perf_counter() - t0)
+    log.info("score: %d rows (%d requests) of %s in %.1f s -> %s", rows, requests, ",".join(days), res.seconds, out_dir)
     return res
 
 
@@ -172,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", default=None, help="output folder (default <data>/scores/<model>/<date>)")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--actors", type=int, default=1, help="parallel scoring tasks, each owning ~1/N of the users")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per scoring task")
+    p.add_argument("--gpu", action="store_true", help="one GPU per scoring task")
     p.add_argument("--no-kv-reuse", action="store_true", help="a plain forward per row (for comparison)")
     a = p.parse_args(argv)
     setup_logging()

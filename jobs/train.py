@@ -3,15 +3,19 @@
     python -m jobs.train --features /abs/data/features/v2/<store>/window-2026-11-22-70d.json \
         --workers 2 --grad-sync async
 
-Data (paper §3.8.1): the window's samples (ids + sequence ordinals, a few dozen bytes each) stream from Ray Data into
-the workers; the window's events are put once into the Ray object store. Each worker's collate step turns a batch
-into deduplicated ID tables (``uniq_<table>`` + ``inv_<seq>``), which travel to the device, where the model embeds
-the unique events only and gathers the sequences. The last day is the evaluation set, every other day trains.
+Data (paper §3.8.1): the driver plans, the workers read. Each worker owns a slice of the users
+(features.shards.UserSlice: the store's user shards dealt out to the workers) and reads its users' events of the
+window and their samples (ids + sequence ordinals, a few dozen bytes each) from storage itself, a piece (day x shard)
+at a time; the driver reads only the days' pointers and the Parquet footers, so its memory does not grow with the
+window. Every worker runs the same number of steps per epoch (the largest slice's; smaller slices start over, as
+torch's DistributedSampler pads). A background thread turns each batch into deduplicated ID tables
+(``uniq_<table>`` + ``inv_<seq>``), which travel to the device, where the model embeds the unique events only and
+gathers the sequences. The last day is the evaluation set, every other day trains.
 
 Workers: ``--workers`` TorchTrainer workers, CPU + gloo by default, ``--gpu`` for one worker per GPU with nccl. Each
 runs a ``hyformer.training.Learner``: dense AdamW (warmup, clipping) + row-wise Adagrad on the embedding tables,
 ``--grad-sync ddp`` or ``async`` (§3.8.2), bf16 autocast on GPU, a non-finite guard. At every epoch end each worker
-scores its share of the held-out day's requests (a request whole on one rank) and the predictions are gathered, so
+scores its own users' held-out requests (a request is whole in one slice) and the predictions are gathered, so
 every worker has the metrics; rank 0 logs progress and writes checkpoints (model, both optimisers, position; also every
 ``--checkpoint-every`` steps); after a worker failure Ray Train restarts the group from the last one. See
 docs/training.md.
@@ -35,13 +39,13 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from features import storage
 from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
 from features.materialize import Materializer, Timelines
+from features.shards import Samples, UserSlice, prefetched
 from hyformer import HyFormerConfig, InputSchema, build_model
 from hyformer.loop import Hooks, LoopConfig, Position, run_epochs
 from hyformer.model import RankingModel
@@ -113,48 +117,30 @@ def match_width(
     return best[1]
 
 
-class MaterializeCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate: a batch of stored samples -> dedup ID tables (``dedup=False``: full sequences)
-    as CPU tensors (device: Ray). ``shard=(rank, world)``: only the rows of this rank's requests (``request_id mod
-    world == rank``: a request's candidates stay together on one rank); a batch with none is ``{"label": empty}``."""
+class MaterializeCollate:
+    """A batch of stored samples (numpy columns) -> dedup ID tables (``dedup=False``: full sequences) as CPU
+    tensors."""
 
-    def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True):
         self.materialize = Materializer(timelines, cfg, dedup=dedup)
-        self.rank, self.world = shard
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        if self.world > 1:
-            mine = batch["request_id"] % self.world == self.rank
-            if not mine.any():
-                return {"label": torch.zeros(0)}
-            batch = {k: v[mine] for k, v in batch.items()}
         return {k: torch.from_numpy(v) for k, v in self.materialize(batch).items()}
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank; ``[value]`` without a group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, value)
+    return parts
 
 
 def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every rank's predictions (``jobs.evaluate.predict``'s columns), concatenated, on every rank."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return pred
-    parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, pred)
+    parts = gather(pred)
     return {k: np.concatenate([p[k] for p in parts]) for k in pred}
-
-
-def model_dataset(fs: FeatureSet, days: list[str] | tuple[str, ...], shuffle: bool, seed: int = 0) -> ray.data.Dataset:
-    """The stored samples of ``days`` (one file per day and shard); ``shuffle``: files in a seeded random order."""
-    ds = ray.data.read_parquet(fs.sample_files(days), partitioning=None).drop_columns(["day"])  # strings: no tensors
-    return ds.randomize_block_order(seed=seed) if shuffle else ds
-
-
-def positive_rate(ds: ray.data.Dataset) -> float:
-    """The share of label-1 rows, summed over a stream of label batches. Not ``Dataset.mean``: an aggregate runs
-    shuffle tasks, which cannot be scheduled inside a Ray Tune trial's placement group (workflows/tune.py)."""
-    positives, rows = 0.0, 0
-    for batch in ds.select_columns(["label"]).iter_batches(batch_size=65_536, batch_format="numpy"):
-        positives, rows = positives + float(batch["label"].sum()), rows + len(batch["label"])
-    if not rows:
-        raise ValueError("no training rows: the positive rate is undefined")
-    return positives / rows
 
 
 # --- worker side --------------------------------------------------------------------------------------------------
@@ -211,9 +197,21 @@ def train_fn_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # this worker's users: their events of the window and their samples of each split, read from storage here
+    layout = config["layout"]
+    owner = UserSlice(layout.n_shards, rank, world)
+    own = {split: Samples(layout.pieces("samples", days, owner)) for split, days in config["splits"].items()}
+    counts = gather(own["train"].count())  # (rows, positives) of every rank
+    rows, positives, most = sum(c[0] for c in counts), sum(c[1] for c in counts), max(c[0] for c in counts)
+    if min(c[0] for c in counts) == 0:
+        raise ValueError(
+            f"training rows per worker {[c[0] for c in counts]}: a worker whose users have no training samples "
+            "(fewer workers, or a longer window)"
+        )
+    collate = MaterializeCollate(layout.timelines(owner), FeatureConfig(**config["features"]))
     model = build_model(mc)
     if tc.prior_bias:
-        model.init_output_bias(config["positive_rate"])
+        model.init_output_bias(positives / rows)
     if config["init_state"] is not None:  # merged on the driver (load_init_state)
         model.load_state_dict(ray.get(config["init_state"]))
     raw = model
@@ -225,7 +223,7 @@ def train_fn_per_worker(config: dict) -> None:
         broadcast_parameters(model)  # what DDP does at construction
     elif ignored:
         broadcast_parameters(raw, names=ignored)  # DDP does not broadcast the parameters it ignores
-    steps_per_epoch = math.ceil(config["train_rows"] / (tc.batch_size * world))
+    steps_per_epoch = math.ceil(most / tc.batch_size)  # the largest slice's; the others start over to keep in step
     learner = Learner(model, tc.optim, device, total_steps=steps_per_epoch * tc.epochs)
     pos, restored, history = Position(), -1, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
@@ -233,27 +231,18 @@ def train_fn_per_worker(config: dict) -> None:
         restored = pos.step
         if rank == 0:
             log.info("restored from checkpoint at epoch %d batch %d (step %d)", pos.epoch, pos.batch, pos.step)
-    timelines, features = ray.get(config["timelines"]), FeatureConfig(**config["features"])
-    collate = MaterializeCollate(timelines, features)
-    own_requests = MaterializeCollate(timelines, features, shard=(rank, world))
-    shards = {
-        split: ray.train.get_dataset_shard(split) for split in ("train", "eval", *(("val",) if tc.val_days else ()))
-    }
 
-    def batches(epoch: int):
-        return shards["train"].iter_torch_batches(
-            batch_size=tc.batch_size,
-            collate_fn=collate,
-            device=device,
-            local_shuffle_buffer_size=4 * tc.batch_size,
-            local_shuffle_seed=tc.seed + epoch,
-        )
+    def on_device(batches: Iterable[dict[str, np.ndarray]]):
+        for b in prefetched(collate(b) for b in batches):  # the next batch is materialized while this one trains
+            yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    def batches(epoch: int, skip: int):
+        return on_device(own["train"].batches(tc.batch_size, most, seed=(tc.seed, epoch, rank), skip=skip))
 
     def evaluate(split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Collective: each rank scores its own requests of the (unsplit) split, every rank gets the metrics of all
-        of them (query-level AUC exact: a request is whole on one rank)."""
-        batches = shards[split].iter_torch_batches(batch_size=1024, collate_fn=own_requests, device=device)
-        pred = gather_predictions(predict(raw, (b for b in batches if len(b["label"]))))
+        """Collective: each rank scores its own users' requests of the split, every rank gets the metrics of all of
+        them (query-level AUC exact: a request is whole in one slice)."""
+        pred = gather_predictions(predict(raw, on_device(own[split].in_order(1024))))
         return metrics(pred), pred
 
     loop = LoopConfig(
@@ -356,30 +345,19 @@ def train(
     if init_state is None:
         init_state = load_init_state(tc, mc)
     first_val = len(fs.days) - 1 - tc.val_days
-    datasets = {
-        "train": model_dataset(fs, fs.days[:first_val], shuffle=True, seed=tc.seed),
-        "eval": model_dataset(fs, fs.days[-1:], shuffle=False),
-    }
-    if tc.val_days:
-        datasets["val"] = model_dataset(fs, fs.days[first_val:-1], shuffle=False)
-    t0 = time.perf_counter()
-    timelines = fs.timelines()
-    log.info(
-        "train: window events loaded in %.1f s (%.1f MB), shared through the object store",
-        time.perf_counter() - t0,
-        timelines.nbytes() / 1e6,
+    splits = {"train": fs.days[:first_val], "eval": fs.days[-1:]} | (
+        {"val": fs.days[first_val:-1]} if tc.val_days else {}
     )
+    layout = fs.layout()  # the days' pointers: each worker reads its own users' files (features.shards)
     loop_config = {
         "train": tc.to_dict(),
         "model": mc.to_dict(),
         "features": fs.cfg.to_dict(),
-        "timelines": ray.put(timelines),
+        "layout": layout,
+        "splits": splits,
         "init_state": None if init_state is None else ray.put(init_state),
-        "train_rows": datasets["train"].count(),
-        "positive_rate": positive_rate(model_dataset(fs, fs.days[:first_val], shuffle=False))
-        if tc.prior_bias
-        else None,
     }
+    train_rows = storage.num_rows(layout.files("samples", splits["train"]))  # Parquet footers only
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -394,8 +372,6 @@ def train(
             failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     log.info(
         "train: %s, %d workers (%s, grad sync %s), %d training samples, days %s..%s, held out %s",
@@ -403,7 +379,7 @@ def train(
         tc.workers,
         "gpu/nccl" if tc.gpu else "cpu/gloo",
         tc.optim.grad_sync,
-        loop_config["train_rows"],
+        train_rows,
         fs.days[0],
         fs.days[first_val - 1],
         fs.days[-1],

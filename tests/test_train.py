@@ -45,21 +45,6 @@ def eval_batch(fs) -> dict[str, torch.Tensor]:
     }
 
 
-def test_each_rank_materializes_only_its_own_requests_and_together_all_rows(feature_set):
-    from jobs.train import MaterializeCollate
-
-    samples = pl.read_parquet(feature_set.sample_files(feature_set.days[-1:])).drop("day")
-    batch = {c: samples[c].to_numpy() for c in samples.columns}
-    tl = feature_set.timelines()
-    parts = [MaterializeCollate(tl, feature_set.cfg, shard=(r, 3))(batch) for r in range(3)]
-    ids = [p["request_id"].numpy() for p in parts if len(p["label"])]
-    for r, own in enumerate(ids):
-        assert (own % 3 == r).all()  # a request's candidates are all on one rank
-    assert sorted(np.concatenate(ids).tolist()) == sorted(batch["request_id"].tolist())
-    whole = MaterializeCollate(tl, feature_set.cfg)(batch)
-    assert len(whole["label"]) == len(samples)
-
-
 def test_train_reports_every_metric_per_epoch(trained, feature_set):
     assert [h["epoch"] for h in trained.history] == [0, 1]
     n_eval = pl.read_parquet(feature_set.sample_files(feature_set.days[-1:])).height
@@ -110,11 +95,20 @@ def kill_a_worker_after_the_first_checkpoint(run_dir: str, stop: threading.Event
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_set, tmp_path, where, request):
+def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(
+    feature_set, tmp_path, where, request, monkeypatch
+):
     """Paper §3.8.2 mode on 2 gloo workers, checkpointing every 8 steps (to a local folder, or to the S3 server); a
     worker is SIGKILLed after the first checkpoint is registered. Ray Train restarts the group, which resumes from the
-    last checkpoint: every step of both epochs is trained once and the run finishes."""
-    from features import storage
+    last checkpoint: every step of both epochs is trained once and the run finishes. The workers read their own
+    users' events: the driver never loads any."""
+    from features import materialize, storage
+    from features.shards import Samples, UserSlice
+
+    def no_events_on_the_driver(*args, **kwargs):
+        raise AssertionError("the driver loaded the window's events")
+
+    monkeypatch.setattr(materialize.Timelines, "load", no_events_on_the_driver)
 
     runs = str(tmp_path) if where == "local" else storage.join(request.getfixturevalue("s3"), "train")
     tc = TrainConfig(
@@ -139,8 +133,9 @@ def test_two_async_workers_finish_from_a_checkpoint_after_one_is_killed(feature_
     finally:
         stop.set()
     assert killed, "no worker was killed: the run ended before a checkpoint was registered"
-    rows = pl.read_parquet(feature_set.sample_files(feature_set.days[:-1])).height
-    steps_per_epoch = math.ceil(rows // 2 / tc.batch_size)  # equal shards: an odd row is left out
+    layout = feature_set.layout()
+    own = [Samples(layout.pieces("samples", feature_set.days[:-1], UserSlice(layout.n_shards, r, 2))) for r in (0, 1)]
+    steps_per_epoch = math.ceil(max(o.count()[0] for o in own) / tc.batch_size)  # the larger slice's
     assert [h["epoch"] for h in res.history] == [0, 1]
     assert res.metrics["restored_step"] >= tc.checkpoint_every  # the restarted workers began from a checkpoint
     assert res.metrics["step"] == 2 * steps_per_epoch  # and no step was lost or repeated
@@ -191,8 +186,9 @@ def by_request(pred: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_batch_scoring_equals_the_training_time_evaluation(trained, feature_set, tmp_path):
-    """jobs.score (Ray Data actors, dedup tables, KV reuse per request) on the held-out day gives the scores and the
-    metrics the training job's evaluation reported for the same rows, and so does a plain forward per row."""
+    """jobs.score (a task per slice of the users, dedup tables, KV reuse per request) on the held-out day gives the
+    scores and the metrics the training job's evaluation reported for the same rows, and so does a plain forward per
+    row in three tasks."""
     saved = dict(np.load(f"{trained.checkpoint_dir}/eval_predictions.npz"))
     model = load_model(trained.checkpoint_dir)
     res = score(feature_set, model, str(tmp_path / "scores"), batch_size=100)
@@ -204,8 +200,8 @@ def test_batch_scoring_equals_the_training_time_evaluation(trained, feature_set,
     m = metrics(scores)
     for k in ("eval_auc", "eval_query_auc", "eval_oracle_query_auc"):
         assert m[k] == pytest.approx(trained.metrics[k], abs=1e-4), k
-    plain = read_scores(score(feature_set, model, str(tmp_path / "plain"), kv_reuse=False).path)
-    np.testing.assert_allclose(by_request(plain).f1, got.f1, rtol=1e-4, atol=1e-6)
+    plain = read_scores(score(feature_set, model, str(tmp_path / "plain"), kv_reuse=False, actors=3).path)
+    np.testing.assert_allclose(by_request(plain).f1, got.f1, rtol=1e-4, atol=1e-6)  # 3 tasks, each 1/3 of the users
 
 
 def test_champion_challenger_decisions_move_the_alias_only_when_the_margin_is_beaten(
