@@ -138,8 +138,9 @@ def gather(value: Any) -> list[Any]:
 
 
 def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every rank's predictions (``jobs.evaluate.predict``'s columns), concatenated, on every rank."""
-    parts = gather(pred)
+    """Every rank's predictions (``jobs.evaluate.predict``'s columns), concatenated, on every rank (a rank with none
+    adds nothing: its empty columns carry no dtype)."""
+    parts = [p for p in gather(pred) if len(p["label"])] or [pred]
     return {k: np.concatenate([p[k] for p in parts]) for k in pred}
 
 

@@ -32,7 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from features import storage
 from jobs.build_features import FeatureSet
-from jobs.common import log, pyplot, quiet_ray_data, setup_logging
+from jobs.common import log, pyplot, setup_logging
 from jobs.register import flat_params, use_tracking
 from jobs.train import match_width, model_config, train
 from jobs.train_config import TrainConfig, best_config, route, write_best_config
@@ -130,8 +130,7 @@ def trial_train_config(fs: FeatureSet, base: TrainConfig, params: dict) -> Train
 
 def run_trial(config: dict, fs: FeatureSet, base: TrainConfig, storage_path: str, name: str) -> None:
     """One trial: ``base`` + the sampled ``config`` -> one Ray Train run; every epoch's report goes to Tune."""
-    setup_logging()  # this is the trial's own process: the driver's logging and Ray Data settings do not reach it
-    quiet_ray_data()
+    setup_logging()  # this is the trial's own process: the driver's logging settings do not reach it
     tc = trial_train_config(fs, base, config)
     trial_id = ray.tune.get_context().get_trial_id()
     log.info("trial %s: %s", trial_id, json.dumps({"optim": dataclasses.asdict(tc.optim), "model": tc.model}))
