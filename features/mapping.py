@@ -37,6 +37,7 @@ writes, the report, the CLI). The ``movielens`` profile, a mapping kept in code,
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,6 +45,7 @@ from typing import NamedTuple
 import polars as pl
 
 from features import storage
+from features.scalar_sql import UnsafeSQLError, scalar_sql
 from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, Table
 from features.validate import DIM_KEY, REASON, polars_type, validate
 
@@ -63,6 +65,7 @@ TABLE_KEYS = ("files", "rows", "format", "csv", "where", "requests", "distinct",
 CSV_KEYS = ("separator", "has_header", "columns", "encoding", "quote_char", "dtypes", "null_values")
 DTYPES = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
 SHOWN = 5  # bad rows named in an error message
+ID_SPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # an id map's name: a plain identifier (it names a file)
 
 
 class MappingError(ValueError):
@@ -120,6 +123,26 @@ class TableSpec:
     columns: dict  # contract column -> ColumnSpec, or None (explicitly unmapped)
 
 
+def _checked_sql(sql: object, where: str) -> str:
+    """``sql`` as Polars may parse it (features.scalar_sql); a MappingError otherwise."""
+    try:
+        sql = scalar_sql(sql, where)
+        pl.sql_expr(sql)
+    except UnsafeSQLError as e:
+        raise MappingError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - Polars raises several types for bad SQL
+        raise MappingError(f"{where}: cannot parse SQL {sql!r}: {e}") from e
+    return sql
+
+
+def _id_space(name: object, where: str) -> str:
+    if not isinstance(name, str) or not ID_SPACE.fullmatch(name):
+        raise MappingError(
+            f"{where}: id map name {name!r} must be a plain identifier (letters, digits, _; it names the map's file)"
+        )
+    return name
+
+
 def _unknown(keys, allowed, where: str) -> None:
     bad = sorted(set(keys) - set(allowed))
     if bad:
@@ -146,11 +169,11 @@ def parse_column(table: Table, name: str, raw) -> ColumnSpec | None:
         raise MappingError(f"{where}: give exactly one of {list(SOURCE_KEYS)}, got {given or 'none'}")
     spec = ColumnSpec(
         col=raw.get("col"),
-        sql=raw.get("sql"),
+        sql=_checked_sql(raw["sql"], where) if "sql" in raw else None,
         value=(raw["value"],) if "value" in raw else (),
         lookup=raw.get("lookup"),
         ts=raw.get("ts"),
-        ids=raw.get("ids"),
+        ids=_id_space(raw["ids"], f"{where}.ids") if raw.get("ids") is not None else None,
         map=raw.get("map"),
         default=(raw["default"],) if "default" in raw else (),
     )
@@ -160,11 +183,6 @@ def parse_column(table: Table, name: str, raw) -> ColumnSpec | None:
         raise MappingError(f"{where}: 'ts' and 'ids' exclude each other")
     if spec.map is not None and not isinstance(spec.map, dict):
         raise MappingError(f"{where}: 'map' is an object {{source value: contract value}}")
-    if spec.sql is not None:
-        try:
-            pl.sql_expr(spec.sql)
-        except Exception as e:  # noqa: BLE001 - Polars raises several types for bad SQL
-            raise MappingError(f"{where}: cannot parse SQL {spec.sql!r}: {e}") from e
     if spec.lookup is not None:
         key = DIM_KEY.get(spec.lookup)
         if spec.lookup not in DIM_TABLES or name not in TABLES[spec.lookup].schema.names or name == key:
@@ -208,6 +226,8 @@ def parse_table(name: str, raw: dict, base_dir: str) -> TableSpec:
         _unknown(requests, ("by", "per", "ids"), f"{name}.requests")
         if name != "impressions" or requests.get("per", "day") != "day" or not requests.get("by"):
             raise MappingError(f"{name}.requests: only impressions, grouped {{'by': [columns], 'per': 'day'}}")
+        if requests.get("ids") is not None:
+            _id_space(requests["ids"], f"{name}.requests.ids")
         if "request_id" in (raw.get("columns") or {}):
             raise MappingError(f"{name}: 'requests' derives request_id; do not map it too")
     if raw.get("distinct") and table.daily:
@@ -216,12 +236,7 @@ def parse_table(name: str, raw: dict, base_dir: str) -> TableSpec:
     for c in (requests or {}).get("by", []):
         if c not in table.schema.names:
             raise MappingError(f"{name}.requests.by: {c!r} is not a contract column of {name}")
-    where = raw.get("where")
-    if where is not None:
-        try:
-            pl.sql_expr(where)
-        except Exception as e:  # noqa: BLE001
-            raise MappingError(f"{name}.where: cannot parse SQL {where!r}: {e}") from e
+    where = _checked_sql(raw["where"], f"{name}.where") if raw.get("where") is not None else None
     return TableSpec(
         name=name,
         files=_files(raw["files"], base_dir, name) if "files" in raw else (),
@@ -443,20 +458,23 @@ class Plan:
     kept: pl.LazyFrame  # the rows to write, in the contract's column order (id columns still text keys)
 
 
+def sources(spec: TableSpec) -> list[Source]:
+    if spec.rows is not None:
+        return [Source("<rows of the mapping>", pl.LazyFrame(list(spec.rows)))]
+    return [Source(p, scan_source(p, spec)) for p in spec.files]
+
+
 def plan_table(spec: TableSpec) -> Plan:
     table = TABLES[spec.name]
-    if spec.rows is not None:
-        sources = [Source("<rows of the mapping>", pl.LazyFrame(list(spec.rows)))]
-    else:
-        sources = [Source(p, scan_source(p, spec)) for p in spec.files]
+    sources_ = sources(spec)
     frames, columns = [], None
-    for source, lf in sources:
+    for source, lf in sources_:
         names = source_schema(lf, source, spec.name).names()
         cols = resolve_columns(table, spec, names, source)
         if columns is not None and set(cols) != set(columns):
             raise MappingError(
                 f"{source}: {spec.name} gets columns {sorted(cols)} from this file "
-                f"but {sorted(columns)} from {sources[0].name}"
+                f"but {sorted(columns)} from {sources_[0].name}"
             )
         columns = cols
         frames.append(file_frame(table, spec, source, lf, names, cols))
@@ -472,7 +490,7 @@ def plan_table(spec: TableSpec) -> Plan:
         columns = {"request_id": ColumnSpec(ids=spec.requests.get("ids", "request")), **columns}
     return Plan(
         table=spec.name,
-        files=[s.name for s in sources],
+        files=[s.name for s in sources_],
         columns={c: columns[c] for c in table.schema.names if c in columns},
         read=lf.select(pl.len().alias("n")),
         dropped=lf.filter(pl.col("_drop").is_not_null()).group_by("_drop").agg(pl.len().alias("n")).sort("_drop"),

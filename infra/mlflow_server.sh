@@ -32,8 +32,10 @@ if [[ -x "$ROOT/.venv/bin/mlflow" ]]; then MLFLOW="$ROOT/.venv/bin/mlflow"; else
 if [[ "$ARTIFACTS" != *://* ]]; then ARTIFACTS="$(realpath -m "$ARTIFACTS")"; mkdir -p "$ARTIFACTS"; fi
 [[ "$BACKEND_URI" == sqlite:///* ]] && mkdir -p "$(dirname "${BACKEND_URI#sqlite:///}")"
 
-args=(server --backend-store-uri "$BACKEND_URI" --artifacts-destination "$ARTIFACTS"
-      --host "$HOST" --port "$PORT" --workers 1)
+# the backend URI may hold a database password: it goes to mlflow by environment (its --backend-store-uri envvar),
+# never on the command line, where every user of the host sees it in `ps`
+export MLFLOW_BACKEND_STORE_URI="$BACKEND_URI"
+args=(server --artifacts-destination "$ARTIFACTS" --host "$HOST" --port "$PORT" --workers 1)
 [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]] && args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
 
 client_host="$HOST"; [[ "$HOST" == "0.0.0.0" ]] && client_host="$(hostname -f 2>/dev/null || hostname)"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
+import urllib.parse
 from enum import IntEnum
 from pathlib import Path
 
@@ -14,6 +16,42 @@ import ray
 log = logging.getLogger("hyformer")
 
 DEFAULT_DATA_DIR = os.environ.get("HYFORMER_DATA_DIR", str(Path.cwd() / "data"))
+PRIVATE_UMASK = 0o007  # what the pipeline creates (quarantined raw rows, the MLflow store): owner and group only
+SECRET_PARAM = re.compile(r"(?i)pass|pwd|secret|token|sig|key|credential|auth")  # query parameters to mask
+
+
+def private_files() -> None:
+    """New files and folders of this process: no access for others (umask 007). Run when this module is imported,
+    which every process running a job's code does (the CLIs, the workflows, and the Ray workers that run jobs'
+    tasks, whatever umask their node gave them)."""
+    os.umask(PRIVATE_UMASK)
+
+
+private_files()
+
+
+def redact(uri: str) -> str:
+    """``uri`` fit to print or log: a password (or a lone token) in its user info and the values of query parameters
+    named like secrets (password, token, signature, key, ...) become ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return "<a URI that does not parse>"
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        host = netloc.rsplit("@", 1)[1]
+        netloc = f"{parts.username}:***@{host}" if password is not None else f"***@{host}"
+    params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(SECRET_PARAM.search(k) for k, _ in params):
+        query = "&".join(f"{k}=***" if SECRET_PARAM.search(k) else f"{k}={v}" for k, v in params)
+    out = uri.replace(f"//{parts.netloc}", f"//{netloc}", 1) if netloc != parts.netloc else uri
+    return out.replace(f"?{parts.query}", f"?{query}", 1) if query != parts.query else out
+
+
+def has_secret(uri: str) -> bool:
+    """Whether ``uri`` holds what ``redact`` masks (user info, secret-named query parameters)."""
+    return redact(uri) != uri
 
 
 def setup_logging() -> None:
@@ -61,13 +99,13 @@ def free_port() -> int:
 
 
 class Exit(IntEnum):
-    """The daily workflow's exit codes (for schedulers: 0 and 3 are both a healthy day); jobs/submit.py passes them
-    through from a Ray job. The docstring after each is what the submit wrapper prints."""
+    """The daily workflow's exit codes; jobs/submit.py passes them through from a Ray job. The docstring after each
+    is what the submit wrapper prints."""
 
-    PROMOTED = 0  # trained and promoted, or the date was already done and promoted
+    PROMOTED = 0  # a healthy day: promoted or kept (or already done); the outcome is logged and in status/<date>.json
     FAILED = 1  # a stage failed (named on stderr)
     USAGE = 2  # bad arguments (argparse)
-    NOT_PROMOTED = 3  # trained and registered, the champion is kept (reason logged)
+    NOT_PROMOTED = 3  # only with --exit-3-when-kept: trained and registered, the champion is kept (reason logged)
     LOCKED = 75  # EX_TEMPFAIL: another run holds the data directory's lock
 
 

@@ -33,9 +33,12 @@ import polars as pl
 
 from features import storage
 from features.mapping import (
+    ID_SPACE,
+    SHOWN,
     MappingError,
     Plan,
     TableSpec,
+    ValueParseError,
     apply_lookups,
     extend_idmap,
     id_expr,
@@ -43,10 +46,12 @@ from features.mapping import (
     parse_mapping,
     plan_table,
     raise_errors,
+    sources,
     to_contract,
     utc_day,
 )
 from features.movielens import movielens_mapping
+from features.scalar_sql import failing_rows
 from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, PART_FILE, TABLES, logs_root, parse_day, table_dir
 from features.validate import DIM_KEY
 from jobs.common import DEFAULT_DATA_DIR, ReconcileError, log, setup_logging
@@ -91,10 +96,30 @@ def collect(plans: dict[str, Plan]) -> dict[str, Collected]:
     return {name: Collected(**frames) for name, frames in got.items()}
 
 
+def explain_failure(specs: dict[str, TableSpec], error: Exception) -> MappingError:
+    """The mapping SQL that made the collect fail, with its table and column, the file, the first failing rows and
+    their source values (``ValueParseError``); a ``MappingError`` quoting Polars when no single expression fails."""
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    for name, spec in specs.items():
+        sqls = [(f"{name}.{c}", s.sql) for c, s in spec.columns.items() if s is not None and s.sql is not None]
+        sqls += [(f"{name}.where", spec.where)] if spec.where is not None else []
+        for source, lf in sources(spec):
+            for where, sql in sqls:
+                rows = failing_rows(lf, sql, SHOWN)
+                if rows:
+                    roots = pl.sql_expr(sql).meta.root_names()
+                    values = lf.with_row_index("_row").filter(pl.col("_row").is_in(rows)).select(*roots).collect()
+                    shown = "; ".join(f"row {r}: {v}" for r, v in zip(rows, values.to_dicts(), strict=True))
+                    return ValueParseError(f"{where}: SQL {sql!r} cannot be evaluated on {source}: {shown} ({cause})")
+    return MappingError(f"import: Polars could not evaluate the mapping: {cause}")
+
+
 # --- id maps and dimension tables on disk -----------------------------------------------------------------------
 
 
 def idmap_path(data_dir: str, space: str) -> str:
+    if not ID_SPACE.fullmatch(space):  # parse_mapping refuses such names; a second check where the name becomes a path
+        raise ValueError(f"id map name {space!r} is not a plain identifier")
     return f"{logs_root(data_dir)}/{IDMAPS}/{space}.parquet"
 
 
@@ -183,7 +208,10 @@ def import_logs(data_dir: str, specs: dict[str, TableSpec], mapping: dict | None
     """
     data_dir = storage.absolute(data_dir)
     plans = {name: plan_table(spec) for name, spec in specs.items()}
-    results = collect(plans)
+    try:
+        results = collect(plans)
+    except pl.exceptions.PolarsError as e:
+        raise explain_failure(specs, e) from e
     for name, r in results.items():
         raise_errors(name, r.errors)
 

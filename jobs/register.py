@@ -30,7 +30,7 @@ import hyformer
 from features import storage
 from hyformer import load_model
 from hyformer.model import RankingModel
-from jobs.common import log, pyplot
+from jobs.common import log, pyplot, redact
 from jobs.evaluate import plots
 
 EXPERIMENT = "hyformer-daily"
@@ -122,7 +122,7 @@ def log_training_run(
     log.info(
         "mlflow: run %s logged to %s%s",
         run.info.run_id,
-        mlflow.get_tracking_uri(),
+        redact(mlflow.get_tracking_uri()),
         f", registered {register_as} v{version}" if version else "",
     )
     return run.info.run_id, version

@@ -9,11 +9,11 @@ object-storage URI (``s3://bucket/prefix``; then ``MLFLOW_TRACKING_URI`` names a
 ``MLFLOW_TRACKING_URI`` is forwarded to the job when it is set. A blocking ``ray job submit`` exits 0 or 1 only; this
 wrapper exits with the driver's own exit code, so that a scheduler can tell the outcomes apart:
 
-    0   trained and promoted, or nothing to do (the date is already done)
+    0   a healthy day: promoted or kept, or nothing to do (the date is already done)
     1   a stage failed; also a job that ended STOPPED or FAILED without a driver exit code (its runtime env could
         not be set up, it was stopped), a driver killed by a signal, or a cluster that could not be reached
     2   usage error (of this wrapper or of the workflow)
-    3   trained but not promoted: the champion is kept
+    3   the champion is kept (only with the workflow's --exit-3-when-kept)
     75  another run holds the data directory's lock (EX_TEMPFAIL: try again later)
 
 Ray 2.60 clusters (`ray start`, `ray.init`) use token authentication by default: export RAY_AUTH_MODE=token, and
@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from jobs.common import Exit
+from jobs.common import Exit, has_secret, redact
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = "workflows/daily_train.py"  # relative to the working dir
@@ -46,10 +46,10 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 # The workflow's exit codes (jobs.common.Exit), returned unchanged, and what the wrapper says of each.
 MEANING = {
-    Exit.PROMOTED: "trained and promoted, or nothing to do",
+    Exit.PROMOTED: "a healthy day (promoted or kept), or nothing to do",
     Exit.FAILED: "failed",
     Exit.USAGE: "usage error",
-    Exit.NOT_PROMOTED: "trained but not promoted (champion kept)",
+    Exit.NOT_PROMOTED: "trained but not promoted (champion kept; --exit-3-when-kept)",
     Exit.LOCKED: "another run holds the data directory's lock",
 }
 
@@ -108,8 +108,15 @@ def check_workflow_args(args: Sequence[str], environ: Mapping[str, str]) -> None
         ("http://", "https://", "sqlite:////", "file:///", "postgresql", "mysql", "databricks")
     ):
         raise UsageError(
-            f"MLFLOW_TRACKING_URI={uri!r} must be absolute (http(s)://, sqlite:////abs/db, file:///abs) for a "
-            "submitted job"
+            f"MLFLOW_TRACKING_URI={redact(uri)!r} must be absolute (http(s)://, sqlite:////abs/db, file:///abs) for "
+            "a submitted job"
+        )
+    if uri and has_secret(uri):
+        raise UsageError(
+            f"MLFLOW_TRACKING_URI={redact(uri)!r} carries a secret, and a submitted job's environment is stored with "
+            "the job and shown by the Ray dashboard: give the cluster its credentials itself (e.g. the RayJob's env "
+            "from a Kubernetes Secret; MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for a tracking server) "
+            "and submit with a URI without them"
         )
 
 

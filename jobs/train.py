@@ -163,7 +163,7 @@ def save_checkpoint(directory: str, model: RankingModel, learner: Learner, pos: 
 def restore_checkpoint(checkpoint: Checkpoint, model: RankingModel, learner: Learner) -> tuple[Position, list[dict]]:
     with checkpoint.as_directory() as d:
         model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=learner.device, weights_only=True))
-        state = torch.load(os.path.join(d, "train_state.pt"), map_location=learner.device, weights_only=False)
+        state = torch.load(os.path.join(d, "train_state.pt"), map_location=learner.device, weights_only=True)
         with open(os.path.join(d, "history.json")) as f:
             history = json.load(f)
     learner.load_state_dict(state["learner"])

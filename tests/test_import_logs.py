@@ -317,3 +317,17 @@ def test_cli_prints_the_profile_and_imports(tmp_path, capsys):
     assert f"--date {END} --days 3" in out
     assert main(["--data-dir", str(tmp_path / "data"), "--profile", "movielens", "--source", str(tmp_path)]) == 1
     assert "holds neither ['u.data', 'u.item', 'u.user']" in capsys.readouterr().err
+
+
+def test_a_value_the_mapping_sql_cannot_evaluate_is_named_with_table_column_file_and_rows(tmp_path):
+    """``CAST(clicked AS INTEGER)`` on text: a ValueParseError naming impressions.label, the file, the first failing
+    rows and their source values (not Polars' bare error); nothing is written."""
+    rows = [(*r[:5], c, r[6]) for r, c in zip(ROWS[:4], ["1", "yes", "0", "no"], strict=True)]
+    f = impressions_parquet(tmp_path / "imp.parquet", rows)
+    data_dir = tmp_path / "data"
+    with pytest.raises(ValueParseError) as e:
+        import_logs(str(data_dir), parse_mapping(generic_mapping([f]), tables=("impressions", "users")))
+    msg = str(e.value)
+    assert msg.startswith("impressions.label: SQL 'CAST(clicked AS INT)' cannot be evaluated on " + f)
+    assert "row 1: {'clicked': 'yes'}; row 3: {'clicked': 'no'} (" in msg
+    assert not data_dir.exists() or not any(data_dir.rglob("*.parquet"))

@@ -16,7 +16,7 @@ PACKAGES = ("hyformer", "features", "jobs", "workflows", "benchmarks")
 # third-party imports each layer may use (the standard library is always allowed)
 ALLOWED = {
     "hyformer": {"torch", "numpy"},
-    "features": {"polars", "pyarrow", "numpy"},
+    "features": {"polars", "pyarrow", "numpy", "sqlglot"},  # sqlglot: checks a mapping's SQL before Polars parses it
 }
 MAX_LINES = 600
 

@@ -3,6 +3,7 @@ scheduled submission to a local Ray head logging to an MLflow server."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import pytest
 from jobs.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--days", "4", "--synth-scale", "0.3", "--long-len", "16", "--batch-size", "128"]
+SMALL = ["--days", "4", "--synthetic", "--synth-scale", "0.3", "--long-len", "16", "--batch-size", "128"]
 METRICS = ("eval_auc", "eval_query_auc", "eval_logloss", "eval_oracle_auc")
 
 
@@ -73,7 +74,9 @@ def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and
         "async",
     )
     log = first.stderr + first.stdout
-    assert first.returncode == 3, log[-4000:]  # the last day was not promoted
+    assert first.returncode == 0, log[-4000:]  # the last day was not promoted: a healthy day all the same
+    status = json.loads((data / "status" / "2026-11-22.json").read_text())
+    assert status["outcome"] == "kept" and "champion kept" in status["reason"]
     assert "2 workers (cpu/gloo, grad sync async)" in log
     for stage in (
         "synthesize",
@@ -112,7 +115,7 @@ def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and
         artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(r.info.run_id, "plots")}
         assert {"plots/roc.png", "plots/calibration.png", "plots/per_day_auc.png"} <= artifacts
     # the same date again: a no-op with the recorded outcome (no ingest, no training, no new version)
-    again = run_workflow(data, "--date", "2026-11-22")
+    again = run_workflow(data, "--date", "2026-11-22", "--exit-3-when-kept")  # the old exit code, on request
     assert again.returncode == 3 and "daily 2026-11-22: already done" in again.stderr + again.stdout, (
         again.stderr + again.stdout
     )[-3000:]
@@ -155,6 +158,24 @@ def test_a_second_run_on_a_locked_data_directory_exits_75_naming_the_holder(tmp_
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert "is locked by another run" in proc.stderr and "other-node" in proc.stderr
     assert not (data / "logs").exists()  # nothing was touched
+
+
+def test_a_data_directory_without_logs_fails_naming_them_instead_of_training_on_synthetic_data(tmp_path):
+    """A mistyped --data-dir must not train (and promote into a shared registry) a model of synthetic logs: only the
+    demo's default directory, or --synthetic, gets them."""
+    data = tmp_path / "typo"
+    args = [a for a in SMALL if a != "--synthetic"]
+    proc = subprocess.run(
+        [sys.executable, "workflows/daily_train.py", "--data-dir", str(data), *args],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"no logs in {data}/logs/v1" in proc.stderr and "--synthetic" in proc.stderr
+    assert not (data / "logs").exists() and not (data / "mlflow").exists()
 
 
 @pytest.fixture

@@ -12,12 +12,15 @@ query-level AUC on D beats the champion's by more than ``--promotion-margin``. T
 and kept on the MLflow run and the model version. A date already done (a finished run for it) is skipped unless
 ``--force``; a lock on the data directory keeps two runs from working on it at once.
 
-With no logs under ``<data-dir>/logs`` it first generates a small synthetic window ending at the last date (default:
-yesterday, UTC). Without ``--date`` and with existing logs, the newest impressions day is used.
+With no logs under ``<data-dir>/logs``, the demo's default data directory (``./data``, or ``HYFORMER_DATA_DIR``) first
+gets a small synthetic window ending at the last date (default: yesterday, UTC); any other data directory needs
+``--synthetic`` for that, and fails naming the missing logs otherwise (a mistyped ``--data-dir`` must not train and
+promote a model of synthetic data). Without ``--date`` and with existing logs, the newest impressions day is used.
 
-Exit codes: 0 promoted (or already done and promoted), 3 trained but not promoted (the champion is kept), 1 a stage
-failed (named), 2 bad arguments, 75 another run holds the data directory's lock. A backfill stops at the first
-failure and exits with the last date's code.
+Exit codes: 0 a healthy day, the champion promoted or kept (the outcome is in the log, the MLflow run and
+``<data-dir>/status/<date>.json``), 1 a stage failed (named), 2 bad arguments, 75 another run holds the data
+directory's lock; with ``--exit-3-when-kept`` (the behaviour before issue #18) a kept champion exits 3. A backfill
+stops at the first failure and exits with the last date's code.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from features import storage  # noqa: E402
 from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import add_feature_arguments, feature_config, logs_to_features  # noqa: E402
-from jobs.common import Exit, Locked, StageFailed, init_ray, log, setup_logging, stage  # noqa: E402
+from jobs.common import DEFAULT_DATA_DIR, Exit, Locked, StageFailed, init_ray, log, setup_logging, stage  # noqa: E402
 from jobs.lease import data_dir_lock  # noqa: E402
 from jobs.promote import decide, evaluate_registered  # noqa: E402
 from jobs.register import (
@@ -56,7 +59,15 @@ from jobs.train_config import TrainConfig, add_train_arguments, read_best_config
 DEMO_MODEL = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
 
 
-OUTCOME_EXIT = {"promoted": Exit.PROMOTED, "kept": Exit.NOT_PROMOTED, "logged": Exit.PROMOTED}
+STATUS = "status"  # <data-dir>/status/<date>.json: the outcome of each date, for whatever watches the runs
+
+
+def outcome_exit(outcome: str, exit_3_when_kept: bool) -> Exit:
+    return Exit.NOT_PROMOTED if outcome == "kept" and exit_3_when_kept else Exit.PROMOTED
+
+
+class NoLogs(FileNotFoundError):
+    """No logs in a data directory that is not the demo's, and no --synthetic."""
 
 
 def newest_log_day(data_dir: str) -> dt.date | None:
@@ -94,7 +105,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rebuild every feature day of the window (default: only stale days)",
     )
     p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="generate the demo's synthetic logs when --data-dir has none (automatic only for the default ./data)",
+    )
+    p.add_argument(
         "--synth-scale", type=float, default=1.0, help="multiplies the demo's synthetic request/event counts"
+    )
+    p.add_argument(
+        "--exit-3-when-kept",
+        action="store_true",
+        help="exit 3 when the champion is kept (the old behaviour; default: 0 for promoted and kept alike)",
     )
     p.add_argument(
         "--init-from",
@@ -145,9 +166,15 @@ def dates_of(a: argparse.Namespace, data_dir: str) -> list[dt.date]:
 
 
 def synthesize_if_empty(a: argparse.Namespace, data_dir: str, dates: list[dt.date]) -> None:
-    """The demo: without logs, a synthetic window covering every date's training window."""
+    """The demo: without logs, a synthetic window covering every date's training window; only for the default data
+    directory or with ``--synthetic`` (NoLogs otherwise)."""
     if storage.exists(logs_root(data_dir)):
         return
+    if not (a.synthetic or data_dir == storage.absolute(DEFAULT_DATA_DIR)):
+        raise NoLogs(
+            f"no logs in {logs_root(data_dir)}: point --data-dir at a data directory with logs (jobs.import_logs "
+            "writes them), or pass --synthetic to generate the demo's synthetic logs there"
+        )
     cfg = SynthConfig.demo(a.days + (dates[-1] - dates[0]).days, a.synth_scale, a.seed)
     stage("synthesize", generate, cfg, data_dir, dates[-1])
 
@@ -251,7 +278,11 @@ def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
     try:
         with data_dir_lock(data_dir, a.lock_timeout):
             dates = dates_of(a, data_dir)
-            synthesize_if_empty(a, data_dir, dates)
+            try:
+                synthesize_if_empty(a, data_dir, dates)
+            except NoLogs as e:
+                print(f"daily_train: {e}", file=sys.stderr)
+                return Exit.FAILED, []
             summaries, code = [], Exit.PROMOTED
             for date in dates:
                 try:
@@ -261,8 +292,9 @@ def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
                     print(f"daily_train: {date}: {e}", file=sys.stderr)
                     return Exit.FAILED, summaries
                 print("daily_train: day " + json.dumps(s), flush=True)
+                storage.write_json(storage.join(data_dir, STATUS, f"{s['date']}.json"), s)
                 summaries.append(s)
-                code = OUTCOME_EXIT[s["outcome"]]
+                code = outcome_exit(s["outcome"], a.exit_3_when_kept)
             return code, summaries
     except Locked as e:
         print(f"daily_train: {e} (--lock-timeout)", file=sys.stderr)
