@@ -420,6 +420,7 @@ def drop_reason(table: Table, spec: TableSpec) -> pl.Expr:
     if table.daily:
         no_ts = pl.col("ts").is_null() & pl.col("_error").is_null()
         reason = reason.when(no_ts).then(pl.lit("ts: null, so no day partition"))
+        reason = reason.when(pl.col("ts") < 0).then(pl.lit("ts: before 1970-01-01 (the contract: ms since 1970)"))
     return reason.otherwise(pl.lit(None, pl.String))
 
 

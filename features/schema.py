@@ -189,6 +189,24 @@ def parse_day(text: str) -> dt.date:
         raise ValueError(f"bad day {text!r}: expected YYYY-MM-DD") from e
 
 
+def day_folders(root: str, names: list[str]) -> list[str]:
+    """The days of partition folders ``names`` (``day=YYYY-MM-DD``) under ``root``, sorted; a ValueError naming the
+    folder for anything else there that starts with ``day=`` (e.g. ``day=2026-03-02.bak``)."""
+    days = []
+    for name in names:
+        try:
+            days.append(parse_day(name.removeprefix("day=")).strftime(DAY_FORMAT))
+        except ValueError:
+            raise ValueError(
+                f"{root}/{name}: not a day partition (day=YYYY-MM-DD): move it out of the logs folder"
+            ) from None
+    return sorted(days)
+
+
+def utc_today() -> dt.date:
+    return dt.datetime.now(dt.timezone.utc).date()
+
+
 def previous_day(day: str) -> str:
     """The ``YYYY-MM-DD`` day before ``day``."""
     return (parse_day(day) - dt.timedelta(days=1)).strftime(DAY_FORMAT)

@@ -27,7 +27,7 @@ from features.schema import DAY_FORMAT, MS_PER_DAY, Table, day_start_ms
 REASON, RAW, FILE, ROW = "_reason", "_raw", "_file", "_row"
 
 # Bump when a check changes: ingest then re-validates partitions whose manifest was written under an older version.
-RULES_VERSION = 2
+RULES_VERSION = 3  # 3: a request's rows belong to one user and one day (request_checks)
 
 # Duplicate keys: within one partition (all its files), a second row with the same key is quarantined.
 KEYS: dict[str, tuple[str, ...]] = {
@@ -254,18 +254,57 @@ def duplicate_check(v: pl.DataFrame, table: Table) -> pl.DataFrame:
     )
 
 
+def request_checks(v: pl.DataFrame, table: Table, earlier: pl.DataFrame | None) -> pl.DataFrame:
+    """impressions: quarantine every valid row of a request id that several users share (which user is right is
+    unknown; query-level AUC would mix them) and of a request id already used on an earlier day of the window
+    (``earlier``: request_id, first_day; the first day's rows are kept)."""
+    ok = v.filter(pl.col(REASON).is_null())
+    shared = (
+        ok.group_by("request_id")
+        .agg(pl.col("user_id").unique().sort().cast(pl.String).alias("__users"))
+        .filter(pl.col("__users").list.len() > 1)
+        .select(
+            "request_id",
+            pl.format(
+                "request_id: shared by users [{}]: a request has one user", pl.col("__users").list.join(", ")
+            ).alias("__why"),
+        )
+    )
+    reasons = [shared]
+    if earlier is not None and not earlier.is_empty():
+        seen = ok.select("request_id").unique().join(earlier, on="request_id")
+        reasons.append(
+            seen.select("request_id", pl.format("request_id: already used on day {}", "first_day").alias("__why"))
+        )
+    why = pl.concat(reasons).group_by("request_id").agg(pl.col("__why").str.join("; "))
+    if why.is_empty():
+        return v
+    row_json = pl.struct([c.name for c in table.columns]).struct.json_encode()  # the row passed every cast: typed = raw
+    hit = pl.col(REASON).is_null() & pl.col("__why").is_not_null()
+    return (
+        v.join(why, on="request_id", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(hit).then(pl.col("__why")).otherwise(pl.col(REASON)).alias(REASON),
+            pl.when(hit).then(row_json).otherwise(pl.col(RAW)).alias(RAW),
+        )
+        .drop("__why")
+    )
+
+
 def validate_partition(
     frames: list[tuple[str, pl.DataFrame]],
     table: Table,
     day: dt.date | None,
     known_ids: Mapping[str, pl.Series] | None = None,
+    earlier_requests: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Validate every (source file, rows) of one partition; contract columns + ``_file``, ``_row``, ``_reason``,
-    ``_raw``."""
+    ``_raw``. impressions: also ``request_checks`` (``earlier_requests``: request ids of earlier days)."""
     parts = [
         validate(df, table, day, source, known_ids).with_columns(
             pl.lit(source, pl.String).alias(FILE), pl.int_range(pl.len(), dtype=pl.Int64).alias(ROW)
         )
         for source, df in frames
     ]
-    return duplicate_check(pl.concat(parts), table)
+    v = duplicate_check(pl.concat(parts), table)
+    return request_checks(v, table, earlier_requests) if table.name == "impressions" else v

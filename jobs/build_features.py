@@ -51,7 +51,7 @@ from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
 from features.shards import Layout, UserSlice
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
-from jobs.ingest import MANIFEST, TableCounts, clean_files, ingest
+from jobs.ingest import MANIFEST, MAX_QUARANTINE_SHARE, TableCounts, add_quarantine_argument, clean_files, ingest
 from jobs.lease import cli_lock
 
 STORE_VERSION = 2
@@ -288,7 +288,9 @@ def build_features(
 
 
 def add_feature_arguments(p: argparse.ArgumentParser) -> None:
-    """The data directory and the feature window's settings, shared by the workflows (read back by feature_config)."""
+    """The data directory and the feature window's settings, shared by the workflows (read back by feature_config);
+    also the ingest's quarantine limit (``--max-quarantine-share``)."""
+    add_quarantine_argument(p)
     p.add_argument(
         "--data-dir",
         default=DEFAULT_DATA_DIR,
@@ -330,12 +332,13 @@ def logs_to_features(
     cfg: FeatureConfig,
     force: bool = False,
     step: Callable = _call,
+    max_quarantine_share: float = MAX_QUARANTINE_SHARE,
 ) -> tuple[dict[str, TableCounts], FeatureSet]:
     """What every entry point that trains needs first: ingest the ``days``-day window ending at ``end`` (unchanged
     days are skipped), then build its features (only stale days unless ``force``). ``step(name, fn, *args)`` runs
     each part; the workflows pass jobs.common.stage, which names the part that failed. Returns the ingest counts per
     table and the feature window."""
-    counts = step("ingest", ingest, data_dir, end, days)
+    counts = step("ingest", ingest, data_dir, end, days, max_quarantine_share=max_quarantine_share)
     return counts, step("features", build_features, data_dir, end, days, cfg, force=force)
 
 

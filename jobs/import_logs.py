@@ -52,7 +52,17 @@ from features.mapping import (
 )
 from features.movielens import movielens_mapping
 from features.scalar_sql import failing_rows
-from features.schema import DAILY_TABLES, DAY_FORMAT, DIM_TABLES, PART_FILE, TABLES, logs_root, parse_day, table_dir
+from features.schema import (
+    DAILY_TABLES,
+    DAY_FORMAT,
+    DIM_TABLES,
+    PART_FILE,
+    TABLES,
+    day_folders,
+    logs_root,
+    parse_day,
+    table_dir,
+)
 from features.validate import DIM_KEY
 from jobs.common import DEFAULT_DATA_DIR, ReconcileError, log, setup_logging
 from jobs.lease import cli_lock
@@ -170,11 +180,8 @@ class ImportReport:
 def days_on_disk(data_dir: str, table: str) -> set[str]:
     """Day partitions of a daily table that hold at least one row (their Parquet footers)."""
     root = table_dir(logs_root(data_dir), table)
-    return {
-        d.removeprefix("day=")
-        for d in storage.list_dirs(root, "day=")
-        if storage.num_rows(storage.list_files(storage.join(root, d)))
-    }
+    days = day_folders(root, storage.list_dirs(root, "day="))
+    return {d for d in days if storage.num_rows(storage.list_files(storage.join(root, f"day={d}")))}
 
 
 def complete_window(by_table: dict[str, set[str]]) -> tuple[dict, dict[str, list[str]]]:

@@ -48,6 +48,7 @@ from features.schema import (
     logs_root,
     parse_day,
     table_dir,
+    utc_today,
     window,
 )
 from features.validate import (
@@ -77,6 +78,12 @@ class EmptyPartitionError(ValueError):
     """A partition exists but holds 0 rows: a logging outage, not data."""
 
 
+class QuarantineLimitError(ValueError):
+    """A partition whose quarantined share exceeds the limit: a broken export, not a few bad rows (nothing is
+    committed)."""
+
+
+MAX_QUARANTINE_SHARE = 0.01  # default limit on a partition's quarantined rows / rows read
 ERRORS = {e.__name__: e for e in (ContractError, EmptyPartitionError, MissingPartitionError, ReconcileError)}
 
 
@@ -179,9 +186,35 @@ def dims_fingerprint(dims: Dims) -> str:
     return h.hexdigest()[:16]
 
 
-def ingest_partition(p: Partition, data_dir: str, version: str, dims: Dims | None, dims_fp: str | None) -> dict:
+@ray.remote
+def repeated_requests(impressions: list[Partition]) -> pl.DataFrame:
+    """The request ids on more than one day of the window's raw impressions (request_id, first_day); a Ray task, so
+    the window's request ids never pass through the driver. Reads the request_id column only; a file that cannot be
+    read is left to its partition's validation, which names it."""
+    frames = []
+    for p in impressions:
+        try:
+            ids = storage.scan_parquet(p.paths()).select(pl.col("request_id").cast(pl.Int64, strict=False)).collect()
+        except Exception:  # noqa: BLE001 - Polars raises several types for unreadable files
+            continue
+        frames.append(ids.drop_nulls().unique().with_columns(pl.lit(p.day).alias("day")))
+    if not frames:
+        return pl.DataFrame(schema={"request_id": pl.Int64, "first_day": pl.String})
+    days = pl.concat(frames).group_by("request_id").agg(pl.col("day").min().alias("first_day"), pl.len().alias("n"))
+    return days.filter(pl.col("n") > 1).select("request_id", "first_day")
+
+
+def ingest_partition(
+    p: Partition,
+    data_dir: str,
+    version: str,
+    dims: Dims | None,
+    dims_fp: str | None,
+    repeated: pl.DataFrame | None = None,
+) -> dict:
     """Validate one partition; write its clean and quarantined rows under ``version`` of its clean and quarantine
-    partitions (nothing reads them before the driver commits them); return the clean manifest to commit."""
+    partitions (nothing reads them before the driver commits them); return the clean manifest to commit.
+    ``repeated``: request ids on several days of the window (``repeated_requests``)."""
     spec = TABLES[p.table]
     known = known_ids(dims) if p.table in REFERENCES else None
     frames, extra = [], set()
@@ -192,7 +225,8 @@ def ingest_partition(p: Partition, data_dir: str, version: str, dims: Dims | Non
     read = sum(df.height for _, df in frames)
     if read == 0:
         raise EmptyPartitionError(f"empty partition: {p.raw_dir} has 0 rows (table {p.table!r})")
-    v = validate_partition(frames, spec, parse_day(p.day) if p.day else None, known)
+    earlier = None if repeated is None else repeated.filter(pl.col("first_day") < p.day)
+    v = validate_partition(frames, spec, parse_day(p.day) if p.day else None, known, earlier)
     ok = pl.col(REASON).is_null()
     clean = v.filter(ok).select(spec.schema.names)
     bad = v.filter(~ok).select(FILE, ROW, REASON, RAW, *([pl.lit(p.day).alias("day")] if p.day else []))
@@ -212,13 +246,48 @@ def ingest_partition(p: Partition, data_dir: str, version: str, dims: Dims | Non
         "dims_fingerprint": dims_fp,
         "raw_files": p.file_stats,
         "counts": {"read": read, "clean": clean.height, "quarantined": bad.height},
+        "reasons": top_reasons(bad),
         "extra_columns": sorted(extra),
         "ingested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
+def top_reasons(bad: pl.DataFrame, n: int = 3) -> list[dict]:
+    """The ``n`` most common quarantine reasons (by the field each names first), with a count and one example."""
+    if bad.is_empty():
+        return []
+    field = pl.col(REASON).str.split(":").list.first().alias("field")
+    top = bad.group_by(field).agg(pl.len().alias("rows"), pl.col(REASON).first().alias("example"))
+    return top.sort("rows", "field", descending=[True, False]).head(n).to_dicts()
+
+
+def check_quarantine_share(parts: list[Partition], manifests: dict[str, dict], limit: float) -> None:
+    """QuarantineLimitError naming every partition whose quarantined share exceeds ``limit``, with its top reasons."""
+    bad = []
+    for p in parts:
+        c = manifests[p.rel]["counts"]
+        if c["read"] and c["quarantined"] / c["read"] > limit:
+            why = ", ".join(
+                f"{r['rows']} x {r['field']} (e.g. {r['example'][:100]!r})" for r in manifests[p.rel].get("reasons", [])
+            )
+            bad.append(
+                f"{p.raw_dir}: {c['quarantined']} of {c['read']} rows quarantined "
+                f"({c['quarantined'] / c['read']:.1%} > {limit:.1%})" + (f": {why}" if why else "")
+            )
+    if bad:
+        raise QuarantineLimitError(
+            "ingest: a partition is mostly bad rather than a few bad rows (a broken export? ts in seconds?); nothing "
+            "was committed. Fix the input, or raise --max-quarantine-share. " + "; ".join(bad)
+        )
+
+
 def ingest_partition_udf(
-    batch: dict[str, np.ndarray], data_dir: str, version: str, dims: Dims | None, dims_fp: str | None
+    batch: dict[str, np.ndarray],
+    data_dir: str,
+    version: str,
+    dims: Dims | None,
+    dims_fp: str | None,
+    repeated: pl.DataFrame | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: one partition per call. Errors come back as data, so the driver re-raises them with their type."""
     out = []
@@ -226,7 +295,7 @@ def ingest_partition_udf(
         d = json.loads(text)
         p = Partition(d["table"], d["day"], d["raw_dir"], tuple(tuple(f) for f in d["files"]))
         try:
-            res = {"manifest": ingest_partition(p, data_dir, version, dims, dims_fp)}
+            res = {"manifest": ingest_partition(p, data_dir, version, dims, dims_fp, repeated)}
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - also Polars' PanicException (a BaseException)
@@ -236,7 +305,12 @@ def ingest_partition_udf(
 
 
 def run_partitions(
-    parts: list[Partition], data_dir: str, version: str, dims: Dims | None, dims_fp: str | None
+    parts: list[Partition],
+    data_dir: str,
+    version: str,
+    dims: Dims | None,
+    dims_fp: str | None,
+    repeated: pl.DataFrame | None = None,
 ) -> dict[str, dict]:
     """Validate ``parts`` with Ray Data (one task per partition), writing ``version`` of each; manifests by
     ``Partition.rel``; raise the first error."""
@@ -250,7 +324,7 @@ def run_partitions(
     rows = ds.map_batches(
         ingest_partition_udf,
         batch_size=1,
-        fn_kwargs={"data_dir": data_dir, "version": version, "dims": dims, "dims_fp": dims_fp},
+        fn_kwargs={"data_dir": data_dir, "version": version, "dims": dims, "dims_fp": dims_fp, "repeated": repeated},
     ).take_all()
     results = [json.loads(r["result"]) for r in rows]
     errors = sorted(
@@ -323,13 +397,26 @@ def table_counts(table: str, parts: list[Partition], manifests: dict[str, dict],
     return c
 
 
-def ingest(data_dir: str, end: dt.date, days: int = 70, force: bool = False) -> dict[str, TableCounts]:
+def ingest(
+    data_dir: str,
+    end: dt.date,
+    days: int = 70,
+    force: bool = False,
+    max_quarantine_share: float = MAX_QUARANTINE_SHARE,
+) -> dict[str, TableCounts]:
     """Validate the ``days`` days ending at ``end`` (inclusive) of every table; returns per-table counts of the window.
 
     Days whose clean partition is up to date are skipped unless ``force``. Dimension snapshots are always re-ingested.
+    A partition of the window with more than ``max_quarantine_share`` of its rows quarantined fails the run
+    (QuarantineLimitError) before anything is committed.
     """
     data_dir = storage.absolute(data_dir)
     init_ray()  # no-op when Ray is up (a job on a cluster, the workflow, tests)
+    if end > utc_today():
+        raise ValueError(
+            f"ingest: the window ends on {end}, after today ({utc_today()} UTC): a day's logs are complete only once "
+            "the day is over (--date)"
+        )
     win = window(end, days)
     dims = [plan_partition(data_dir, t, None) for t in DIM_TABLES]
     daily = [plan_partition(data_dir, t, d) for t in DAILY_TABLES for d in win]
@@ -349,7 +436,10 @@ def ingest(data_dir: str, end: dt.date, days: int = 70, force: bool = False) -> 
         len(todo),
         len(previous),
     )
-    manifests |= run_partitions(todo, data_dir, version, new_dims, dims_fp)
+    repeated = ray.get(repeated_requests.remote([p for p in daily if p.table == "impressions"]))
+    manifests |= run_partitions(todo, data_dir, version, new_dims, dims_fp, repeated)
+    # the partitions validated now (those up to date passed this check, under the limit of the run that committed them)
+    check_quarantine_share(dims + todo, manifests, max_quarantine_share)
     for p in dims + todo:  # every partition validated: only now does any pointer move
         commit(data_dir, p, manifests[p.rel])
     removed = collect_garbage(data_dir, dims + todo)
@@ -394,6 +484,15 @@ def partition_summary(p: Partition, manifest: dict, skipped: bool) -> dict:
     return {**manifest["counts"], "files": len(p.files), "extra_columns": manifest["extra_columns"], "skipped": skipped}
 
 
+def add_quarantine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-quarantine-share",
+        type=float,
+        default=MAX_QUARANTINE_SHARE,
+        help=f"fail a partition with more than this share of its rows quarantined (default {MAX_QUARANTINE_SHARE})",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Validate a window of raw log partitions into clean + quarantine datasets (Ray Data, one task per "
@@ -403,11 +502,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--date", required=True, type=parse_day, help="last day of the window, YYYY-MM-DD")
     p.add_argument("--days", type=int, default=70, help="window length in days (default 70)")
     p.add_argument("--force", action="store_true", help="re-validate every day of the window, even those up to date")
+    add_quarantine_argument(p)
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
     with cli_lock(a.data_dir):
-        counts = ingest(a.data_dir, a.date, a.days, force=a.force)
+        counts = ingest(a.data_dir, a.date, a.days, force=a.force, max_quarantine_share=a.max_quarantine_share)
     for c in counts.values():
         print(json.dumps(asdict(c)))
 

@@ -322,6 +322,18 @@ def warm_start_state(
         return dataclasses.replace(tc, init_from=None), None
 
 
+class EvaluationDataError(ValueError):
+    """The held-out day cannot give a meaningful AUC (too few rows, or one class only)."""
+
+
+def check_eval_day(day: str, rows: int, positives: int, min_rows: int) -> None:
+    if rows < min_rows or positives in (0, rows):
+        raise EvaluationDataError(
+            f"held-out day {day}: {rows} rows, {positives} positive: too few to evaluate (need >= {min_rows} rows, "
+            "--min-eval-rows) or only one class (AUC undefined). Is the day's data complete, or was it quarantined?"
+        )
+
+
 def train(
     fs: FeatureSet,
     tc: TrainConfig,
@@ -359,6 +371,8 @@ def train(
         "init_state": None if init_state is None else ray.put(init_state),
     }
     train_rows = storage.num_rows(layout.files("samples", splits["train"]))  # Parquet footers only
+    labels = storage.read_parquet(layout.files("samples", splits["eval"]), columns=["label"])["label"]  # one day
+    check_eval_day(fs.days[-1], len(labels), int(labels.sum()), tc.min_eval_rows)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,

@@ -45,6 +45,9 @@ class TrainConfig:
     gpu: bool = setting(False, "CUDA workers + nccl instead of CPU workers + gloo")
     cpus_per_worker: float = setting(2.0, "logical CPUs each worker reserves (= its torch threads)")
     checkpoint_every: int = setting(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
+    min_eval_rows: int = setting(
+        100, "fail before training when the held-out day has fewer rows than this, or only one class (no AUC)"
+    )
     max_failures: int = setting(2, "Ray Train restarts the workers from the last checkpoint this many times")
     init_from: str | None = None  # warm start: a checkpoint directory (config.json + model.pt), set by the caller
     hide_sequences: bool = setting(False, "ablation: the model masks every behaviour sequence event")

@@ -25,7 +25,7 @@ import pytest
 
 from features.schema import DAILY_TABLES, TABLES, day_start_ms
 from features.validate import ContractError
-from jobs.ingest import EmptyPartitionError, MissingPartitionError, ingest
+from jobs.ingest import EmptyPartitionError, MissingPartitionError, QuarantineLimitError, ingest
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -198,6 +198,7 @@ class Case:
     match: tuple[str, ...] = ()  # ... whose message contains these (use "{dir}" for the data dir)
     table: str = ""  # else: the quarantine of this table holds exactly these rows
     rows: tuple[tuple[str, int, str], ...] = ()  # (file name, _row, reason substring)
+    limit: float = 1.0  # ingest's max_quarantine_share (the corpus checks per-row verdicts; the limit has its cases)
     check: Callable[[str, dict], None] | None = None  # extra checks on (data_dir, counts)
 
 
@@ -220,7 +221,59 @@ def check_huge_user(d: str, counts: dict) -> None:
     assert counts["feed_events"].read == 20_000 + 5 and counts["feed_events"].clean == 20_005
 
 
+def repeat_request(d: str) -> None:
+    """D2's first request reuses D1's first request id (the candidates differ: no within-day duplicate)."""
+    rows = day_rows("impressions", D2)
+    rows["request_id"] = [100 * D1.day] * 2 + rows["request_id"][2:]
+    write(path(d, "impressions", D2), rows, TABLES["impressions"].schema)
+
+
 CASES = [
+    # --- limits: a partition that is mostly bad fails the run (issue #18) -----------------------------------------
+    Case(
+        "whole_day_ts_in_seconds",
+        lambda d: write(
+            path(d, "impressions", D2),
+            loose("impressions", D2, ts=[t // 1000 for t in day_rows("impressions", D2)["ts"]]),
+        ),
+        QuarantineLimitError,
+        (
+            "{dir}/logs/v1/impressions/day=2026-03-02: 6 of 6 rows quarantined (100.0% > 1.0%): 6 x ts",
+            "nothing was committed",
+        ),
+        limit=0.01,
+    ),
+    Case(
+        "one_bad_row_over_a_strict_limit",
+        lambda d: write(
+            path(d, "feed_events", D1), loose("feed_events", D1, ts=with_row(day_rows("feed_events", D1)["ts"], 0, -5))
+        ),
+        QuarantineLimitError,
+        ("{dir}/logs/v1/feed_events/day=2026-03-01: 1 of 5 rows quarantined (20.0% > 10.0%): 1 x ts",),
+        limit=0.1,
+    ),
+    # --- keys beyond one day (issue #18) ---------------------------------------------------------------------------
+    Case(
+        "request_shared_by_two_users",
+        lambda d: write(
+            path(d, "impressions", D2),
+            loose("impressions", D2, user_id=with_row(day_rows("impressions", D2)["user_id"], 1, 3)),
+        ),
+        table="impressions",
+        rows=(
+            ("part-0.parquet", 0, "request_id: shared by users [0, 3]"),
+            ("part-0.parquet", 1, "request_id: shared by users [0, 3]"),
+        ),
+    ),
+    Case(
+        "request_id_reused_on_a_later_day",
+        repeat_request,
+        table="impressions",
+        rows=(
+            ("part-0.parquet", 0, "request_id: already used on day 2026-03-01"),
+            ("part-0.parquet", 1, "request_id: already used on day 2026-03-01"),
+        ),
+    ),
     # --- the job fails, naming the file or partition (and the column) --------------------------------------------
     Case(
         "missing_required_column",
@@ -462,13 +515,13 @@ def test_bad_input(case: Case, tmp_path):
     case.corrupt(d)
     if case.error is not None:
         with pytest.raises(case.error) as e:
-            ingest(d, END, 2)
+            ingest(d, END, 2, max_quarantine_share=case.limit)
         for text in case.match:
             assert text.format(dir=d) in str(e.value), str(e.value)
         assert not glob.glob(f"{d}/clean/v1/**/_manifest.json", recursive=True), "nothing is committed by a failure"
         assert not os.path.exists(f"{d}/tmp"), "no staging folder"
         return
-    counts = ingest(d, END, 2)
+    counts = ingest(d, END, 2, max_quarantine_share=case.limit)
     for t, c in counts.items():
         assert c.reconciles() and c.read == c.clean + c.quarantined, t
         assert read_clean(d, t).height == c.clean, t
@@ -516,7 +569,7 @@ def test_changed_day_is_the_only_one_reingested(tmp_path):
     write(
         path(d, "impressions", D1), loose("impressions", D1, label=with_row(day_rows("impressions", D1)["label"], 0, 5))
     )
-    counts = ingest(d, END, 2)
+    counts = ingest(d, END, 2, max_quarantine_share=0.5)
     assert counts["impressions"].skipped_days == 1 and counts["search_events"].skipped_days == 2
     assert counts["impressions"].quarantined == 1 and counts["impressions"].clean == 11
     assert open(manifest).read() == untouched
@@ -528,10 +581,12 @@ def test_changed_day_is_the_only_one_reingested(tmp_path):
         {k: v + v[:1] for k, v in DIMS["items"].items()} | {"item_id": list(range(11))},
         TABLES["items"].schema,
     )
-    counts = ingest(d, END, 2)
+    counts = ingest(d, END, 2)  # the default limit: D1's accepted share is not checked again while it is up to date
     assert all(counts[t].skipped_days == 2 for t in DAILY_TABLES)
     assert open(manifest).read() == untouched
-    counts = ingest(d, END, 2, force=True)
+    with pytest.raises(QuarantineLimitError, match="day=2026-03-01: 1 of 6 rows quarantined"):  # re-validated: it is
+        ingest(d, END, 2, force=True)
+    counts = ingest(d, END, 2, force=True, max_quarantine_share=0.5)
     assert all(counts[t].skipped_days == 0 for t in DAILY_TABLES)
 
 
@@ -547,3 +602,24 @@ def test_failed_run_leaves_previous_clean_data_untouched(tmp_path):
         ingest(d, END, 2)
     assert file_digests(d, json_too=True) == before and file_digests(d, "quarantine", json_too=True) == q_before
     assert not glob.glob(f"{d}/tmp/*")
+
+
+# --- dates (issue #18) -----------------------------------------------------------------------------------------------
+
+
+def test_a_window_that_ends_in_the_future_is_refused(tmp_path):
+    d = make_window(str(tmp_path))
+    future = dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=1)
+    with pytest.raises(ValueError, match=f"ends on {future}, after today"):
+        ingest(d, future, 2)
+    assert not glob.glob(f"{d}/clean/v1/**/_manifest.json", recursive=True)
+
+
+def test_a_stray_day_folder_is_named_by_the_workflow(tmp_path, capsys):
+    from workflows.daily_train import main
+
+    d = make_window(str(tmp_path))
+    os.makedirs(f"{d}/logs/v1/impressions/day=2026-03-02.bak")
+    assert main(["--data-dir", d]) == 1  # the newest day is looked up before any stage: a clear error, not a traceback
+    err = capsys.readouterr().err
+    assert f"{d}/logs/v1/impressions/day=2026-03-02.bak: not a day partition (day=YYYY-MM-DD)" in err

@@ -331,3 +331,17 @@ def test_a_value_the_mapping_sql_cannot_evaluate_is_named_with_table_column_file
     assert msg.startswith("impressions.label: SQL 'CAST(clicked AS INT)' cannot be evaluated on " + f)
     assert "row 1: {'clicked': 'yes'}; row 3: {'clicked': 'no'} (" in msg
     assert not data_dir.exists() or not any(data_dir.rglob("*.parquet"))
+
+
+def test_a_timestamp_before_1970_is_dropped_with_a_counted_reason(tmp_path):
+    """The contract's ts is ms since 1970 (>= 0): such a row would make a day=1969-12-31 partition and ~20,000 gap
+    days; it is dropped and counted instead."""
+    rows = [*ROWS[:4], ("r-5", "dave", "v-3", "dogs", "1969-12-31T23:00:00Z", True, 0)]
+    data_dir = str(tmp_path / "data")
+    f = impressions_parquet(tmp_path / "imp.parquet", rows)
+    report = import_logs(data_dir, parse_mapping(generic_mapping([f]), tables=("impressions", "users")))
+    imp = report.tables["impressions"]
+    assert (imp.read, imp.written) == (5, 4)
+    assert imp.dropped == {"ts: before 1970-01-01 (the contract: ms since 1970)": 1}
+    assert (imp.first_day, imp.days) == ("2026-03-01", 2)
+    assert not glob.glob(f"{data_dir}/logs/v1/impressions/day=1969-*")

@@ -303,3 +303,23 @@ def test_early_stopping_on_validation_days_keeps_the_best_epochs_model(feature_s
         probs = torch.sigmoid(load_model(res.checkpoint_dir).eval()(eval_batch(feature_set))).numpy()
     assert len(saved["prob"]) == len(probs) == res.metrics["eval_rows"]
     np.testing.assert_allclose(np.sort(probs), np.sort(saved["prob"]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_held_out_day_too_small_or_of_one_class_fails_before_training(feature_set, tmp_path):
+    from jobs.train import EvaluationDataError, check_eval_day
+
+    day = feature_set.days[-1]
+    rows = storage_rows(feature_set)
+    tc = TrainConfig(workers=1, cpus_per_worker=1, model=TINY_MODEL, min_eval_rows=rows + 1)
+    with pytest.raises(EvaluationDataError, match=f"held-out day {day}: {rows} rows"):
+        train(feature_set, tc, str(tmp_path), "test-too-small")
+    assert not any(tmp_path.iterdir())  # no Ray Train run was started
+    with pytest.raises(EvaluationDataError, match="only one class"):
+        check_eval_day(day, 500, 0, 100)
+    with pytest.raises(EvaluationDataError, match="only one class"):
+        check_eval_day(day, 500, 500, 100)
+    check_eval_day(day, 500, 40, 100)
+
+
+def storage_rows(fs) -> int:
+    return pl.read_parquet(fs.sample_files(fs.days[-1:])).height

@@ -37,7 +37,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from features import storage  # noqa: E402
-from features.schema import DAY_FORMAT, logs_root, parse_day  # noqa: E402
+from features.schema import DAY_FORMAT, day_folders, logs_root, parse_day  # noqa: E402
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import add_feature_arguments, feature_config, logs_to_features  # noqa: E402
 from jobs.common import DEFAULT_DATA_DIR, Exit, Locked, StageFailed, init_ray, log, setup_logging, stage  # noqa: E402
@@ -71,7 +71,8 @@ class NoLogs(FileNotFoundError):
 
 
 def newest_log_day(data_dir: str) -> dt.date | None:
-    days = [d.removeprefix("day=") for d in storage.list_dirs(f"{logs_root(data_dir)}/impressions", "day=")]
+    root = f"{logs_root(data_dir)}/impressions"
+    days = day_folders(root, storage.list_dirs(root, "day="))  # a stray day=... folder: a ValueError naming it
     return parse_day(days[-1]) if days else None
 
 
@@ -200,7 +201,15 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
         )
         return {"date": day, "outcome": done["outcome"], "already_done": True, "run_id": done["run_id"]}
     init_ray()
-    counts, fs = logs_to_features(data_dir, date, a.days, feature_config(a), force=a.rebuild_features, step=stage)
+    counts, fs = logs_to_features(
+        data_dir,
+        date,
+        a.days,
+        feature_config(a),
+        force=a.rebuild_features,
+        step=stage,
+        max_quarantine_share=a.max_quarantine_share,
+    )
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     # the champion is downloaded once: the default warm start and the comparison after training use the same version
     champ_version = champion(data_dir, a.arch)
@@ -277,10 +286,10 @@ def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
     data_dir = storage.absolute(a.data_dir)
     try:
         with data_dir_lock(data_dir, a.lock_timeout):
-            dates = dates_of(a, data_dir)
             try:
+                dates = dates_of(a, data_dir)
                 synthesize_if_empty(a, data_dir, dates)
-            except NoLogs as e:
+            except (NoLogs, ValueError) as e:  # no logs; a stray folder among the day partitions
                 print(f"daily_train: {e}", file=sys.stderr)
                 return Exit.FAILED, []
             summaries, code = [], Exit.PROMOTED

@@ -88,7 +88,9 @@ def run(a: argparse.Namespace) -> TuneOutcome:
         fs = stage("features", FeatureSet.load, a.features)
     else:
         with data_dir_lock(data_dir, a.lock_timeout):  # only while it writes the data directory
-            _, fs = logs_to_features(data_dir, a.date, a.days, feature_config(a), step=stage)
+            _, fs = logs_to_features(
+                data_dir, a.date, a.days, feature_config(a), step=stage, max_quarantine_share=a.max_quarantine_share
+            )
     if a.space:
         with open(a.space) as f:
             space = json.load(f)
