@@ -75,6 +75,32 @@ def decide(
     )
 
 
+def backfill_guard(
+    day: str,
+    champion_version: str,
+    champion_date: str | None,
+    challenger: Mapping[str, float],
+    margin: float,
+    metric: str = METRIC,
+) -> Decision | None:
+    """A backfill (or a ``--force``d older date): the champion was trained for a later date, so its training days
+    include ``day``. Scoring it on ``day`` would measure what it memorised, and promoting the challenger would move
+    the alias to a model of older data: the champion is kept, uncompared, with that reason. None when the champion's
+    date is not after ``day`` (or unknown) and the comparison is fair."""
+    if champion_date is None or champion_date <= day:
+        return None
+    c = float(challenger.get(metric, math.nan))
+    return Decision(
+        False,
+        f"backfill: the champion (version {champion_version}, trained for {champion_date}) has trained on {day}: "
+        "not compared on it, and a model of older data is not promoted; champion kept",
+        metric,
+        c,
+        None,
+        margin,
+    )
+
+
 def evaluate_registered(reg: RegisteredModel, data_dir: str, fs: FeatureSet, out_dir: str) -> dict[str, float]:
     """Score a registered version on the held-out (last) day of ``fs``, with its own feature config over the same
     window of days (built first when it is another feature store than ``fs``'s); returns the metrics of jobs.evaluate

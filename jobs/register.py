@@ -277,6 +277,9 @@ def daily_record(data_dir: str, tags: Mapping[str, str]) -> dict | None:
     return {"run_id": r.info.run_id, **r.data.tags, "metrics": dict(r.data.metrics)}
 
 
+DECISION = "decision"  # the run's tag holding its whole decision (JSON): the one write that commits it
+
+
 def commit_decision(
     data_dir: str,
     run_id: str,
@@ -286,48 +289,98 @@ def commit_decision(
     champion_version: str | None,
     champion_metrics: Mapping[str, float] | None,
 ) -> str:
-    """Record the champion/challenger decision of a daily run and apply it; returns the outcome.
+    """Record the champion/challenger decision of a daily run, then apply it (``apply_decision``); returns the outcome.
 
-    Order matters: the champion's metrics and the decision go on the run and the new version, then the alias moves (if
-    promoted), then the per-day plot, and last the run's ``outcome`` tag, which is what makes the date count as done
-    (``daily_record``). A crash before that leaves a run that a re-run of the date does not skip."""
+    The decision is one tag write (``DECISION``: outcome, version, reason, the metrics compared), after the champion's
+    metrics (its inputs). That write is the commit point: a re-run after a crash at any later step completes the same
+    decision (``resume_decision``) instead of training and registering again; a crash before it leaves a run with no
+    decision, which the re-run marks abandoned (never the champion) before it trains again. Either way, one decision
+    per date."""
     use_tracking(data_dir)
     client = MlflowClient()
     promote = bool(decision["promote"]) and version is not None
-    outcome = "promoted" if promote else ("kept" if version is not None else "logged")
     if champion_metrics:
         for k, v in champion_metrics.items():
             if np.isfinite(v):
                 client.log_metric(run_id, f"champion_{k}", float(v))
-    tags = {"decision_reason": decision["reason"], "champion_version": str(champion_version or "")}
+    record = {
+        "outcome": "promoted" if promote else ("kept" if version is not None else "logged"),
+        "version": version or "",
+        "champion_version": str(champion_version or ""),
+        "reason": decision["reason"],
+        "date": decision.get("date", ""),
+        "metric": decision["metric"],
+        "challenger": decision["challenger"],
+        "champion": decision["champion"],  # None: there was no champion
+        "oracle": decision.get("oracle", float("nan")),
+    }
+    client.set_tag(run_id, DECISION, json.dumps(record))
+    return apply_decision(data_dir, run_id, name, record)
+
+
+def apply_decision(data_dir: str, run_id: str, name: str, record: Mapping) -> str:
+    """Apply a recorded decision: reason on the run, tags on the version, the alias (if promoted), the per-day plot,
+    and last the run's ``outcome`` tag, which makes the date count as done (``daily_record``). Every step can be
+    repeated with the same result, so a resumed decision ends exactly as an uninterrupted one."""
+    use_tracking(data_dir)
+    client = MlflowClient()
+    tags = {"decision_reason": record["reason"], "champion_version": record["champion_version"]}
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
-    if version is not None:
-        for k, v in (
-            tags
-            | {
-                "date": decision.get("date", ""),
-                decision["metric"]: f"{decision['challenger']:.6f}",
-                "outcome": outcome,
-            }
-        ).items():
+    if version := record["version"]:
+        version_tags = tags | {
+            "date": record["date"],
+            record["metric"]: f"{record['challenger']:.6f}",
+            "outcome": record["outcome"],
+        }
+        for k, v in version_tags.items():
             client.set_model_version_tag(name, version, k, str(v))
-        if promote:
+        if record["outcome"] == "promoted":
             client.set_registered_model_alias(name, CHAMPION, version)
-            log.info("registry: %s@%s -> version %s (was %s)", name, CHAMPION, version, champion_version or "none")
+            log.info(
+                "registry: %s@%s -> version %s (was %s)", name, CHAMPION, version, record["champion_version"] or "none"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         history = daily_history(data_dir, name) + [
-            {
-                "date": decision.get("date", ""),
-                "outcome": outcome,
-                "challenger": decision["challenger"],
-                "champion": decision["champion"],
-                "oracle": decision.get("oracle", float("nan")),
-            }
+            {k: record[k] for k in ("date", "outcome", "challenger", "champion", "oracle")}
         ]
         client.log_artifact(run_id, per_day_plot(history, f"{tmp}/per_day_auc.png"), "plots")
-    client.set_tag(run_id, "outcome", outcome)
+    client.set_tag(run_id, "outcome", record["outcome"])
+    return record["outcome"]
+
+
+def resume_decision(data_dir: str, tags: Mapping[str, str], name: str) -> str | None:
+    """After a crash: complete the recorded but unfinished decision of the daily run with these ``DAILY_TAGS``
+    (returns its outcome), and mark every run of them that finished without a decision abandoned (the run's tag
+    ``abandoned``, its version's ``outcome``: never the champion). None when no decision was pending."""
+    exp_id = use_tracking(data_dir)
+    client = MlflowClient()
+    query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in DAILY_TAGS) + " and attributes.status = 'FINISHED'"
+    outcome = None
+    for r in mlflow.search_runs([exp_id], query, output_format="list", order_by=["attributes.start_time ASC"]):
+        if "outcome" in r.data.tags or "abandoned" in r.data.tags:
+            continue
+        if DECISION in r.data.tags:
+            log.warning(
+                "daily %s: completing the decision recorded by run %s before a crash", tags["date"], r.info.run_id
+            )
+            outcome = apply_decision(data_dir, r.info.run_id, name, json.loads(r.data.tags[DECISION]))
+            continue
+        log.warning("daily %s: run %s ended before its decision: marked abandoned", tags["date"], r.info.run_id)
+        for v in client.search_model_versions(f"name='{name}' and run_id='{r.info.run_id}'"):
+            client.set_model_version_tag(name, v.version, "outcome", "abandoned")
+        client.set_tag(r.info.run_id, "abandoned", "no decision was recorded (the run ended before it)")
     return outcome
+
+
+def version_date(data_dir: str, name: str, version: str) -> str | None:
+    """The date a registered version was trained for (held out): its ``date`` tag, else its run's; None if neither."""
+    use_tracking(data_dir)
+    client = MlflowClient()
+    v = client.get_model_version(name, version)
+    if date := v.tags.get("date"):
+        return date
+    return client.get_run(v.run_id).data.tags.get("date") if v.run_id else None
 
 
 def daily_history(data_dir: str, name: str) -> list[dict]:

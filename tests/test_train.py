@@ -244,6 +244,17 @@ def test_champion_challenger_decisions_move_the_alias_only_when_the_margin_is_be
     assert tags["2"]["outcome"] == "kept" and "not more than margin 0" in tags["2"]["decision_reason"]
 
 
+def test_a_backfill_is_not_compared_with_a_champion_that_trained_on_its_day() -> None:
+    from jobs.promote import backfill_guard
+
+    q = {"eval_query_auc": 0.9}
+    d = backfill_guard("2026-11-20", "3", "2026-11-22", q, 0.0)
+    assert not d.promote and d.reason.startswith("backfill: the champion (version 3, trained for 2026-11-22)")
+    assert backfill_guard("2026-11-22", "3", "2026-11-22", q, 0.0) is None  # held out for the champion: fair
+    assert backfill_guard("2026-11-23", "3", "2026-11-22", q, 0.0) is None
+    assert backfill_guard("2026-11-20", "3", None, q, 0.0) is None  # unknown date: compared as before
+
+
 def test_decide() -> None:
     q = "eval_query_auc"
     assert decide({q: 0.7}, None, 0.0).promote
@@ -323,3 +334,77 @@ def test_a_held_out_day_too_small_or_of_one_class_fails_before_training(feature_
 
 def storage_rows(fs) -> int:
     return pl.read_parquet(fs.sample_files(fs.days[-1:])).height
+
+
+CRASH = """
+import os, sys
+from mlflow.tracking import MlflowClient
+
+data_dir, run_id, version, method, tag = sys.argv[1:6]
+original = getattr(MlflowClient, method)
+
+
+def crash(self, *args, **kwargs):  # the process dies at this call: SIGKILL-like, no cleanup, no exception handler
+    if method != "set_tag" or args[1] == tag:
+        os._exit(9)
+    return original(self, *args, **kwargs)
+
+
+setattr(MlflowClient, method, crash)
+from jobs.register import commit_decision
+
+decision = {"promote": True, "reason": "no champion yet", "metric": "eval_query_auc", "challenger": 0.7,
+            "champion": float("nan"), "date": "2026-11-22"}
+commit_decision(data_dir, run_id, "hyformer", version, decision, None, None)
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "tag"),
+    [
+        ("set_tag", "decision"),  # before the decision is recorded
+        ("set_tag", "decision_reason"),  # recorded, nothing applied
+        ("set_model_version_tag", ""),
+        ("set_registered_model_alias", ""),
+        ("log_artifact", ""),
+        ("set_tag", "outcome"),  # everything but the commit tag
+    ],
+)
+def test_a_daily_decision_killed_at_any_step_ends_in_exactly_one_decision(
+    trained, feature_set, tmp_path, monkeypatch, method, tag
+):
+    """commit_decision is killed (os._exit) at one MLflow call; the re-run's resume_decision then either completes
+    the recorded decision (alias, tags, plot, outcome: as if uninterrupted, no second version) or, when it died before
+    recording one, marks the run abandoned (never the champion) so that the date trains again."""
+    import subprocess
+    import sys
+
+    from jobs.register import resume_decision
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data_dir = str(tmp_path)
+    tags = {"date": "2026-11-22", "arch": "hyformer", "hide_sequences": "False", "window_days": "4"}
+    configs = {"train": trained.train_config.to_dict(), "features": feature_set.cfg.to_dict()}
+    run_id, version = log_training_run(
+        data_dir, "daily-crash", trained.checkpoint_dir, trained.history, configs, tags=tags
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH, data_dir, run_id, version, method, tag], cwd=root, capture_output=True, text=True
+    )
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert daily_record(data_dir, tags) is None  # the date does not count as done after the crash
+    outcome = resume_decision(data_dir, tags, "hyformer")
+    client = mlflow.tracking.MlflowClient()
+    versions = client.search_model_versions("name='hyformer'")
+    assert [str(v.version) for v in versions] == [str(version)]  # nothing registered again
+    if tag == "decision":  # died before deciding: abandoned, the date trains again
+        assert outcome is None and daily_record(data_dir, tags) is None and champion(data_dir, "hyformer") is None
+        assert versions[0].tags["outcome"] == "abandoned" and "abandoned" in mlflow.get_run(run_id).data.tags
+    else:  # completed exactly as an uninterrupted decision
+        assert outcome == "promoted" and daily_record(data_dir, tags)["outcome"] == "promoted"
+        assert champion(data_dir, "hyformer") == version and versions[0].tags["outcome"] == "promoted"
+        run_tags = mlflow.get_run(run_id).data.tags
+        assert run_tags["decision_reason"] == "no champion yet"
+        assert "plots/per_day_auc.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert resume_decision(data_dir, tags, "hyformer") is None  # a second re-run finds nothing pending

@@ -145,6 +145,15 @@ def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and
     failed = next(r for r in runs if r.info.status == "FAILED")
     assert failed.data.tags["error"].startswith("NonFiniteError") and failed.data.params["train.lr"] == "1e+30"
     assert versions == {"1": "promoted", "2": "kept"} and champion == "1"
+    # a backfill of an older date: the champion (trained for 2026-11-21) has trained on 2026-11-20, so it is neither
+    # scored on that day nor warm-started from, and the alias cannot move to the older challenger
+    back = run_workflow(data, "--date", "2026-11-20", "--days", "3")
+    log = back.stderr + back.stdout
+    assert back.returncode == 0, log[-3000:]
+    assert "backfill: the champion (version 1, trained for 2026-11-21) has trained on 2026-11-20" in log, log[-3000:]
+    assert "training from scratch (no warm start from it)" in log and "=== stage evaluate champion" not in log
+    _, versions, champion = registry(data)
+    assert versions["3"] == "kept" and champion == "1"
 
 
 def test_a_second_run_on_a_locked_data_directory_exits_75_naming_the_holder(tmp_path):

@@ -42,7 +42,7 @@ from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import add_feature_arguments, feature_config, logs_to_features  # noqa: E402
 from jobs.common import DEFAULT_DATA_DIR, Exit, Locked, StageFailed, init_ray, log, setup_logging, stage  # noqa: E402
 from jobs.lease import data_dir_lock  # noqa: E402
-from jobs.promote import decide, evaluate_registered  # noqa: E402
+from jobs.promote import backfill_guard, decide, evaluate_registered  # noqa: E402
 from jobs.register import (
     champion,
     commit_decision,
@@ -51,7 +51,10 @@ from jobs.register import (
     log_failed_run,
     log_training_run,
     registered_checkpoint,
+    resume_decision,
+    version_date,
 )  # noqa: E402
+from jobs.retention import clean_leftovers  # noqa: E402
 from jobs.train import train, warm_start_state  # noqa: E402
 from jobs.train_config import TrainConfig, add_train_arguments, read_best_config, train_config  # noqa: E402
 
@@ -191,6 +194,8 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
         "window_days": str(a.days),
         "workflow": "daily",
     }
+    # a decision recorded before a crash is completed (not trained again); a run that died before deciding is abandoned
+    stage("resume decision", resume_decision, data_dir, tags, a.arch)
     if not a.force and (done := daily_record(data_dir, tags)) is not None:
         log.info(
             "daily %s: already done (run %s, outcome %s: %s); --force trains again",
@@ -213,12 +218,18 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     # the champion is downloaded once: the default warm start and the comparison after training use the same version
     champ_version = champion(data_dir, a.arch)
+    # a backfill: a champion trained for a later date has learned this day; neither compared on it nor warm-started from
+    champ_date = None if champ_version is None else version_date(data_dir, a.arch, champ_version)
+    leak = None if champ_version is None else backfill_guard(day, champ_version, champ_date, {}, a.promotion_margin)
     reg = None
-    if champ_version is not None:
+    if champ_version is not None and leak is None:
         reg = stage(
             "load champion", load_registered, data_dir, f"models:/{a.arch}/{champ_version}", f"{models_dir}/champion"
         )
-    if a.init_from == "champion" and reg is not None:
+    if leak is not None and a.init_from == "champion":
+        init_from = None
+        log.warning("daily %s: %s; training from scratch (no warm start from it)", day, leak.reason)
+    elif a.init_from == "champion" and reg is not None:
         init_from = reg.checkpoint_dir
         log.info(
             "warm start: models:/%s/%s (version %s) downloaded to %s", a.arch, champ_version, champ_version, init_from
@@ -247,7 +258,11 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
             fs,
             storage.join(data_dir, "scores", f"{a.arch}-v{champ_version}", day),
         )
-    decision = decide(res.metrics, champ_metrics, a.promotion_margin)
+    decision = (
+        decide(res.metrics, champ_metrics, a.promotion_margin)
+        if leak is None
+        else backfill_guard(day, champ_version, champ_date, res.metrics, a.promotion_margin)
+    )
     log.info("daily %s: %s", day, decision.reason)
     ingest_metrics = {
         f"ingest_{t}_{k}": float(getattr(c, k))
@@ -286,6 +301,7 @@ def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
     data_dir = storage.absolute(a.data_dir)
     try:
         with data_dir_lock(data_dir, a.lock_timeout):
+            stage("clean up", clean_leftovers, data_dir)  # what earlier (or killed) runs left behind
             try:
                 dates = dates_of(a, data_dir)
                 synthesize_if_empty(a, data_dir, dates)
