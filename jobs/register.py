@@ -260,17 +260,19 @@ def latest_version(data_dir: str, name: str = MODEL_NAME) -> str | None:
 DAILY_TAGS = ("date", "arch", "hide_sequences")  # what identifies one daily training: a re-run of it is a no-op
 
 
+def daily_runs(data_dir: str, tags: Mapping[str, str], newest_first: bool) -> list:
+    """The FINISHED MLflow runs with these ``DAILY_TAGS``, by start time."""
+    exp_id = use_tracking(data_dir)
+    query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in DAILY_TAGS) + " and attributes.status = 'FINISHED'"
+    order = f"attributes.start_time {'DESC' if newest_first else 'ASC'}"
+    return mlflow.search_runs([exp_id], query, output_format="list", order_by=[order])
+
+
 def daily_record(data_dir: str, tags: Mapping[str, str]) -> dict | None:
     """The committed daily run with these ``DAILY_TAGS`` (its tags, metrics and run id), or None.
 
     A run counts once its decision is committed (tag ``outcome``); a run that failed or died before that does not."""
-    exp_id = use_tracking(data_dir)
-    query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in DAILY_TAGS) + " and attributes.status = 'FINISHED'"
-    runs = [
-        r
-        for r in mlflow.search_runs([exp_id], query, output_format="list", order_by=["attributes.start_time DESC"])
-        if "outcome" in r.data.tags
-    ]
+    runs = [r for r in daily_runs(data_dir, tags, newest_first=True) if "outcome" in r.data.tags]
     if not runs:
         return None
     r = runs[0]
@@ -353,11 +355,10 @@ def resume_decision(data_dir: str, tags: Mapping[str, str], name: str) -> str | 
     """After a crash: complete the recorded but unfinished decision of the daily run with these ``DAILY_TAGS``
     (returns its outcome), and mark every run of them that finished without a decision abandoned (the run's tag
     ``abandoned``, its version's ``outcome``: never the champion). None when no decision was pending."""
-    exp_id = use_tracking(data_dir)
+    runs = daily_runs(data_dir, tags, newest_first=False)
     client = MlflowClient()
-    query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in DAILY_TAGS) + " and attributes.status = 'FINISHED'"
     outcome = None
-    for r in mlflow.search_runs([exp_id], query, output_format="list", order_by=["attributes.start_time ASC"]):
+    for r in runs:
         if "outcome" in r.data.tags or "abandoned" in r.data.tags:
             continue
         if DECISION in r.data.tags:

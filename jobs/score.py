@@ -104,9 +104,8 @@ def score_slice(
     """One task: ``owner``'s samples of ``days`` scored, one Parquet file per piece (day x shard) under ``out``; its
     rows, requests (a request is whole in one slice and one day) and file names."""
     scorer = Scorer(model, layout.timelines(owner), features, kv_reuse, threads, gpu)
-    samples = Samples(layout.pieces("samples", days, owner))
     rows, requests, files = 0, 0, []
-    for i, piece in enumerate(samples.pieces):
+    for i, piece in enumerate(layout.pieces("samples", days, owner)):
         scored = [scorer(b) for b in Samples([piece]).in_order(batch_size)]
         if not scored:
             continue

@@ -320,7 +320,7 @@ def test_a_held_out_day_too_small_or_of_one_class_fails_before_training(feature_
     from jobs.train import EvaluationDataError, check_eval_day
 
     day = feature_set.days[-1]
-    rows = storage_rows(feature_set)
+    rows = pl.read_parquet(feature_set.sample_files([day])).height
     tc = TrainConfig(workers=1, cpus_per_worker=1, model=TINY_MODEL, min_eval_rows=rows + 1)
     with pytest.raises(EvaluationDataError, match=f"held-out day {day}: {rows} rows"):
         train(feature_set, tc, str(tmp_path), "test-too-small")
@@ -330,10 +330,6 @@ def test_a_held_out_day_too_small_or_of_one_class_fails_before_training(feature_
     with pytest.raises(EvaluationDataError, match="only one class"):
         check_eval_day(day, 500, 500, 100)
     check_eval_day(day, 500, 40, 100)
-
-
-def storage_rows(fs) -> int:
-    return pl.read_parquet(fs.sample_files(fs.days[-1:])).height
 
 
 CRASH = """
