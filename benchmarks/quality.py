@@ -68,7 +68,7 @@ from hyformer.zoo import ARCHITECTURES, build_model
 from jobs.build_features import FeatureSet
 from jobs.common import log, setup_logging
 from jobs.evaluate import metrics, predict
-from jobs.train import PAPER_ENCODERS, match_width, model_config
+from jobs.train import match_width, model_config, paper_encoders
 from jobs.train_config import TrainConfig
 
 SUITES = ("tables", "side-info", "scaling")
@@ -430,7 +430,7 @@ def run_suite(
         "epochs": tc.epochs,
         "train": tc.to_dict(),
         "base_model": base,
-        "paper_encoders": PAPER_ENCODERS,  # jobs.train's default, for the rows whose architecture names no encoder
+        "paper_encoders": paper_encoders(fs.cfg),  # jobs.train default for rows whose architecture names no encoder
         "window": {
             "store": fs.root,
             "features": fs.cfg.to_dict() | {"vocab": None},

@@ -33,17 +33,19 @@ from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
+from features.scalar_sql import scalar_sql
 from features.schema import GROUND_TRUTH
+from features.spec import (
+    BUILTIN,
+    DEFAULT_TOKENS,
+    EVENT_TABLES,
+    Feature,
+    SequenceSpec,
+    as_specs,
+    candidate_feature,
+    check_spec,
+)
 
-# Non-sequential feature groups (paper §3.3.1, semantic grouping): group -> ((column, id space), ...).
-# The id space names the embedding table: columns that share one (candidate item and sequence items) share it.
-NS_GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
-    "user": (("user_id", "user"), ("age_bucket", "age"), ("gender", "gender"), ("city_id", "city")),
-    "query": (("query_id", "query"), ("query_category", "category"), ("n_terms", "n_terms")),
-    "item": (("item_id", "item"), ("author_id", "author"), ("item_category", "category"), ("duration_b", "duration")),
-    "context": (("position_b", "position"), ("hour_b", "hour"), ("device_b", "device"), ("network_b", "network")),
-    "cross": (("cat_pair", "cat_pair"), ("cat_match", "cat_match"), ("query_item", "query_item")),
-}
 # Side information per sequence event (paper Table 3: 3 types / 64-dim vs 7 types / 224-dim). Every field is also
 # the name of its id space (embedding table). "dt" (age of the event at the impression, log2 minutes) is computed
 # at materialisation; the others are stored per event.
@@ -53,11 +55,9 @@ SIDE_INFO: dict[int, tuple[str, ...]] = {
     5: ("item", "author", "category", "dt", "action"),
     7: ("item", "author", "category", "dt", "action", "hour", "duration"),
 }
-SEQUENCES: tuple[str, ...] = ("long", "search", "feed")
-STREAMS: dict[str, str] = {"search": "search_events", "feed": "feed_events"}  # event stream -> clean table
-SEQ_STREAM: dict[str, str] = {"long": "search", "search": "search", "feed": "feed"}  # sequence -> its stream
+STREAMS: dict[str, str] = {s: t for t, s in EVENT_TABLES.items()}  # a table's stream of all events -> the table
 RELEVANCE = ("category", "none", "keys")
-BUILD_VERSION = 2  # bump when build_day's output changes for the same input: stored days then re-check as stale
+BUILD_VERSION = 3  # bump when build_day's output changes for the same input: stored days then re-check as stale
 N_DT_BUCKETS = 24  # time-delta buckets: 1 + floor(log2(1 + minutes)), capped
 N_ACTION_BUCKETS = 64  # action id: watch-time bucket (0..15) * 4 + finish * 2 + like, + 1
 
@@ -76,8 +76,19 @@ class FeatureConfig:
     cross_vocab: int = 1 << 15  # buckets of hashed cross ids (query x item)
     n_shards: int = 4  # user shards (user_id mod n_shards), one Ray task each
     vocab: dict[str, int] = field(default_factory=dict)  # id space -> bucket count incl. padding (frozen per store)
+    # the feature spec (features.spec): None = the paper's (DEFAULT_TOKENS; long/search/feed of the lengths above).
+    # tokens are read side (samples store every feature); declared features and sequences (but their lengths) write
+    tokens: dict[str, tuple[str, ...]] | None = None  # NS token -> its features (built-in or declared)
+    features: dict[str, Feature] = field(default_factory=dict)  # declared features
+    sequences: dict[str, SequenceSpec] | None = None  # sequence -> its spec, in model order
 
     def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "features", as_specs(self.features, Feature))
+        set_(self, "sequences", as_specs(self.sequences, SequenceSpec))
+        if self.tokens is not None:
+            set_(self, "tokens", {g: tuple(names) for g, names in self.tokens.items()})
+        check_spec(self.token_groups(), self.features, self.sequence_specs())
         if self.side_info not in SIDE_INFO:
             raise ValueError(f"FeatureConfig.side_info must be one of {sorted(SIDE_INFO)}, got {self.side_info}")
         if self.relevance not in RELEVANCE:
@@ -89,8 +100,45 @@ class FeatureConfig:
     def tiny() -> FeatureConfig:
         return FeatureConfig(long_len=32, search_len=8, feed_len=8, n_shards=2)
 
+    def sequence_specs(self) -> dict[str, SequenceSpec]:
+        """Every sequence, in model order: the declared ones, or the paper's long / search / feed."""
+        if self.sequences is not None:
+            return self.sequences
+        return {
+            "long": SequenceSpec("search_events", self.long_len, "none"),
+            "search": SequenceSpec("search_events", self.search_len, "query"),
+            "feed": SequenceSpec("feed_events", self.feed_len, "query"),
+        }
+
     def seq_len(self, name: str) -> int:
-        return {"long": self.long_len, "search": self.search_len, "feed": self.feed_len}[name]
+        return self.sequence_specs()[name].length
+
+    def seq_tables(self) -> dict[str, str]:
+        """Sequence -> the stream (and dedup ID table) it reads."""
+        return {n: s.stream(n) for n, s in self.sequence_specs().items()}
+
+    def streams(self) -> dict[str, tuple[str, str | None]]:
+        """Stream -> (its table, its filter): what the store holds per day (events/<stream>, state/<stream>)."""
+        out: dict[str, tuple[str, str | None]] = {}
+        for n, s in self.sequence_specs().items():
+            out.setdefault(s.stream(n), (s.table, s.filter))
+        return out
+
+    def token_groups(self) -> dict[str, tuple[str, ...]]:
+        """NS token -> its features (DEFAULT_TOKENS without a spec)."""
+        return self.tokens if self.tokens is not None else DEFAULT_TOKENS
+
+    def feature_kind(self, name: str) -> str:
+        return "id" if name in BUILTIN else self.features[name].kind
+
+    def id_space(self, name: str) -> str:
+        """The embedding table of an id feature."""
+        return BUILTIN[name][0] if name in BUILTIN else self.features[name].space(name)
+
+    def candidate_tokens(self) -> tuple[str, ...]:
+        """Tokens whose every feature describes the candidate item (the model's target_groups)."""
+        groups = self.token_groups().items()
+        return tuple(g for g, names in groups if all(candidate_feature(n, self.features) for n in names))
 
     @property
     def seq_fields(self) -> tuple[str, ...]:
@@ -99,11 +147,16 @@ class FeatureConfig:
     def store_id(self) -> str:
         """Name of the store this config writes: what changes stored bytes (relevance, vocab caps, shards)."""
         keys = {k: getattr(self, k) for k in ("relevance", "relevance_keys", "max_vocab", "cross_vocab", "n_shards")}
+        if self.features:  # declared features become sample columns
+            keys["features"] = {n: asdict(f) for n, f in self.features.items()}
+        stored = {n: [s.table, s.relevance, s.filter] for n, s in self.sequence_specs().items()}
+        if stored != {n: [s.table, s.relevance, s.filter] for n, s in FeatureConfig().sequence_specs().items()}:
+            keys["sequences"] = stored  # which events and which ordinals are stored (not how many are read)
         digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.relevance}-s{self.n_shards}-{digest}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return json.loads(json.dumps(asdict(self)))
 
 
 def bucket(col: str | pl.Expr, vocab: int) -> pl.Expr:
@@ -165,6 +218,10 @@ def plan_vocab(dims: dict[str, pl.DataFrame], cfg: FeatureConfig) -> dict[str, i
         "dt": N_DT_BUCKETS,
         "action": N_ACTION_BUCKETS,
     }
+    for name, f in cfg.features.items():  # declared ids: a new space's vocabulary (a built-in's is planned above)
+        space = f.space(name)
+        if f.kind == "id" and space not in vocab:
+            vocab[space] = f.vocab or size(dims[f.table][f.column].max() or 0)
     return vocab
 
 
@@ -221,7 +278,7 @@ def event_tokens(
 
 
 def ns_columns(vocab: dict[str, int]) -> list[pl.Expr]:
-    """The non-sequential feature columns, bucketised (see NS_GROUPS)."""
+    """The built-in non-sequential feature columns (features.spec.BUILTIN), bucketised."""
     hour = ((pl.col("ts") // 3_600_000) % 24).cast(pl.Int32)
     exprs = [
         bucket("user_id", vocab["user"]),
@@ -248,25 +305,44 @@ def ns_columns(vocab: dict[str, int]) -> list[pl.Expr]:
     return [e.name.prefix("ns_") for e in exprs]
 
 
+def declared_columns(cfg: FeatureConfig) -> list[pl.Expr]:
+    """The declared features (``cfg.features``), read from ``_f_<name>``: ids bucketised as ``ns_<name>``, floats
+    normalised as ``dense_<name>`` (Float32; missing -> 0)."""
+    out = []
+    for name, f in cfg.features.items():
+        x = pl.col(f"_f_{name}")
+        if f.kind == "id":
+            out.append(bucket(x, cfg.vocab[f.space(name)]).alias(f"ns_{name}"))
+            continue
+        x = x.cast(pl.Float64)
+        if f.norm == "log1p":
+            x = x.clip(lower_bound=0).log1p()
+        elif f.norm == "zscore":
+            x = (x - f.mean) / f.std
+        out.append(x.fill_null(0.0).fill_nan(0.0).cast(pl.Float32).alias(f"dense_{name}"))
+    return out
+
+
 def ordinal_before(
-    samples: pl.LazyFrame, tokens: pl.LazyFrame, state: pl.LazyFrame, by_key: bool, name: str
+    samples: pl.LazyFrame, tokens: pl.LazyFrame, state: pl.LazyFrame, key: str | None, name: str
 ) -> pl.LazyFrame:
-    """Attach ``name`` = number of the user's events (of the sample's ``rel_key`` if ``by_key``) strictly before ``ts``.
+    """Attach ``name`` = number of the user's events (whose relevance key equals the sample's column ``key``, if
+    given) strictly before ``ts``.
 
     = the count in ``state`` (all earlier days) + the within-day rank of the latest earlier event of this day.
     """
-    by = ["user_id", "key"] if by_key else ["user_id"]
+    by = ["user_id", "key"] if key else ["user_id"]
     day = tokens.select("ts", *by, (pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(by)).alias("_day_n"))
     day = day.sort("ts", "_day_n")  # ties in ts: the later rank last, so "latest earlier event" has the largest rank
-    base = state if by_key else state.group_by("user_id").agg(pl.col("n").sum())
-    left = samples.rename({"rel_key": "key"}) if by_key else samples
+    base = state if key else state.group_by("user_id").agg(pl.col("n").sum())
+    left = samples.with_columns(pl.col(key).alias("key")) if key else samples
     out = (
         left.join_asof(day, on="ts", by=by, strategy="backward", allow_exact_matches=False, check_sortedness=False)
         .join(base.rename({"n": "_base_n"}), on=by, how="left", maintain_order="left")
         .with_columns((pl.col("_base_n").fill_null(0) + pl.col("_day_n").fill_null(0)).alias(name))
         .drop("_base_n", "_day_n")
     )
-    return out.rename({"key": "rel_key"}) if by_key else out
+    return out.drop("key") if key else out
 
 
 def next_state(state: pl.LazyFrame, tokens: pl.LazyFrame) -> pl.LazyFrame:
@@ -276,11 +352,28 @@ def next_state(state: pl.LazyFrame, tokens: pl.LazyFrame) -> pl.LazyFrame:
 
 
 SAMPLE_KEYS = ("request_id", "user_id", "ts", "label", *GROUND_TRUTH)
-POINTER_COLUMNS = ("rel_key", "long_hi", "search_hi", "feed_hi")
+KEY_COLUMN = {"none": None, "query": "rel_key", "candidate": "cand_key"}  # a sequence's relevance -> sample column
+
+
+def pointer_columns(cfg: FeatureConfig) -> list[str]:
+    """The samples' relevance keys and one ordinal ``<sequence>_hi`` per sequence (features.materialize reads them)."""
+    rules = {s.relevance for s in cfg.sequence_specs().values()}
+    keys = [c for r, c in KEY_COLUMN.items() if c and (r in rules or c == "rel_key")]
+    return [*keys, *(f"{n}_hi" for n in cfg.sequence_specs())]
 
 
 def empty_state() -> pl.LazyFrame:
     return pl.LazyFrame(schema={"user_id": pl.Int64, "key": pl.Int64, "n": pl.Int64})
+
+
+def stream_events(events: dict[str, pl.LazyFrame], cfg: FeatureConfig) -> dict[str, pl.LazyFrame]:
+    """Each stream's raw events (``cfg.streams()``) from the tables' events, keyed by the tables' streams
+    (``search``, ``feed``): a filtered stream keeps its filter's rows."""
+    out = {}
+    for stream, (table, where) in cfg.streams().items():
+        ev = events[EVENT_TABLES[table]]
+        out[stream] = ev if where is None else ev.filter(pl.sql_expr(scalar_sql(where, f"sequence {stream!r} filter")))
+    return out
 
 
 def build_day(
@@ -292,37 +385,48 @@ def build_day(
 ) -> dict[str, pl.DataFrame]:
     """One day of one user shard: samples, the day's event tokens per stream and the new state; one ``collect_all``.
 
-    ``events`` / ``state`` are keyed by stream (``STREAMS``); ``state`` holds the cumulative counts of all earlier
-    days (``empty_state()`` for the store's first day). Returns ``samples``, ``events/<stream>``, ``state/<stream>``.
+    ``events`` are keyed by the event tables' streams (``search``, ``feed``: the tables the spec's sequences read),
+    ``state`` by ``cfg.streams()`` and holds the cumulative counts of all earlier days (``empty_state()`` for the
+    store's first day). Returns ``samples``, ``events/<stream>``, ``state/<stream>``.
     """
     vocab = cfg.vocab
     # a clean day ingested before the contract had p_click_ns / p_click_seq lacks them: null, as in real logs
     have = impressions.collect_schema().names()
     impressions = impressions.with_columns(pl.lit(None, pl.Float32).alias(c) for c in GROUND_TRUTH if c not in have)
     item_keys, query_keys = relevance_tables(cfg, dims)
+    streams = cfg.streams()
+    raw = stream_events(events, cfg)
     tokens = {
-        s: event_tokens(events[s], dims["items"], item_keys, vocab, finish="finish" if s == "feed" else None)
-        for s in STREAMS
+        s: event_tokens(raw[s], dims["items"], item_keys, vocab, finish="finish" if t == "feed_events" else None)
+        for s, (t, _) in streams.items()
     }
-    items = dims["items"].select("item_id", "author_id", pl.col("category_id").alias("item_category"), "duration_s")
-    queries = dims["queries"].select("query_id", pl.col("category_id").alias("query_category"), "n_terms")
-    users = dims["users"].select("user_id", "age_bucket", "gender", "city_id")
+    declared = {t: [pl.col(f.column).alias(f"_f_{n}") for n, f in cfg.features.items() if f.table == t] for t in dims}
+    items = dims["items"].select(
+        "item_id", "author_id", pl.col("category_id").alias("item_category"), "duration_s", *declared["items"]
+    )
+    queries = dims["queries"].select(
+        "query_id", pl.col("category_id").alias("query_category"), "n_terms", *declared["queries"]
+    )
+    users = dims["users"].select("user_id", "age_bucket", "gender", "city_id", *declared["users"])
+    own = [pl.col(f.column).alias(f"_f_{n}") for n, f in cfg.features.items() if f.table == "impressions"]
     imps = (
-        impressions.join(items, on="item_id", how="left")
+        impressions.with_columns(own)
+        .join(items, on="item_id", how="left")
         .join(queries, on="query_id", how="left")
         .join(users, on="user_id", how="left")
         .join(query_keys.rename({"key": "rel_key"}), on="query_id", how="left")
-        .with_columns(pl.col("rel_key").fill_null(NO_KEY - 1))  # a query without key matches nothing
+        .join(item_keys.rename({"key": "cand_key"}), on="item_id", how="left")
+        .with_columns(pl.col("rel_key", "cand_key").fill_null(NO_KEY - 1))  # a query / item without key matches none
         .sort("ts")
     )
-    imps = ordinal_before(imps, tokens["search"], state["search"], by_key=False, name="long_hi")
-    imps = ordinal_before(imps, tokens["search"], state["search"], by_key=True, name="search_hi")
-    imps = ordinal_before(imps, tokens["feed"], state["feed"], by_key=True, name="feed_hi")
-    samples = imps.select(*SAMPLE_KEYS, "day", *ns_columns(vocab), *POINTER_COLUMNS).sort(
+    for name, seq in cfg.sequence_specs().items():
+        s = seq.stream(name)
+        imps = ordinal_before(imps, tokens[s], state[s], KEY_COLUMN[seq.relevance], f"{name}_hi")
+    samples = imps.select(*SAMPLE_KEYS, "day", *ns_columns(vocab), *declared_columns(cfg), *pointer_columns(cfg)).sort(
         "request_id", "ns_position_b", "ns_item_id"
     )  # deterministic: candidates in shown order
     frames = {"samples": samples}
-    for s in STREAMS:
+    for s in streams:
         frames[f"events/{s}"] = tokens[s]
         frames[f"state/{s}"] = next_state(state[s], tokens[s])
     out = pl.collect_all(list(frames.values()))

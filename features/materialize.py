@@ -15,15 +15,14 @@ request, and requests close in time, share rows. This module is numpy/Polars onl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from features.build import EVENT_FIELDS, N_DT_BUCKETS, NS_GROUPS, SEQ_STREAM, SEQUENCES, STREAMS, FeatureConfig
+from features.build import EVENT_FIELDS, KEY_COLUMN, N_DT_BUCKETS, FeatureConfig
 from features.schema import GROUND_TRUTH
-
-SEQ_POINTER = {"long": "long_hi", "search": "search_hi", "feed": "feed_hi"}
 
 
 def dt_bucket(now_ts: np.ndarray, ev_ts: np.ndarray) -> np.ndarray:
@@ -161,7 +160,7 @@ class Timelines:
         first (None: no events; no state before a store's first day), as lazy scans, each collected once
         (features.shards.Layout.timelines makes them, for all users or one reader's)."""
         streams = {}
-        for s in STREAMS:
+        for s in events:
             ev = events[s].collect() if events.get(s) is not None else pl.DataFrame()
             st = (
                 state[s].collect()
@@ -175,7 +174,7 @@ class Timelines:
         return sum(s.nbytes() for s in self.streams.values())
 
 
-ID_KEYS = ("ns_", "seq_", "uniq_", "inv_")  # the model inputs that hold ids or indices
+ID_KEYS = ("ns_", "seq_", "uniq_", "inv_")  # the model inputs that hold ids or indices (dense_<token>: floats)
 
 
 class Materializer:
@@ -200,18 +199,25 @@ class Materializer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         users, ts = batch["user_id"].astype(np.int64), batch["ts"].astype(np.int64)
-        out: dict[str, np.ndarray] = {
-            f"ns_{g}": np.stack([batch[f"ns_{c}"].astype(np.int64) for c, _ in cols], axis=1)
-            for g, cols in NS_GROUPS.items()
-        }
+        out: dict[str, np.ndarray] = {}
+        for g, names in self.cfg.token_groups().items():  # ns_<token> (B, F_g) ids; dense_<token> (B, n) floats
+            ids = [batch[f"ns_{n}"].astype(np.int64) for n in names if self.cfg.feature_kind(n) == "id"]
+            out[f"ns_{g}"] = np.stack(ids, axis=1) if ids else np.zeros((len(users), 0), np.int64)
+            dense = [batch[f"dense_{n}"].astype(np.float32) for n in names if self.cfg.feature_kind(n) == "dense"]
+            if dense:
+                out[f"dense_{g}"] = np.stack(dense, axis=1)
+        specs = self.cfg.sequence_specs()
         rows: dict[str, np.ndarray] = {}
-        for name in SEQUENCES:
-            key = None if name == "long" else batch["rel_key"].astype(np.int64)
-            stream = self.t.streams[SEQ_STREAM[name]]
-            rows[name], lens = stream.rows(users, batch[SEQ_POINTER[name]], self.cfg.seq_len(name), key)
+        for name, spec in specs.items():
+            key_col = KEY_COLUMN[spec.relevance]
+            key = None if key_col is None else batch[key_col].astype(np.int64)
+            stream = self.t.streams[spec.stream(name)]
+            rows[name], lens = stream.rows(users, batch[f"{name}_hi"], spec.length, key)
             out[f"len_{name}"] = lens
         for s, stream in self.t.streams.items():
-            names = [n for n in SEQUENCES if SEQ_STREAM[n] == s]
+            names = [n for n in specs if specs[n].stream(n) == s]
+            if not names:
+                continue
             if self.dedup:
                 out |= self._dedup(stream, {n: rows[n] for n in names}, ts, s)
             else:
@@ -250,18 +256,19 @@ class Materializer:
         return out
 
 
-def reconstruct(batch: dict) -> dict:
-    """Dedup tables -> ``seq_<s>`` (B, L, F), with one gather per sequence; works on numpy arrays and torch tensors."""
+def reconstruct(batch: dict, tables: Mapping[str, str]) -> dict:
+    """Dedup tables -> ``seq_<s>`` (B, L, F), one gather per sequence (``tables``: sequence -> the table it indexes,
+    ``FeatureConfig.seq_tables()`` or ``InputSchema.seq_table``); works on numpy arrays and torch tensors."""
     if not any(k.startswith("inv_") for k in batch):
         return batch
     out = {k: v for k, v in batch.items() if not k.startswith(("uniq_", "inv_"))}
-    for n in SEQUENCES:
-        out[f"seq_{n}"] = batch[f"uniq_{SEQ_STREAM[n]}"][batch[f"inv_{n}"]]
+    for n in (k.removeprefix("inv_") for k in batch if k.startswith("inv_")):
+        out[f"seq_{n}"] = batch[f"uniq_{tables.get(n, n)}"][batch[f"inv_{n}"]]
     return out
 
 
 def unique_ratio(batch: dict[str, np.ndarray]) -> float:
     """Rows in the dedup tables / non-padding tokens of the sequences (paper: ~25% of sequence ids are unique)."""
-    tokens = sum(int((batch[f"inv_{n}"] > 0).sum()) for n in SEQUENCES)
-    uniq = sum(len(batch[f"uniq_{s}"]) - 1 for s in STREAMS)
+    tokens = sum(int((v > 0).sum()) for k, v in batch.items() if k.startswith("inv_"))
+    uniq = sum(len(v) - 1 for k, v in batch.items() if k.startswith("uniq_"))
     return uniq / max(tokens, 1)

@@ -85,6 +85,7 @@ class Layout:
     days: tuple[str, ...]  # the window, oldest first
     before: str  # the day before the first
     metas: dict[str, dict]  # day -> pointer (version, files, counts); the day before only when it is built
+    streams: tuple[str, ...] = tuple(STREAMS)  # the store's event streams (FeatureConfig.streams())
 
     def file(self, day: str, part: str, shard: int) -> str | None:
         """One shard's file of ``part`` (``samples``, ``events/<stream>``, ``state/<stream>``) of a built day; None
@@ -116,8 +117,8 @@ class Layout:
     def timelines(self, owner: UserSlice | None = None) -> Timelines:
         """``owner``'s events of the window and their state before its first day (all users when None)."""
         return Timelines.load(
-            {s: _concat(self.pieces(f"events/{s}", self.days, owner)) for s in STREAMS},
-            {s: _concat(self.pieces(f"state/{s}", [self.before], owner)) for s in STREAMS},
+            {s: _concat(self.pieces(f"events/{s}", self.days, owner)) for s in self.streams},
+            {s: _concat(self.pieces(f"state/{s}", [self.before], owner)) for s in self.streams},
         )
 
 

@@ -89,6 +89,9 @@ class InputSchema:
     # deduplicated ID tables; a sequence not named uses uniq_<sequence>
     seq_tables: Mapping[str, str] = field(default_factory=dict)
     target_groups: tuple[str, ...] = ()  # NS groups that describe the candidate item
+    # group -> names of its float features: batch["dense_<group>"] (B, n), projected into the group's token with its
+    # ids; a group may hold only floats (its ns_groups entry is then ())
+    dense: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -99,6 +102,7 @@ class InputSchema:
             set_(self, "sequences", _pairs("sequences", self.sequences))
             set_(self, "seq_tables", _pairs("seq_tables", self.seq_tables))
             set_(self, "target_groups", tuple(self.target_groups))
+            set_(self, "dense", {g: tuple(names) for g, names in _pairs("dense", self.dense).items()})
             self._validate()
         except ConfigError as e:
             raise ConfigError(f"InputSchema: {e}") from None
@@ -109,8 +113,11 @@ class InputSchema:
         for name, vocab in self.id_spaces.items():
             if not (isinstance(vocab, int) and vocab >= 2):
                 raise ConfigError(f"id space {name!r} vocab {vocab!r} must be an int >= 2 (id 0 is padding)")
+        for group, names in self.dense.items():
+            if group not in self.ns_groups or not names:
+                raise ConfigError(f"dense group {group!r} must be an NS group with at least one feature")
         for group, cols in (*self.ns_groups.items(), ("seq_fields", self.seq_fields)):
-            if not cols:
+            if not cols and not self.dense.get(group):
                 raise ConfigError(f"{group!r} has no columns")
             for sp in cols:
                 if sp not in self.id_spaces:
@@ -129,6 +136,10 @@ class InputSchema:
 
     def __hash__(self) -> int:  # dict fields: hash the JSON form, so equal schemas hash equal
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    def n_dense(self, group: str) -> int:
+        """How many float features NS group ``group`` has (``dense_<group>`` columns)."""
+        return len(self.dense.get(group, ()))
 
     def seq_table(self, seq: str) -> str:
         """The dedup table (uniq_<table>) that sequence `seq` indexes."""

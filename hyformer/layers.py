@@ -325,7 +325,10 @@ class Tokenizer(nn.Module):
         )
         for table in self.tables.values():
             init_embedding(table.weight)
-        self.ns_proj = nn.ModuleDict({g: nn.Linear(len(sp) * c.emb_dim, c.d_model) for g, sp in self.ns_spaces.items()})
+        self.n_dense = {g: schema.n_dense(g) for g in self.ns_spaces}
+        self.ns_proj = nn.ModuleDict(
+            {g: nn.Linear(len(sp) * c.emb_dim + self.n_dense[g], c.d_model) for g, sp in self.ns_spaces.items()}
+        )
         self.seq_proj = nn.ModuleDict(
             {s: nn.Linear(len(schema.seq_fields) * c.emb_dim, c.seq_width) for s in schema.sequences}
         )
@@ -345,6 +348,8 @@ class Tokenizer(nn.Module):
         """ids (..., F) -> concatenated field embeddings (..., F*E); column j is looked up in table spaces[j]."""
         if ids.shape[-1] != len(spaces):
             raise ValueError(f"expected {len(spaces)} id columns {spaces}, got shape {tuple(ids.shape)}")
+        if not spaces:  # a group of float features only
+            return ids.new_zeros((*ids.shape[:-1], 0), dtype=torch.get_default_dtype())
         return torch.cat([self.tables[sp](ids[..., j]) for j, sp in enumerate(spaces)], dim=-1)  # (..., F*E)
 
     def first_order(self, batch: Mapping[str, Tensor]) -> Tensor | float:
@@ -362,11 +367,14 @@ class Tokenizer(nn.Module):
         return torch.stack(terms, dim=-1).sum(dim=-1)  # (B,)
 
     def ns_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """One D-wide token per NS group: (B, M, D)."""
-        return torch.stack(
-            [proj(self.embed(self.drop_ids(batch[f"ns_{g}"]), self.ns_spaces[g])) for g, proj in self.ns_proj.items()],
-            dim=1,
-        )  # (B, M, D)
+        """One D-wide token per NS group: Linear(its id embeddings ++ its float features), (B, M, D)."""
+        tokens = []
+        for g, proj in self.ns_proj.items():
+            x = self.embed(self.drop_ids(batch[f"ns_{g}"]), self.ns_spaces[g])  # (B, F_g*E)
+            if self.n_dense[g]:
+                x = torch.cat([x, batch[f"dense_{g}"].to(x.dtype)], dim=-1)  # (B, F_g*E + n_g)
+            tokens.append(proj(x))
+        return torch.stack(tokens, dim=1)  # (B, M, D)
 
     def drop_ids(self, ids: Tensor) -> Tensor:
         """id_dropout: in training, each NS id is replaced by 0 (missing, the zero padding row) with probability p,

@@ -32,7 +32,9 @@ def make_batch(
 
     batch: dict[str, Tensor] = {}
     for group, spaces in schema.ns_groups.items():
-        batch[f"ns_{group}"] = ids(spaces, batch_size, low=0)  # (B, F_g)
+        batch[f"ns_{group}"] = ids(spaces, batch_size, low=0) if spaces else torch.zeros(batch_size, 0).long()
+    for group, names in schema.dense.items():
+        batch[f"dense_{group}"] = torch.randn(batch_size, len(names), generator=g)  # (B, n_g)
     for s, max_len in schema.sequences.items():
         if s in lens:
             n = torch.as_tensor(lens[s], dtype=torch.long).expand(batch_size).clone()  # (B,)

@@ -31,10 +31,12 @@ class Architecture:
     overrides: dict[str, Any] = field(default_factory=dict)  # HyFormerConfig fields that turn the preset into it
     paper: tuple[float, float] | None = None  # (dense params x10^6, training FLOPs x10^12 at batch 2048) reported
 
-    def config(self, base: HyFormerConfig, overrides: dict[str, Any] | None = None) -> HyFormerConfig:
-        """`base` (a preset or a config matched to a feature set) turned into this architecture, then `overrides`
-        (which win over the architecture's own settings). Validated once, on the final values."""
-        return HyFormerConfig.from_dict(base.to_dict() | self.overrides | (overrides or {}))
+    def config(self, base: HyFormerConfig | dict[str, Any], overrides: dict[str, Any] | None = None) -> HyFormerConfig:
+        """`base` (a preset or a config matched to a feature set, or its to_dict() form, which need not be valid on
+        its own) turned into this architecture, then `overrides` (which win over the architecture's own settings).
+        Validated once, on the final values."""
+        base = base.to_dict() if isinstance(base, HyFormerConfig) else dict(base)
+        return HyFormerConfig.from_dict(base | self.overrides | (overrides or {}))
 
 
 def _two_stage(seq: str, interaction: str) -> dict[str, Any]:

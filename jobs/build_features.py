@@ -41,7 +41,6 @@ from features.build import (
     BUILD_VERSION,
     RELEVANCE,
     SIDE_INFO,
-    STREAMS,
     FeatureConfig,
     build_day,
     empty_state,
@@ -50,6 +49,7 @@ from features.build import (
 from features.materialize import Timelines
 from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
 from features.shards import Layout, UserSlice
+from features.spec import EVENT_TABLES
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
 from jobs.ingest import MANIFEST, MAX_QUARANTINE_SHARE, TableCounts, add_quarantine_argument, clean_files, ingest
 from jobs.lease import cli_lock
@@ -57,7 +57,11 @@ from jobs.lease import cli_lock
 STORE_VERSION = 2
 READ_SIDE = ("long_len", "search_len", "feed_len", "side_info")
 META = "_meta.json"  # a built day's pointer
-PARTS = ("samples", *(f"events/{s}" for s in STREAMS), *(f"state/{s}" for s in STREAMS))  # features.build.build_day
+
+
+def parts(cfg: FeatureConfig) -> tuple[str, ...]:
+    """The parts of a built day (features.build.build_day): samples, and each stream's events and state."""
+    return ("samples", *(f"events/{s}" for s in cfg.streams()), *(f"state/{s}" for s in cfg.streams()))
 
 
 def store_root(data_dir: str, cfg: FeatureConfig) -> str:
@@ -83,7 +87,7 @@ class FeatureSet:
         metas = {d: built_meta(self.root, d) for d in self.days}
         if (first := read_meta(self.root, before)) is not None:
             metas[before] = first
-        return Layout(self.root, self.cfg.n_shards, self.days, before, metas)
+        return Layout(self.root, self.cfg.n_shards, self.days, before, metas, tuple(self.cfg.streams()))
 
     def timelines(self, owner: UserSlice | None = None) -> Timelines:
         """The window's events and the state before its first day (features.materialize.Timelines): every user's,
@@ -129,11 +133,16 @@ def day_files(root: str, day: str, part: str) -> list[str]:
     return part_files(root, day, built_meta(root, day), part)
 
 
-def input_fingerprint(data_dir: str, day: str) -> str:
+def event_tables(cfg: FeatureConfig) -> list[str]:
+    """The daily tables a store reads: impressions and the event tables of its sequences."""
+    return ["impressions", *dict.fromkeys(t for t, _ in cfg.streams().values())]
+
+
+def input_fingerprint(data_dir: str, day: str, cfg: FeatureConfig) -> str:
     """The committed versions of the day's clean partitions (ingest commits a new version exactly when the day's raw
     content or the rules changed)."""
     h = hashlib.sha1()
-    for t in ("impressions", *STREAMS.values()):
+    for t in event_tables(cfg):
         m = storage.current(f"{clean_root(data_dir)}/{t}/day={day}", MANIFEST) or {}
         h.update(f"{t}:{m.get('version')};".encode())
     return h.hexdigest()
@@ -180,24 +189,25 @@ def build_shard_days(
     shard = int(batch["shard"][0])
     mine = (pl.col("user_id") % cfg.n_shards) == shard
     dims = {t: storage.scan_parquet(clean_files(data_dir, t)) for t in DIM_TABLES}
-    state = {s: read_state(root, prev, s, shard) for s in STREAMS}
+    state = {s: read_state(root, prev, s, shard) for s in cfg.streams()}
+    tables = event_tables(cfg)[1:]
     name = f"shard-{shard:04d}.parquet"
     stats = {"shard": [], "day": [], "samples": [], "events": [], "peak_rss_mb": []}
     for day in days:
         res = build_day(
             scan_day(data_dir, "impressions", day).filter(mine),
-            {s: scan_day(data_dir, t, day).filter(mine) for s, t in STREAMS.items()},
+            {EVENT_TABLES[t]: scan_day(data_dir, t, day).filter(mine) for t in tables},
             state,
             dims,
             cfg,
         )
         for part, df in res.items():
             storage.write_parquet(df, storage.join(f"{root}/day={day}", version, part, name), statistics=False)
-        state = {s: res[f"state/{s}"].lazy() for s in STREAMS}
+        state = {s: res[f"state/{s}"].lazy() for s in cfg.streams()}
         stats["shard"].append(shard)
         stats["day"].append(day)
         stats["samples"].append(res["samples"].height)
-        stats["events"].append(sum(res[f"events/{s}"].height for s in STREAMS))
+        stats["events"].append(sum(res[f"events/{s}"].height for s in cfg.streams()))
         stats["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this worker, so far
     return {k: np.array(v) for k, v in stats.items()}
 
@@ -216,7 +226,7 @@ def open_store(data_dir: str, cfg: FeatureConfig) -> tuple[str, FeatureConfig]:
 
 
 def stale_days(
-    root: str, data_dir: str, day_list: list[str], store_id: str, force: bool
+    root: str, data_dir: str, day_list: list[str], cfg: FeatureConfig, force: bool
 ) -> tuple[list[str], dict[str, dict]]:
     """Days of the window to (re)build: from the first whose stored fingerprint differs from the expected one on.
 
@@ -225,8 +235,8 @@ def stale_days(
     parent = (read_meta(root, previous_day(day_list[0])) or {}).get("fp")
     expected, first_stale = {}, None
     for i, d in enumerate(day_list):
-        inputs = input_fingerprint(data_dir, d)
-        parent = chain_fp(parent, inputs, store_id)
+        inputs = input_fingerprint(data_dir, d, cfg)
+        parent = chain_fp(parent, inputs, cfg.store_id())
         expected[d] = {"fp": parent, "inputs": inputs}
         if first_stale is None and (force or (read_meta(root, d) or {}).get("fp") != parent):
             first_stale = i
@@ -241,7 +251,7 @@ def build_features(
     cfg = cfg or FeatureConfig()
     day_list = [d.strftime(DAY_FORMAT) for d in window(end, days)]
     root, cfg = open_store(data_dir, cfg)
-    todo, expected = stale_days(root, data_dir, day_list, cfg.store_id(), force)
+    todo, expected = stale_days(root, data_dir, day_list, cfg, force)
     if todo:
         version = storage.new_version()
         log.info(
@@ -265,7 +275,7 @@ def build_features(
             n_imps = scan_day(data_dir, "impressions", d).select(pl.len()).collect().item()
             if row["samples"] != n_imps or row["shards"] != cfg.n_shards:
                 raise RuntimeError(f"build_features day={d}: {row['samples']} samples for {n_imps} clean impressions")
-            files = [f"{part}/shard-{k:04d}.parquet" for part in PARTS for k in range(cfg.n_shards)]
+            files = [f"{part}/shard-{k:04d}.parquet" for part in parts(cfg) for k in range(cfg.n_shards)]
             metas[d] = {"version": version, "files": files, "day": d, **expected[d], **row}
         for d in todo:  # oldest first: an interrupted commit leaves a consistent prefix (later days re-check as stale)
             storage.publish(f"{root}/day={d}", metas[d], META)
@@ -289,24 +299,23 @@ def build_features(
 
 def add_feature_arguments(p: argparse.ArgumentParser) -> None:
     """The data directory and the feature window's settings, shared by the workflows (read back by feature_config);
-    also the ingest's quarantine limit (``--max-quarantine-share``)."""
+    also the ingest's quarantine limit (``--max-quarantine-share``). The feature flags override single values of
+    the experiment file's ``features`` section (jobs.experiment) and default to it."""
     add_quarantine_argument(p)
     p.add_argument(
         "--data-dir",
         default=DEFAULT_DATA_DIR,
         help="project data directory (logs/, clean/, features/, mlflow/, train/, tune/); default ./data",
     )
-    p.add_argument("--long-len", type=int, default=128, help="long-term sequence length (paper: 3000)")
+    p.add_argument("--long-len", type=int, default=None, help="long-term sequence length (demo: 128, paper: 3000)")
     p.add_argument(
         "--side-info",
         type=int,
-        default=7,
+        default=None,
         choices=sorted(SIDE_INFO),
-        help="side-info types per sequence event (paper Table 3: 3 or 7)",
+        help="side-info types per sequence event (paper Table 3: 3 or 7; default 7)",
     )
-    p.add_argument(
-        "--relevance", default="category", choices=RELEVANCE, help="relevance filter of the search/feed sequences"
-    )
+    p.add_argument("--relevance", default=None, choices=RELEVANCE, help="what a relevance key is (default: category)")
     p.add_argument(
         "--relevance-keys",
         default=None,
@@ -314,11 +323,19 @@ def add_feature_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def feature_config(a: argparse.Namespace) -> FeatureConfig:
-    """The FeatureConfig of the flags add_feature_arguments added."""
-    return FeatureConfig(
-        long_len=a.long_len, side_info=a.side_info, relevance=a.relevance, relevance_keys=a.relevance_keys
-    )
+def feature_config(a: argparse.Namespace, base: FeatureConfig | None = None) -> FeatureConfig:
+    """``base`` (the experiment's features; the demo's without one) with the flags add_feature_arguments added that
+    were given. ``--long-len`` sets the length of the sequence named ``long``."""
+    cfg = base or FeatureConfig(long_len=128)
+    given = {k: getattr(a, k) for k in ("side_info", "relevance", "relevance_keys") if getattr(a, k) is not None}
+    if a.long_len is not None:
+        if cfg.sequences is None:
+            given["long_len"] = a.long_len
+        elif "long" in cfg.sequences:
+            given["sequences"] = cfg.sequences | {"long": replace(cfg.sequences["long"], length=a.long_len)}
+        else:
+            raise ValueError(f"--long-len: the feature spec has no sequence named long ({list(cfg.sequences)})")
+    return replace(cfg, **given)
 
 
 def _call(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:

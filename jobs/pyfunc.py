@@ -29,7 +29,7 @@ import torch
 from hyformer import load_model
 from hyformer.serving import predict_requests
 
-INPUT_PREFIXES = ("ns_", "seq_", "len_")
+INPUT_PREFIXES = ("ns_", "dense_", "seq_", "len_")
 
 
 class HyFormerPyfunc(mlflow.pyfunc.PythonModel):
@@ -57,19 +57,21 @@ def from_frame(frame: pd.DataFrame) -> dict[str, torch.Tensor]:
         if col.startswith(INPUT_PREFIXES):
             values = frame[col].to_numpy()
             arr = np.stack([np.asarray(v) for v in values]) if values.dtype == object else values
-            batch[col] = torch.from_numpy(np.ascontiguousarray(arr).astype(np.int64))
+            dtype = np.float32 if col.startswith("dense_") else np.int64
+            batch[col] = torch.from_numpy(np.ascontiguousarray(arr).astype(dtype))
     if "request_id" in frame.columns:
         batch["request_id"] = torch.from_numpy(frame["request_id"].to_numpy().astype(np.int64))
     return batch
 
 
-def to_frame(batch: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """A materialized batch (numpy; dedup tables are expanded into full sequences) -> the pyfunc's input frame."""
+def to_frame(batch: Mapping[str, np.ndarray], tables: Mapping[str, str]) -> pd.DataFrame:
+    """A materialized batch (numpy; dedup tables are expanded into full sequences, ``tables``: sequence -> the
+    table it indexes, FeatureConfig.seq_tables()) -> the pyfunc's input frame."""
     batch = dict(batch)
     if any(k.startswith("inv_") for k in batch):
         from features.materialize import reconstruct  # noqa: PLC0415 - only where the feature pipeline is installed
 
-        batch = reconstruct(batch)  # uniq_<table>[inv_<name>] -> seq_<name> (B, L, F)
+        batch = reconstruct(batch, tables)  # uniq_<table>[inv_<name>] -> seq_<name> (B, L, F)
     cols = {
         k: (list(v) if np.ndim(v) > 1 else v)
         for k, v in batch.items()

@@ -89,11 +89,15 @@ def log_training_run(
     extra_metrics: Mapping[str, float] = {},
     tags: Mapping[str, str] = {},
     register_as: str | None = MODEL_NAME,
+    experiment_yaml: str | None = None,
 ) -> tuple[str, str | None]:
-    """Log one training run and register its model; returns (run_id, model version or None)."""
+    """Log one training run and register its model; returns (run_id, model version or None). ``experiment_yaml``:
+    the resolved experiment file (jobs.experiment), logged as ``experiment.yaml``: ``--config`` on it reruns."""
     exp_id = use_tracking(data_dir)
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags)) as run:
         log_configs(configs)
+        if experiment_yaml is not None:
+            mlflow.log_text(experiment_yaml, "experiment.yaml")
         for name, cfg in configs.items():
             mlflow.log_dict(dict(cfg), f"config/{name}.json")
         for h in history:

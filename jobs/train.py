@@ -43,7 +43,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from features import storage
-from features.build import NS_GROUPS, SEQ_STREAM, SEQUENCES, FeatureConfig
+from features.build import FeatureConfig
 from features.materialize import Materializer, Timelines
 from features.shards import Samples, UserSlice, prefetched
 from hyformer import HyFormerConfig, InputSchema, build_model
@@ -56,21 +56,30 @@ from jobs.common import init_ray, log, setup_logging
 from jobs.evaluate import metrics, predict
 from jobs.train_config import TrainConfig, add_train_arguments, train_config
 
-# §3.4.1 encoders as the paper uses them (HyFormerConfig.paper()): LONGER-style on the long sequence, Full Transformer
-# on the 50-event search and feed sequences. Architectures that name their own encoders (hyformer/zoo.py) replace it.
-PAPER_ENCODERS = {"long": "longer", "search": "transformer", "feed": "transformer"}
+
+def paper_encoders(cfg: FeatureConfig) -> dict[str, str]:
+    """§3.4.1 encoders as the paper uses them (HyFormerConfig.paper()): LONGER-style on the long-term sequence (the
+    one without a relevance rule), Full Transformer on the query-relevant ones. Architectures that name their own
+    encoders (hyformer/zoo.py), and model.seq_encoder, replace it."""
+    return {n: "longer" if s.relevance == "none" else "transformer" for n, s in cfg.sequence_specs().items()}
 
 
 def input_schema(fs: FeatureSet) -> InputSchema:
-    """What the feature set's batches hold: its id spaces and vocabularies, NS groups, sequence side info and lengths,
-    and the dedup table each sequence indexes (the one place the model's inputs are derived from the features)."""
+    """What the feature set's batches hold (features.spec): its id spaces and vocabularies, one NS group per token
+    (its id features' spaces, its dense features), sequence side info and lengths, the dedup table each sequence
+    indexes (the one place the model's inputs are derived from the features)."""
+    cfg = fs.cfg
+    groups = cfg.token_groups()
+    ids = {g: tuple(cfg.id_space(n) for n in names if cfg.feature_kind(n) == "id") for g, names in groups.items()}
+    dense = {g: tuple(n for n in names if cfg.feature_kind(n) == "dense") for g, names in groups.items()}
     return InputSchema(
-        id_spaces=dict(sorted(fs.cfg.vocab.items())),
-        ns_groups={g: tuple(space for _, space in cols) for g, cols in NS_GROUPS.items()},
-        seq_fields=fs.cfg.seq_fields,
-        sequences={s: fs.cfg.seq_len(s) for s in SEQUENCES},
-        seq_tables={s: SEQ_STREAM[s] for s in SEQUENCES},  # long and search index the search-event table
-        target_groups=("item",),  # the candidate's features: queries of query_source="target"
+        id_spaces=dict(sorted(cfg.vocab.items())),
+        ns_groups=ids,
+        dense={g: names for g, names in dense.items() if names},
+        seq_fields=cfg.seq_fields,
+        sequences={s: cfg.seq_len(s) for s in cfg.sequence_specs()},
+        seq_tables=cfg.seq_tables(),  # sequences of one unfiltered table share its dedup table
+        target_groups=cfg.candidate_tokens(),  # the candidate's features: queries of query_source="target"
     )
 
 
@@ -80,11 +89,12 @@ def model_config(
     """The config of architecture ``arch`` whose inputs match a feature set (id spaces, groups, sequences and their
     lengths), then ``overrides`` (which win over the architecture's own settings). ``hide_sequences``: the model
     masks every sequence event, in training and wherever it is scored later (it is part of the saved config)."""
-    base = HyFormerConfig(
-        schema=input_schema(fs),
-        attn_impl="sdpa",  # the fused kernel; tests hold it equal to "reference"
-        seq_encoder=PAPER_ENCODERS,
-    )
+    # not validated on its own: the schema's token count may need the overrides' d_model (validated once, at the end)
+    base = {
+        "schema": dataclasses.asdict(input_schema(fs)),
+        "attn_impl": "sdpa",  # the fused kernel; tests hold it equal to "reference"
+        "seq_encoder": paper_encoders(fs.cfg),
+    }
     return architecture(arch).config(base, (overrides or {}) | ({"hide_sequences": True} if hide_sequences else {}))
 
 

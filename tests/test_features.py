@@ -176,7 +176,7 @@ def test_a_stream_without_events_gives_empty_sequences():
     naive, dedup = materialize_hand(out, cfg), materialize_hand(out, cfg, dedup=True)
     np.testing.assert_array_equal(naive["len_feed"], [0, 0, 0])
     assert (naive["seq_feed"] == 0).all() and naive["seq_feed"].shape == (3, 2, 7)
-    np.testing.assert_array_equal(reconstruct(dedup)["seq_feed"], naive["seq_feed"])
+    np.testing.assert_array_equal(reconstruct(dedup, cfg.seq_tables())["seq_feed"], naive["seq_feed"])
     np.testing.assert_array_equal(naive["len_long"], [2, 2, 3])  # the other streams are unaffected
 
 
@@ -239,7 +239,7 @@ def test_huge_history_of_one_user_is_capped_to_the_latest():
     assert out["samples"]["long_hi"].to_list() == [n, n, n]
     b = materialize_hand(out, cfg, dedup=True)
     assert b["inv_long"].shape == (3, 3000) and (b["len_long"] == 3000).all() and (b["len_search"] == 50).all()
-    seq = reconstruct(b)["seq_long"]
+    seq = reconstruct(b, cfg.seq_tables())["seq_long"]
     np.testing.assert_array_equal(seq[0, :3, 0], [(n - 1 - i) % 40 + 1 for i in range(3)])  # newest first
     # 3 samples x (3000 long + 50 search) tokens; the two candidates of request 1 share events, the search sequence
     # is a subset of the long one; request 2 sees the same events at another age (dt): 2 x 3000 unique + padding
@@ -340,7 +340,7 @@ def test_dedup_tables_reconstruct_the_naive_sequences_exactly(feature_set, mater
         fs = feature_set.with_read_side(side_info=side_info)
         dd = Materializer(fs.timelines(), fs.cfg, dedup=True)(batch)
         nv = naive if side_info == 7 else Materializer(fs.timelines(), fs.cfg, dedup=False)(batch)
-        rebuilt = reconstruct(dd)
+        rebuilt = reconstruct(dd, fs.cfg.seq_tables())
         for s in ("long", "search", "feed"):
             np.testing.assert_array_equal(rebuilt[f"seq_{s}"], nv[f"seq_{s}"])
             np.testing.assert_array_equal(dd[f"len_{s}"], nv[f"len_{s}"])

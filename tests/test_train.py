@@ -170,7 +170,7 @@ def test_mlflow_run_holds_metrics_plots_and_a_loadable_registered_model(trained,
     # the registered version is a pyfunc that scores a DataFrame (one row per candidate) anywhere
     reference = load_model(trained.checkpoint_dir).eval()
     batch = eval_batch(feature_set)
-    frame = to_frame({k: v.numpy() for k, v in batch.items()})
+    frame = to_frame({k: v.numpy() for k, v in batch.items()}, feature_set.cfg.seq_tables())
     probs = mlflow.pyfunc.load_model(f"models:/hyformer/{version}").predict(frame)
     with torch.no_grad():
         np.testing.assert_allclose(probs, torch.sigmoid(reference(batch)).numpy(), rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, also inside a Ray job's working dir
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
@@ -41,6 +42,7 @@ from features.schema import DAY_FORMAT, day_folders, logs_root, parse_day  # noq
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import add_feature_arguments, feature_config, logs_to_features  # noqa: E402
 from jobs.common import DEFAULT_DATA_DIR, Exit, Locked, StageFailed, init_ray, log, setup_logging, stage  # noqa: E402
+from jobs.experiment import Experiment, ExperimentError, check_model, load_experiment  # noqa: E402
 from jobs.lease import data_dir_lock  # noqa: E402
 from jobs.promote import backfill_guard, decide, evaluate_registered  # noqa: E402
 from jobs.register import (
@@ -57,10 +59,6 @@ from jobs.register import (
 from jobs.retention import clean_leftovers  # noqa: E402
 from jobs.train import train, warm_start_state  # noqa: E402
 from jobs.train_config import TrainConfig, add_train_arguments, read_best_config, train_config  # noqa: E402
-
-# the quality suite's base model (benchmarks/quality.py BASE_MODEL, docs/results.md): LONGER on the long sequence
-DEMO_MODEL = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
-
 
 STATUS = "status"  # <data-dir>/status/<date>.json: the outcome of each date, for whatever watches the runs
 
@@ -79,19 +77,50 @@ def newest_log_day(data_dir: str) -> dt.date | None:
     return parse_day(days[-1]) if days else None
 
 
-def training_defaults(path: str | None) -> TrainConfig:
-    """The training flags' defaults: the demo's, with a best-config file's settings (workflows/tune.py) on top;
-    flags given on the command line still win."""
-    base = TrainConfig(epochs=1, model=DEMO_MODEL)
+def training_defaults(exp: Experiment, path: str | None) -> TrainConfig:
+    """The training flags' defaults: the experiment's, with a best-config file's settings (workflows/tune.py) on
+    top; flags given on the command line still win."""
     try:
-        return base if path is None else base.override(read_best_config(path))
+        return exp.train if path is None else exp.train.override(read_best_config(path))
     except (OSError, ValueError) as e:
         raise SystemExit(f"daily_train: --train-config: {e}") from e
+
+
+def experiment_of(a: argparse.Namespace) -> Experiment:
+    """The experiment this run is: the file's (or the demo's) with every flag given on the command line applied;
+    its YAML is logged with the run and reruns it."""
+    exp = a.experiment
+    return Experiment(
+        data=dataclasses.replace(
+            exp.data,
+            dir=a.data_dir,
+            days=a.days,
+            max_quarantine_share=a.max_quarantine_share,
+            synthetic=a.synthetic,
+            synth_scale=a.synth_scale,
+        ),
+        features=feature_config(a, exp.features),
+        train=train_config(a),
+        promotion=dataclasses.replace(exp.promotion, margin=a.promotion_margin, init_from=a.init_from),
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="experiment file (YAML; configs/demo.yaml): data, features, model, train, promotion; flags override it",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key of the experiment file, e.g. --set features.sequences.long.length=64 (repeatable)",
     )
     when = p.add_mutually_exclusive_group()
     when.add_argument(
@@ -153,8 +182,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-register", action="store_true", help="log the MLflow run but do not register (nor promote) the model"
     )
     pre, _ = p.parse_known_args(argv)
-    add_train_arguments(p, training_defaults(pre.train_config))
+    try:
+        if pre.config is None and pre.overrides:
+            p.error("--set needs --config (an experiment file whose keys it overrides)")
+        exp = load_experiment(pre.config, pre.overrides) if pre.config else Experiment()
+    except ExperimentError as e:
+        p.exit(2, f"daily_train: {e}\n")
+    p.set_defaults(
+        data_dir=exp.data.dir if pre.config else DEFAULT_DATA_DIR,
+        days=exp.data.days,
+        max_quarantine_share=exp.data.max_quarantine_share,
+        synthetic=exp.data.synthetic,
+        synth_scale=exp.data.synth_scale,
+        promotion_margin=exp.promotion.margin,
+        init_from=exp.promotion.init_from,
+        experiment=exp,
+    )
+    add_train_arguments(p, training_defaults(exp, pre.train_config))
     a = p.parse_args(argv)
+    try:
+        a.experiment = experiment_of(a)
+        check_model(a.experiment, pre.config or "the command line")
+    except (ValueError, ExperimentError) as e:
+        p.exit(2, f"daily_train: {e}\n")
     if (a.date_from is None) != (a.date_to is None):
         p.error("--from and --to go together")
     if a.date_from is not None and a.date_from > a.date_to:
@@ -210,7 +260,7 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
         data_dir,
         date,
         a.days,
-        feature_config(a),
+        a.experiment.features,
         force=a.rebuild_features,
         step=stage,
         max_quarantine_share=a.max_quarantine_share,
@@ -281,6 +331,7 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
         | {"feature_samples": float(fs.samples), "feature_days_built": float(len(fs.built))},
         tags=tags | {"init_from": str(a.init_from if init_from else "none")},
         register_as=None if a.no_register else a.arch,
+        experiment_yaml=a.experiment.to_yaml(),
     )
     details = decision.to_dict() | {"date": day, "oracle": res.metrics.get("eval_oracle_query_auc", float("nan"))}
     outcome = stage("decide", commit_decision, data_dir, run_id, a.arch, version, details, champ_version, champ_metrics)
