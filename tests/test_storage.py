@@ -196,12 +196,17 @@ def test_an_expired_s3_lease_is_taken_over_and_a_live_one_is_renewed(s3):
     uri = storage.join(s3, "data", "locks", "daily.lease.json")
     bucket, key = uri.removeprefix("s3://").split("/", 1)
     dead = {"pid": 1, "host": "gone", "since": "2026-11-30T00:00:00+00:00", "expires": time.time() - 1}
-    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=json.dumps(dead).encode())
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(dead).encode())
+
+    def lease() -> dict:  # one GET, as the lease reads it: the object is rewritten while held (a ranged read of the
+        return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())  # old size could cut the new)
+
     with data_dir_lock(storage.join(s3, "data"), lease_s=0.6):  # the dead holder's lease has expired
-        first = json.loads(storage.read_bytes(uri))
+        first = lease()
         assert first["pid"] == os.getpid()
         time.sleep(1.0)  # renewed every lease_s / 3: still held, with a later expiry
-        renewed = json.loads(storage.read_bytes(uri))
+        renewed = lease()
         assert renewed["expires"] > first["expires"]
         assert S3Lease(uri).try_take()["pid"] == os.getpid()  # another run finds it held
     assert not storage.exists(uri)  # given back
