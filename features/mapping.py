@@ -258,7 +258,8 @@ def parse_mapping(
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), dict):
         raise MappingError('mapping: expected an object {"tables": {table: {...}}}')
     _unknown(raw, ("tables", "notes", "profile"), "mapping")
-    wanted = tuple(tables or TABLES)
+    # default: the tables every spec reads, and those mapped (a feed-only mapping has no queries nor search events)
+    wanted = tuple(tables or (t for t in TABLES if t in ("impressions", "users", "items") or t in raw["tables"]))
     unknown = [t for t in (*wanted, *(inputs or {})) if t not in TABLES]
     if unknown:
         raise MappingError(f"unknown table(s) {unknown}; the contract's tables: {list(TABLES)}")

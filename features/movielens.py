@@ -4,8 +4,9 @@
     python -m jobs.import_logs --profile movielens --source /path/to/ml-100k --print-mapping > my_logs.json
 
 ``movielens_mapping`` returns a plain mapping dict, notes included; ``jobs/import_logs.py`` imports it like any
-mapping file. MovieLens holds ratings, not search logs: the derived tables (requests, search and feed events, the
-placeholder query) are in its notes and in ``docs/data.md`` ("The movielens profile").
+mapping file. MovieLens holds ratings, not search logs: it becomes feed-only logs (impressions without a query, feed
+events, users, items; no queries, no search events), trained with the feed-only spec of ``configs/movielens.yaml``.
+The derived tables (requests, feed events) are in its notes and in ``docs/data.md`` ("The movielens profile").
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ ML_CSV = {
         "dtypes": {"zip_code": "str"},
     },
 }
-NO_QUERY = 0  # the placeholder query of every MovieLens request; its category 0 is no genre's (genres are 1..19)
 
 
 def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
@@ -93,10 +93,10 @@ def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
         "notes": [
             "MovieLens has ratings, not search logs. Every rating is a candidate the user was shown; a user's ratings "
             "of one UTC day form one request at the time of the day's first rating; label = " + positive + ".",
-            f"No queries: every request has the placeholder query {NO_QUERY} (queries holds that one row, category "
-            f"{NO_QUERY}, which no item has): train with --relevance none.",
-            "search_events = the positive ratings (the clicks of the impressions, as in the synthetic logs), under the "
-            "placeholder query; feed_events = every rating, like = " + positive + ", watch_time_s = 0 (unknown).",
+            "Feed-only: no queries (impressions.query_id is null) and no search events; feed_events = every rating, "
+            "like = "
+            + positive
+            + ", watch_time_s = 0 (unknown). Train with configs/movielens.yaml (a feed-only spec).",
             "No display position (0) and no authors (0); an item's category is its first genre (1 unknown .. 19 "
             "Western); users: age in 7 bands, gender M=1 F=2, zip code as the home city (id map 'zip').",
             "Release dates are not mapped to items.upload_ts: the contract's ms since 1970 (>= 0) cannot hold the "
@@ -109,23 +109,9 @@ def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
                 "columns": {
                     "user_id": "user_id",
                     "item_id": "movie_id",
-                    "query_id": {"value": NO_QUERY},
                     "position": {"value": 0},
                     "ts": ratings_ts,
                     "label": {"sql": f"CAST({positive} AS INTEGER)"},
-                },
-            },
-            "search_events": {
-                **source_of("ratings"),
-                "where": positive,
-                "columns": {
-                    "user_id": "user_id",
-                    "ts": ratings_ts,
-                    "query_id": {"value": NO_QUERY},
-                    "item_id": "movie_id",
-                    "author_id": {"lookup": "items"},
-                    "category_id": {"lookup": "items"},
-                    "like": {"value": 1},
                 },
             },
             "feed_events": {
@@ -157,6 +143,5 @@ def movielens_mapping(source: str, positive_rating: int = 4) -> dict:
                     "category_id": {"sql": genre},
                 },
             },
-            "queries": {"rows": [{"query_id": NO_QUERY, "category_id": NO_QUERY, "n_terms": 0}]},
         },
     }

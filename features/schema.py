@@ -63,11 +63,11 @@ TS = pa.int64()
 IMPRESSIONS = Table(
     "impressions",
     daily=True,
-    doc="One row per (search request, shown item): the samples to predict.",
+    doc="One row per (request, shown item): the samples to predict (search requests; feed requests have no query).",
     columns=(
         Column("request_id", ID, True, "search request; groups the candidates of one query (query-level AUC)", 0),
         Column("user_id", ID, True, "user who searched", 0),
-        Column("query_id", ID, True, "normalised query", 0),
+        Column("query_id", ID, False, "normalised query; null: a request without a query (a feed impression)", 0),
         Column("item_id", ID, True, "shown item (video)", 0),
         Column("position", pa.int32(), True, "0-based rank at which the item was shown", 0, 1000),
         Column("ts", TS, True, "request time, ms since epoch UTC", 0),

@@ -243,6 +243,22 @@ def check_spec(
             )
 
 
+QUERY_BUILTINS = ("query_id", "query_category", "n_terms", "cat_pair", "cat_match", "query_item")
+CORE_TABLES = ("impressions", "users", "items")  # every spec reads them
+
+
+def needs_queries(
+    tokens: Mapping[str, tuple[str, ...]], features: Mapping[str, Feature], sequences: Mapping[str, SequenceSpec]
+) -> bool:
+    """Does the spec read the queries table (a query feature, or a sequence relevant to the query)?"""
+    used = {n for names in tokens.values() for n in names}
+    return (
+        bool(used & set(QUERY_BUILTINS))
+        or any(features[n].table == "queries" for n in used if n in features)
+        or any(s.relevance == "query" for s in sequences.values())
+    )
+
+
 def candidate_feature(name: str, features: Mapping[str, Feature]) -> bool:
     """Does the feature describe the candidate item (an items column, or a built-in item feature)?"""
     return BUILTIN[name][1] if name in BUILTIN else features[name].table == "items"

@@ -47,7 +47,7 @@ from features.build import (
     plan_vocab,
 )
 from features.materialize import Timelines
-from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
+from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, parse_day, previous_day, window
 from features.shards import Layout, UserSlice
 from features.spec import EVENT_TABLES
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
@@ -167,6 +167,20 @@ def scan_day(data_dir: str, table: str, day: str) -> pl.LazyFrame:
     return storage.scan_parquet(files).with_columns(pl.lit(day).alias("day"))
 
 
+def read_dims(data_dir: str, cfg: FeatureConfig, lazy: bool = False) -> dict[str, pl.DataFrame | pl.LazyFrame]:
+    """The clean dimension snapshots the spec reads (``cfg.tables()``); a table it does not read (queries, for a
+    feed-only spec) is an empty frame of the contract's columns, so the joins leave its features missing."""
+    out: dict[str, pl.DataFrame | pl.LazyFrame] = {}
+    for t in DIM_TABLES:
+        if t not in cfg.tables():
+            out[t] = pl.from_arrow(TABLES[t].schema.empty_table())
+        elif lazy:
+            out[t] = storage.scan_parquet(clean_files(data_dir, t))
+        else:
+            out[t] = storage.read_parquet(clean_files(data_dir, t))
+    return out
+
+
 def read_state(root: str, meta: dict | None, stream: str, shard: int) -> pl.LazyFrame:
     """One shard's state of a built day (``meta``: its pointer), or the empty state before the store's first day."""
     rel = f"state/{stream}/shard-{shard:04d}.parquet"
@@ -188,7 +202,7 @@ def build_shard_days(
     the stored state of the day before (``prev``: its pointer; None before the store's first day)."""
     shard = int(batch["shard"][0])
     mine = (pl.col("user_id") % cfg.n_shards) == shard
-    dims = {t: storage.scan_parquet(clean_files(data_dir, t)) for t in DIM_TABLES}
+    dims = {t: d.lazy() for t, d in read_dims(data_dir, cfg, lazy=True).items()}
     state = {s: read_state(root, prev, s, shard) for s in cfg.streams()}
     tables = event_tables(cfg)[1:]
     name = f"shard-{shard:04d}.parquet"
@@ -218,8 +232,7 @@ def open_store(data_dir: str, cfg: FeatureConfig) -> tuple[str, FeatureConfig]:
     root = store_root(data_dir, cfg)
     if (store := storage.read_json_or_none(f"{root}/store.json")) is not None:
         return root, replace(cfg, vocab=store["vocab"])
-    dims = {t: storage.read_parquet(clean_files(data_dir, t)) for t in DIM_TABLES}
-    cfg = replace(cfg, vocab=plan_vocab(dims, cfg))
+    cfg = replace(cfg, vocab=plan_vocab(read_dims(data_dir, cfg), cfg))
     write_side = {k: v for k, v in cfg.to_dict().items() if k not in READ_SIDE}
     storage.write_json(f"{root}/store.json", {"version": STORE_VERSION, "store_id": cfg.store_id(), **write_side})
     return root, cfg
@@ -355,7 +368,7 @@ def logs_to_features(
     days are skipped), then build its features (only stale days unless ``force``). ``step(name, fn, *args)`` runs
     each part; the workflows pass jobs.common.stage, which names the part that failed. Returns the ingest counts per
     table and the feature window."""
-    counts = step("ingest", ingest, data_dir, end, days, max_quarantine_share=max_quarantine_share)
+    counts = step("ingest", ingest, data_dir, end, days, max_quarantine_share=max_quarantine_share, tables=cfg.tables())
     return counts, step("features", build_features, data_dir, end, days, cfg, force=force)
 
 

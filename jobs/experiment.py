@@ -9,6 +9,7 @@ Sections (every key optional; configs/demo.yaml lists them all with the demo's v
     model:      preset (tiny | demo | paper), arch, and any HyFormerConfig field (d_model, n_layers, seq_encoder...)
     train:      jobs.train_config.TrainConfig fields (epochs, batch_size, workers, ...), optim: {lr, ...}
     promotion:  margin, init_from                                                  (PromotionSettings)
+    tune:       space, samples, max_concurrent, grace_period                       (TuneSettings, workflows/tune.py)
 
 A file is checked before anything runs: an unknown key, a value of the wrong type, or a rule a section breaks (a
 sequence on a table that is not an event table, a feature on a column its table does not have, a model the features
@@ -19,6 +20,7 @@ to MLflow with every run: ``--config`` on it runs the same experiment again.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -47,7 +49,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "demo": DEMO_MODEL,
     "paper": {k: v for k, v in dataclasses.asdict(HyFormerConfig.paper()).items() if k not in _NOT_PRESET},
 }
-SECTIONS = ("data", "features", "model", "train", "promotion")
+SECTIONS = ("data", "features", "model", "train", "promotion", "tune")
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,29 @@ class PromotionSettings:
 
 
 @dataclass(frozen=True)
+class TuneSettings:
+    """workflows/tune.py: the search space around the train section (keys as jobs.train_config.route reads them:
+    ``lr``, ``batch_size``, ``model.d_model`` ...; each {choice: [...]} | {uniform|loguniform|randint: [lo, hi]})."""
+
+    space: dict[str, dict[str, list]] | None = None  # None: jobs.tune.SEARCH_SPACE
+    samples: int = 8  # trials
+    max_concurrent: int = 1  # trials at a time
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+
+
+@dataclass(frozen=True)
 class Experiment:
     data: DataSettings = field(default_factory=DataSettings)
     features: FeatureConfig = field(default_factory=lambda: FeatureConfig(long_len=128))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(model=DEMO_MODEL))
     promotion: PromotionSettings = field(default_factory=PromotionSettings)
+    tune: TuneSettings = field(default_factory=TuneSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved file's content (what ``load_experiment`` reads back into an equal Experiment)."""
         features = {k: v for k, v in self.features.to_dict().items() if k != "vocab"}  # vocab: planned per store
         train = self.train.to_dict()
+        train.pop("init_from")  # set per run from promotion.init_from (the champion's checkpoint, ...)
         model = {"arch": train.pop("arch"), **train.pop("model")}
         return {
             "data": dataclasses.asdict(self.data),
@@ -83,6 +98,7 @@ class Experiment:
             "model": model,
             "train": train,
             "promotion": dataclasses.asdict(self.promotion),
+            "tune": dataclasses.asdict(self.tune),
         }
 
     def to_yaml(self) -> str:
@@ -220,13 +236,24 @@ def parse_experiment(text: str, name: str = "<config>", overrides: list[str] = (
     _unknown_keys(raw["promotion"], PromotionSettings, ("promotion",), src)
     _unknown_keys(raw["features"], FeatureConfig, ("features",), src, skip=("vocab",))
     _unknown_keys(raw["train"], TrainConfig, ("train",), src, skip=("model", "arch"))
+    _unknown_keys(raw["tune"], TuneSettings, ("tune",), src)
+    if "init_from" in raw["train"]:
+        raise src.error(("train", "init_from"), "the warm start is promotion.init_from")
     data = _validate(DataSettings, raw["data"], ("data",), src)
     promotion = _validate(PromotionSettings, raw["promotion"], ("promotion",), src)
     features = _validate(FeatureConfig, {"long_len": default.features.long_len, **raw["features"]}, ("features",), src)
     model = _model_overrides(raw["model"], src)
     arch = model.pop("arch", default.train.arch)
     train = _validate(TrainConfig, {**raw["train"], "arch": arch, "model": model}, ("train",), src)
-    return Experiment(data, features, train, promotion)
+    tune = _validate(TuneSettings, raw["tune"], ("tune",), src)
+    if tune.space is not None:
+        from jobs.tune import check_space  # noqa: PLC0415 - Ray Tune, only for a file that names a space
+
+        try:
+            check_space(tune.space)
+        except ValueError as e:
+            raise src.error(("tune", "space"), str(e)) from None
+    return Experiment(data, features, train, promotion, tune)
 
 
 def _model_overrides(section: dict, src: _Source) -> dict[str, Any]:
@@ -271,3 +298,37 @@ def check_model(exp: Experiment, name: str) -> None:
         model_config(window, exp.train.model, exp.train.arch, exp.train.hide_sequences)
     except ConfigError as e:
         raise ExperimentError(f"{name}: model: {e}") from None
+
+
+# --- the workflows' flags ---------------------------------------------------------------------------------------------
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE`` (read back by ``experiment_of_argv``)."""
+    p.add_argument(
+        "--config",
+        default=None,
+        help="experiment file (YAML, configs/demo.yaml): data, features, model, train, promotion, tune; flags override",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key of the experiment file, e.g. --set features.sequences.long.length=64 (repeatable)",
+    )
+
+
+def experiment_of_argv(p: argparse.ArgumentParser, argv: list[str] | None, prog: str) -> Experiment | None:
+    """The experiment of ``--config``/``--set`` in ``argv`` (parsed ahead of the other flags, whose defaults it
+    sets); None without ``--config``. A bad file exits 2 with its one error."""
+    pre, _ = p.parse_known_args(argv)
+    if pre.config is None:
+        if pre.overrides:
+            p.error("--set needs --config (an experiment file whose keys it overrides)")
+        return None
+    try:
+        return load_experiment(pre.config, pre.overrides)
+    except ExperimentError as e:
+        p.exit(2, f"{prog}: {e}\n")

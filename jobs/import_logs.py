@@ -270,7 +270,8 @@ def import_logs(data_dir: str, specs: dict[str, TableSpec], mapping: dict | None
             )
 
     write(data_dir, frames, idmaps, reports)
-    window, gaps = complete_window({t: days_on_disk(data_dir, t) for t in DAILY_TABLES})
+    on_disk_days = {t: days_on_disk(data_dir, t) for t in DAILY_TABLES}
+    window, gaps = complete_window({t: d for t, d in on_disk_days.items() if d})  # tables a mapping has (feed-only)
     report = ImportReport(data_dir, {t: reports[t] for t in specs}, idstats, window, gaps)
     storage.write_json(f"{logs_root(data_dir)}/{REPORT}", report.to_dict() | {"mapping": mapping})
     for r in report.tables.values():
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"import_logs: every daily table has rows on each of the {w['days']} days {w['first']}..{w['end']}; "
             f"train with python workflows/daily_train.py --data-dir {report.data_dir} --date {w['end']} "
-            f"--days {min(w['days'], 70)}" + (" --relevance none" if a.profile == "movielens" else "")
+            f"--days {min(w['days'], 70)}" + (" --config configs/movielens.yaml" if a.profile == "movielens" else "")
         )
     return 0
 

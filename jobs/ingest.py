@@ -32,6 +32,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -174,7 +175,7 @@ Dims = tuple[tuple[str, tuple[str, ...]], ...]  # (table, its clean files) of th
 def known_ids(dims: Dims) -> dict[str, pl.Series]:
     """Ids of the clean dimension tables (cached per worker process: read once per run)."""
     files = dict(dims)
-    return {t: storage.read_parquet(list(files[t]), columns=[k])[k] for t, k in DIM_KEY.items()}
+    return {t: storage.read_parquet(list(files[t]), columns=[k])[k] for t, k in DIM_KEY.items() if t in files}
 
 
 def dims_fingerprint(dims: Dims) -> str:
@@ -403,8 +404,11 @@ def ingest(
     days: int = 70,
     force: bool = False,
     max_quarantine_share: float = MAX_QUARANTINE_SHARE,
+    tables: Sequence[str] | None = None,
 ) -> dict[str, TableCounts]:
-    """Validate the ``days`` days ending at ``end`` (inclusive) of every table; returns per-table counts of the window.
+    """Validate the ``days`` days ending at ``end`` (inclusive) of every table (or of ``tables``: those a feature
+    spec reads, ``FeatureConfig.tables()``; a feed-only spec has no queries nor search events); returns per-table
+    counts of the window.
 
     Days whose clean partition is up to date are skipped unless ``force``. Dimension snapshots are always re-ingested.
     A partition of the window with more than ``max_quarantine_share`` of its rows quarantined fails the run
@@ -418,8 +422,12 @@ def ingest(
             "the day is over (--date)"
         )
     win = window(end, days)
-    dims = [plan_partition(data_dir, t, None) for t in DIM_TABLES]
-    daily = [plan_partition(data_dir, t, d) for t in DAILY_TABLES for d in win]
+    tables = tuple(tables or TABLES)
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown or "impressions" not in tables:
+        raise ValueError(f"ingest: tables {list(tables)} must include impressions and name contract tables only")
+    dims = [plan_partition(data_dir, t, None) for t in DIM_TABLES if t in tables]
+    daily = [plan_partition(data_dir, t, d) for t in DAILY_TABLES if t in tables for d in win]
     for p in dims + daily:  # fail fast: nothing is validated or written while any input is unreadable
         check_footers(p)
     version = storage.new_version()  # this run's version of every partition it writes
@@ -446,7 +454,7 @@ def ingest(
     if removed:
         log.info("ingest: %d replaced partition version(s) past the retention deleted", removed)
     manifests |= previous
-    by_table = {t: [p for p in dims + daily if p.table == t] for t in TABLES}
+    by_table = {t: [p for p in dims + daily if p.table == t] for t in TABLES if t in tables}
     counts = {t: table_counts(t, parts, manifests, set(previous)) for t, parts in by_table.items()}
     for c in counts.values():
         log.info(
@@ -502,12 +510,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--date", required=True, type=parse_day, help="last day of the window, YYYY-MM-DD")
     p.add_argument("--days", type=int, default=70, help="window length in days (default 70)")
     p.add_argument("--force", action="store_true", help="re-validate every day of the window, even those up to date")
+    p.add_argument(
+        "--tables",
+        default=None,
+        help="comma-separated tables to ingest (default all; a feed-only spec: impressions,feed_events,users,items)",
+    )
     add_quarantine_argument(p)
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
     with cli_lock(a.data_dir):
-        counts = ingest(a.data_dir, a.date, a.days, force=a.force, max_quarantine_share=a.max_quarantine_share)
+        counts = ingest(
+            a.data_dir,
+            a.date,
+            a.days,
+            force=a.force,
+            max_quarantine_share=a.max_quarantine_share,
+            tables=a.tables.split(",") if a.tables else None,
+        )
     for c in counts.values():
         print(json.dumps(asdict(c)))
 

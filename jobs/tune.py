@@ -225,10 +225,12 @@ def tune(
     grace_period: int = 1,
     out: str | None = None,
     experiment: str = EXPERIMENT,
+    experiment_yaml: str | None = None,
 ) -> TuneOutcome:
     """Tune ``space`` around ``base`` on window ``fs``: ``samples`` trials of ``base.epochs`` epochs each (Optuna TPE,
     ASHA on ``eval_query_auc`` per epoch), ``max_concurrent`` at a time. Logs the MLflow parent run and one child run
     per trial; writes the best config to ``out`` (default ``<data_dir>/tune/<name>/best_config.json``).
+    ``experiment_yaml``: the resolved experiment file (jobs.experiment), logged with the parent run.
 
     Raises RuntimeError when no trial reported the metric.
     """
@@ -266,6 +268,8 @@ def tune(
         params |= flat_params("", {"samples": samples, "max_concurrent": max_concurrent, "grace_period": grace_period})
         params |= {"searcher": type(searcher).__name__, "scheduler": type(scheduler).__name__}
         client.log_batch(parent_id, params=[Param(k, v) for k, v in params.items()])
+        if experiment_yaml is not None:
+            client.log_text(parent_id, experiment_yaml, "experiment.yaml")
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(run_trial, fs=fs, base=base, storage_path=f"{tune_dir}/train", name=name),
             {"cpu": 0.01},  # the trial function only drives its TorchTrainer, whose workers reserve the CPUs

@@ -20,6 +20,7 @@ from features.mapping import MappingError, ValueParseError, parse_mapping, ts_ms
 from features.movielens import movielens_mapping
 from features.schema import DAILY_TABLES, TABLES, day_start_ms
 from jobs.import_logs import import_logs, main, read_idmap
+from tests.conftest import committed_files
 
 END = dt.date(1998, 4, 22)
 DAYS = [END - dt.timedelta(days=2), END - dt.timedelta(days=1), END]
@@ -30,7 +31,7 @@ def unix_s(day: dt.date, hour: float) -> int:
     return day_start_ms(day) // 1000 + int(hour * H)
 
 
-# user, item, rating, hour of the day: 3 days, 3 users, every day with a positive rating (search_events need one)
+# user, item, rating, hour of the day: 3 days, 3 users, every day with a positive rating (both classes held out)
 RATINGS = [
     (1, 10, 5, 0, 1.0),
     (1, 20, 2, 0, 1.5),
@@ -79,15 +80,9 @@ def test_movielens_profile_passes_ingest(tmp_path):
     data_dir = str(tmp_path / "data")
     report = import_logs(data_dir, parse_mapping(movielens_mapping(movielens_dir(tmp_path / "ml-100k"))))
     n, positives = len(RATINGS), sum(r >= 4 for _, _, r, _, _ in RATINGS)
-    assert {t: r.written for t, r in report.tables.items()} == {
-        "impressions": n,
-        "search_events": positives,
-        "feed_events": n,
-        "users": 3,
-        "items": 5,
-        "queries": 1,
-    }
-    assert report.tables["search_events"].dropped == {"where: not (rating >= 4)": n - positives}
+    # feed-only: no queries, no search events (configs/movielens.yaml trains on it)
+    written = {t: r.written for t, r in report.tables.items()}
+    assert written == {"impressions": n, "feed_events": n, "users": 3, "items": 5}
     assert all(r.reconciles() and r.read == r.written + sum(r.dropped.values()) for r in report.tables.values())
     assert all(r.invalid == 0 and r.warnings == [] for r in report.tables.values())  # the preview of ingest's checks
     assert report.window == {"first": str(DAYS[0]), "end": str(END), "days": 3}
@@ -96,22 +91,25 @@ def test_movielens_profile_passes_ingest(tmp_path):
     imp = read_table(data_dir, "impressions")
     assert imp["label"].to_list() == [int(r >= 4) for _, _, r, _, _ in RATINGS]  # input order kept
     # one request per (user, UTC day): 2 + 2 + 3, at the day's first rating (user 1 on day 0: 01:00 and 01:30)
-    assert imp["request_id"].n_unique() == 7 and imp["query_id"].unique().to_list() == [0]
+    assert imp["request_id"].n_unique() == 7 and "query_id" not in imp.columns
     assert imp["ts"][:2].to_list() == [unix_s(DAYS[0], 1.0) * 1000] * 2
     feed = read_table(data_dir, "feed_events")
     assert feed["ts"][1] == unix_s(DAYS[0], 1.5) * 1000 and feed["like"].sum() == positives
     items = read_table(data_dir, "items").sort("item_id")
     assert items["category_id"].to_list() == [4, 2, 1, 2, 7]  # first genre: Animation, Action, unknown, Action, Crime
     assert "upload_ts" not in items.columns  # release dates before 1970 do not fit the contract (ms >= 0)
-    search = read_table(data_dir, "search_events")
-    assert dict(zip(search["item_id"], search["category_id"])) == {10: 4, 30: 1, 40: 2, 20: 2, 50: 7}  # looked up
+    assert dict(zip(feed["item_id"], feed["category_id"])) == {10: 4, 30: 1, 40: 2, 20: 2, 50: 7}  # looked up
+    assert not os.path.exists(f"{data_dir}/logs/v1/search_events") and not os.path.exists(f"{data_dir}/logs/v1/queries")
     users = read_table(data_dir, "users").sort("user_id")
     assert users["age_bucket"].to_list() == [2, 6, 1] and users["gender"].to_list() == [1, 2, 1]
     assert read_idmap(data_dir, "zip").height == 3
 
-    counts = ingest(data_dir, END, 3)
+    counts = ingest(data_dir, END, 3, tables=("impressions", "feed_events", "users", "items"))
+    assert set(counts) == set(report.tables)
     for t, c in counts.items():
         assert c.quarantined == 0 and c.read == c.clean == report.tables[t].written, (t, c)
+    clean = pl.read_parquet(committed_files(f"{data_dir}/clean/v1/impressions"))
+    assert clean["query_id"].null_count() == clean.height  # a request without a query: null, not a placeholder
 
 
 def impressions_parquet(path, rows: list[tuple]) -> str:
@@ -305,13 +303,13 @@ def test_cli_prints_the_profile_and_imports(tmp_path, capsys):
     src = movielens_dir(tmp_path / "ml-100k")
     assert main(["--profile", "movielens", "--source", src, "--print-mapping"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed["tables"]) == set(TABLES) and printed["tables"]["search_events"]["where"] == "rating >= 4"
+    assert set(printed["tables"]) == {"impressions", "feed_events", "users", "items"}
     mapping = tmp_path / "mine.json"  # the printed profile is a mapping file of its own
-    printed["tables"]["search_events"]["where"] = "rating >= 5"
+    printed["tables"]["feed_events"]["where"] = "rating >= 5"
     mapping.write_text(json.dumps(printed))
     assert main(["--data-dir", str(tmp_path / "data"), "--mapping", str(mapping)]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out.splitlines()[0])["tables"]["search_events"]["written"] == sum(
+    assert json.loads(out.splitlines()[0])["tables"]["feed_events"]["written"] == sum(
         r >= 5 for _, _, r, _, _ in RATINGS
     )
     assert f"--date {END} --days 3" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -315,3 +316,37 @@ def test_every_example_config_loads_and_feeds_its_model(path):
     exp = load_experiment(path)
     check_model(exp, path)  # the spec's tokens and sequences fit the model's widths
     assert parse_experiment(exp.to_yaml()) == exp
+
+
+def test_movielens_runs_from_its_config_as_a_feed_only_spec(tmp_path):
+    """Done-when of #19: MovieLens (here its three files, tiny) imported by the profile as feed-only logs (no query
+    column, no queries table, no search events) and trained by the workflow from configs/movielens.yaml."""
+    import subprocess
+    import sys
+
+    from features.mapping import parse_mapping
+    from features.movielens import movielens_mapping
+    from jobs.import_logs import import_logs
+    from tests.test_import_logs import END, movielens_dir
+    from tests.test_workflow import clean_env
+
+    data = tmp_path / "data"
+    import_logs(str(data), parse_mapping(movielens_mapping(movielens_dir(tmp_path / "ml-100k"))))
+    tables = {t for t in os.listdir(data / "logs" / "v1") if not t.startswith("_")}
+    assert tables == {"feed_events", "impressions", "items", "users"}
+    cmd = [sys.executable, "workflows/daily_train.py", "--config", "configs/movielens.yaml", "--data-dir", str(data)]
+    cmd += ["--date", str(END), "--days", "3", "--min-eval-rows", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, (done.stderr + done.stdout)[-4000:]
+    assert json.loads((data / "status" / f"{END}.json").read_text())["outcome"] == "promoted"
+    runs, _, _ = registry(data)
+    metrics = runs[0].data.metrics
+    assert "ingest_feed_events_clean" in metrics and not any("search_events" in k or "queries" in k for k in metrics)
+    exp = parse_experiment(mlflow.artifacts.load_text(f"{runs[0].info.artifact_uri}/experiment.yaml"))
+    assert (
+        list(exp.features.sequence_specs()) == ["history", "genre", "liked"] and "queries" not in exp.features.tables()
+    )
+    fs = FeatureSet.load(glob.glob(f"{data}/features/v2/*/window-{END}-3d.json")[0])
+    samples = pl.read_parquet(fs.sample_files())
+    assert (samples["ns_query_id"] == 0).all()  # no query: the padding id, not a placeholder query
+    assert set(fs.cfg.streams()) == {"feed", "liked"}

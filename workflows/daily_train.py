@@ -42,7 +42,13 @@ from features.schema import DAY_FORMAT, day_folders, logs_root, parse_day  # noq
 from features.synth import SynthConfig, generate  # noqa: E402
 from jobs.build_features import add_feature_arguments, feature_config, logs_to_features  # noqa: E402
 from jobs.common import DEFAULT_DATA_DIR, Exit, Locked, StageFailed, init_ray, log, setup_logging, stage  # noqa: E402
-from jobs.experiment import Experiment, ExperimentError, check_model, load_experiment  # noqa: E402
+from jobs.experiment import (  # noqa: E402
+    Experiment,
+    ExperimentError,
+    add_config_arguments,
+    check_model,
+    experiment_of_argv,
+)
 from jobs.lease import data_dir_lock  # noqa: E402
 from jobs.promote import backfill_guard, decide, evaluate_registered  # noqa: E402
 from jobs.register import (
@@ -102,6 +108,7 @@ def experiment_of(a: argparse.Namespace) -> Experiment:
         features=feature_config(a, exp.features),
         train=train_config(a),
         promotion=dataclasses.replace(exp.promotion, margin=a.promotion_margin, init_from=a.init_from),
+        tune=exp.tune,
     )
 
 
@@ -109,19 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="experiment file (YAML; configs/demo.yaml): data, features, model, train, promotion; flags override it",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key of the experiment file, e.g. --set features.sequences.long.length=64 (repeatable)",
-    )
+    add_config_arguments(p)
     when = p.add_mutually_exclusive_group()
     when.add_argument(
         "--date", type=parse_day, default=None, help="day to train for (held out for evaluation), YYYY-MM-DD"
@@ -182,14 +177,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-register", action="store_true", help="log the MLflow run but do not register (nor promote) the model"
     )
     pre, _ = p.parse_known_args(argv)
-    try:
-        if pre.config is None and pre.overrides:
-            p.error("--set needs --config (an experiment file whose keys it overrides)")
-        exp = load_experiment(pre.config, pre.overrides) if pre.config else Experiment()
-    except ExperimentError as e:
-        p.exit(2, f"daily_train: {e}\n")
+    exp = experiment_of_argv(p, argv, "daily_train") or Experiment()
     p.set_defaults(
-        data_dir=exp.data.dir if pre.config else DEFAULT_DATA_DIR,
+        data_dir=exp.data.dir,
         days=exp.data.days,
         max_quarantine_share=exp.data.max_quarantine_share,
         synthetic=exp.data.synthetic,

@@ -3,6 +3,7 @@ best config, with MLflow parent/child runs (the search space, the trial and the 
 
     python workflows/tune.py --data-dir /abs/data --date 2026-11-22 --days 14 --samples 8 --epochs 3 --max-concurrent 1
     python workflows/tune.py --features /abs/data/features/v2/<store>/window-2026-11-22-14d.json --smoke-test
+    python workflows/tune.py --config configs/demo.yaml --date 2026-11-22 --set tune.samples=4  # its tune section
     python workflows/daily_train.py --train-config /abs/data/tune/<name>/best_config.json   # use the best config
 
 The window is built (incrementally) as the daily workflow does, or read from ``--features``; its newest day is held
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, also inside a Ray job's working dir
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -25,6 +27,13 @@ from features import storage  # noqa: E402
 from features.schema import parse_day  # noqa: E402
 from jobs.build_features import FeatureSet, add_feature_arguments, feature_config, logs_to_features  # noqa: E402
 from jobs.common import Exit, Locked, StageFailed, init_ray, setup_logging, stage  # noqa: E402
+from jobs.experiment import (  # noqa: E402
+    DataSettings,
+    Experiment,
+    TuneSettings,
+    add_config_arguments,
+    experiment_of_argv,
+)
 from jobs.lease import data_dir_lock  # noqa: E402
 from jobs.train_config import TrainConfig, add_train_arguments, train_config  # noqa: E402
 from jobs.tune import BASE_MODEL, EXPERIMENT, METRIC, SEARCH_SPACE, SMALL_SEARCH_SPACE, TuneOutcome, tune  # noqa: E402
@@ -43,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--days", type=int, default=14, help="window length in days, ending at --date (default 14)")
     p.add_argument("--features", default=None, help="a window-*.json of jobs.build_features instead of --date/--days")
     add_feature_arguments(p)
+    add_config_arguments(p)
     g = p.add_argument_group("tuning")
     g.add_argument("--samples", type=int, default=8, help="trials (default 8)")
     g.add_argument(
@@ -65,15 +75,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tuning name (default tune-<date>-<timestamp>); results under <data-dir>/tune/<name>",
     )
     g.add_argument("--out", default=None, help="best config JSON (default <data-dir>/tune/<name>/best_config.json)")
-    g.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    g.add_argument(
+        "--experiment", dest="mlflow_experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})"
+    )
     p.add_argument(
         "--lock-timeout",
         type=float,
         default=0.0,
         help="seconds to wait for another run's lock on the data directory while building the window (default 0)",
     )
-    add_train_arguments(p, TrainConfig(epochs=3, model=BASE_MODEL))
+    exp = experiment_of_argv(p, argv, "tune")
+    if exp is not None:  # the file's settings are the flags' defaults; flags given still win
+        p.set_defaults(
+            data_dir=exp.data.dir,
+            days=exp.data.days,
+            max_quarantine_share=exp.data.max_quarantine_share,
+            samples=exp.tune.samples,
+            max_concurrent=exp.tune.max_concurrent,
+            grace_period=exp.tune.grace_period,
+        )
+    add_train_arguments(p, exp.train if exp else TrainConfig(epochs=3, model=BASE_MODEL))
     a = p.parse_args(argv)
+    a.experiment = exp
     if a.features is None and a.date is None:
         p.error("give --date (the window is built from the logs under --data-dir) or --features")
     if a.smoke_test:
@@ -88,18 +111,39 @@ def run(a: argparse.Namespace) -> TuneOutcome:
         fs = stage("features", FeatureSet.load, a.features)
     else:
         with data_dir_lock(data_dir, a.lock_timeout):  # only while it writes the data directory
+            features = feature_config(a, a.experiment.features if a.experiment else None)
             _, fs = logs_to_features(
-                data_dir, a.date, a.days, feature_config(a), step=stage, max_quarantine_share=a.max_quarantine_share
+                data_dir, a.date, a.days, features, step=stage, max_quarantine_share=a.max_quarantine_share
             )
     if a.space:
         with open(a.space) as f:
             space = json.load(f)
+    elif a.small_space:
+        space = SMALL_SEARCH_SPACE
     else:
-        space = SMALL_SEARCH_SPACE if a.small_space else SEARCH_SPACE
+        space = (a.experiment.tune.space if a.experiment else None) or SEARCH_SPACE
     name = a.name or f"tune-{fs.days[-1]}-{int(time.time())}"
     base = train_config(a)
+    resolved = Experiment(  # what this tuning is, logged with its parent run: --config on it tunes the same again
+        data=DataSettings(data_dir, len(fs.days), a.max_quarantine_share),
+        features=dataclasses.replace(fs.cfg, vocab={}),
+        train=base,
+        tune=TuneSettings(space, a.samples, a.max_concurrent, a.grace_period),
+    )
     return stage(
-        "tune", tune, fs, base, data_dir, name, space, a.samples, a.max_concurrent, a.grace_period, a.out, a.experiment
+        "tune",
+        tune,
+        fs,
+        base,
+        data_dir,
+        name,
+        space,
+        a.samples,
+        a.max_concurrent,
+        a.grace_period,
+        a.out,
+        a.mlflow_experiment,
+        experiment_yaml=resolved.to_yaml(),
     )
 
 
