@@ -332,3 +332,15 @@ def experiment_of_argv(p: argparse.ArgumentParser, argv: list[str] | None, prog:
         return load_experiment(pre.config, pre.overrides)
     except ExperimentError as e:
         p.exit(2, f"{prog}: {e}\n")
+
+
+def data_defaults(exp: Experiment) -> dict[str, Any]:
+    """The data section as the workflows' flag defaults (argparse dests: --data-dir, --days, ...)."""
+    d = exp.data
+    return {
+        "data_dir": d.dir,
+        "days": d.days,
+        "max_quarantine_share": d.max_quarantine_share,
+        "synthetic": d.synthetic,
+        "synth_scale": d.synth_scale,
+    }

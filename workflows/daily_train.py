@@ -47,6 +47,7 @@ from jobs.experiment import (  # noqa: E402
     ExperimentError,
     add_config_arguments,
     check_model,
+    data_defaults,
     experiment_of_argv,
 )
 from jobs.lease import data_dir_lock  # noqa: E402
@@ -179,11 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pre, _ = p.parse_known_args(argv)
     exp = experiment_of_argv(p, argv, "daily_train") or Experiment()
     p.set_defaults(
-        data_dir=exp.data.dir,
-        days=exp.data.days,
-        max_quarantine_share=exp.data.max_quarantine_share,
-        synthetic=exp.data.synthetic,
-        synth_scale=exp.data.synth_scale,
+        **data_defaults(exp),
         promotion_margin=exp.promotion.margin,
         init_from=exp.promotion.init_from,
         experiment=exp,

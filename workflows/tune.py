@@ -32,6 +32,7 @@ from jobs.experiment import (  # noqa: E402
     Experiment,
     TuneSettings,
     add_config_arguments,
+    data_defaults,
     experiment_of_argv,
 )
 from jobs.lease import data_dir_lock  # noqa: E402
@@ -87,9 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     exp = experiment_of_argv(p, argv, "tune")
     if exp is not None:  # the file's settings are the flags' defaults; flags given still win
         p.set_defaults(
-            data_dir=exp.data.dir,
-            days=exp.data.days,
-            max_quarantine_share=exp.data.max_quarantine_share,
+            **data_defaults(exp),
             samples=exp.tune.samples,
             max_concurrent=exp.tune.max_concurrent,
             grace_period=exp.tune.grace_period,
