@@ -65,6 +65,10 @@ def _ignore(metrics: dict[str, float], files: dict[str, dict] | None) -> None:
     return None
 
 
+def _no_progress(step: int, metrics: dict[str, float]) -> None:
+    return None
+
+
 @dataclass
 class Hooks:
     """What the loop needs from where it runs; the defaults are one process."""
@@ -74,6 +78,8 @@ class Hooks:
     broadcast: Callable[[Any], Any] = _same  # rank 0's value on every worker
     # every epoch end (and every checkpoint_every steps): the metrics, and on rank 0 the files to keep with them
     report: Callable[[dict[str, float], dict[str, dict] | None], None] = _ignore
+    # rank 0, every log_every steps: (global step, the progress line's numbers), e.g. to a tracking server
+    progress: Callable[[int, dict[str, float]], None] = _no_progress
 
 
 def train_epoch(learner: Learner, batches: Batches, cfg: LoopConfig, pos: Position, hooks: Hooks) -> dict[str, float]:
@@ -94,6 +100,7 @@ def train_epoch(learner: Learner, batches: Batches, cfg: LoopConfig, pos: Positi
         if hooks.rank == 0 and pos.batch % cfg.log_every == 0:
             rate = n * hooks.world / (time.perf_counter() - t0)
             left = max(0, cfg.steps_per_epoch - pos.batch) * cfg.batch_size * hooks.world / rate
+            recent = float(np.mean(losses[-cfg.log_every :]))
             log.info(
                 "epoch %d/%d step %d/%d: loss %.4f (last %d), grad norm %.3g, lr %.2g, %.0f samples/s (%d workers), "
                 "epoch ETA %.0f s",
@@ -101,13 +108,23 @@ def train_epoch(learner: Learner, batches: Batches, cfg: LoopConfig, pos: Positi
                 cfg.epochs,
                 pos.batch,
                 cfg.steps_per_epoch,
-                np.mean(losses[-cfg.log_every :]),
+                recent,
                 cfg.log_every,
                 stats["grad_norm"],
                 stats["lr"],
                 rate,
                 hooks.world,
                 left,
+            )
+            hooks.progress(
+                pos.step,
+                {
+                    "step_train_loss": recent,
+                    "step_grad_norm": float(stats["grad_norm"]),
+                    "step_lr": float(stats["lr"]),
+                    "step_samples_per_s": float(rate),
+                    "step_epoch_eta_s": float(left),
+                },
             )
         if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
             hooks.report({"train_loss_recent": float(np.mean(losses[-cfg.checkpoint_every :]))}, None)

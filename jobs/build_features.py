@@ -28,7 +28,7 @@ import datetime as dt
 import hashlib
 import json
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +53,7 @@ from features.spec import EVENT_TABLES
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
 from jobs.ingest import MANIFEST, MAX_QUARANTINE_SHARE, TableCounts, add_quarantine_argument, clean_files, ingest
 from jobs.lease import cli_lock
+from jobs.progress import Progress
 
 STORE_VERSION = 2
 READ_SIDE = ("long_len", "search_len", "feed_len", "side_info")
@@ -197,16 +198,16 @@ def build_shard_days(
     days: list[str],
     prev: dict | None,
     cfg: FeatureConfig,
-) -> dict:
+) -> Iterator[dict]:
     """Ray Data UDF: days ``days`` (in order) of one user shard, written under ``version`` of each day; starts from
-    the stored state of the day before (``prev``: its pointer; None before the store's first day)."""
+    the stored state of the day before (``prev``: its pointer; None before the store's first day). Yields one row of
+    stats per day, as it is written (the driver's progress)."""
     shard = int(batch["shard"][0])
     mine = (pl.col("user_id") % cfg.n_shards) == shard
     dims = {t: d.lazy() for t, d in read_dims(data_dir, cfg, lazy=True).items()}
     state = {s: read_state(root, prev, s, shard) for s in cfg.streams()}
     tables = event_tables(cfg)[1:]
     name = f"shard-{shard:04d}.parquet"
-    stats = {"shard": [], "day": [], "samples": [], "events": [], "peak_rss_mb": []}
     for day in days:
         res = build_day(
             scan_day(data_dir, "impressions", day).filter(mine),
@@ -218,12 +219,13 @@ def build_shard_days(
         for part, df in res.items():
             storage.write_parquet(df, storage.join(f"{root}/day={day}", version, part, name), statistics=False)
         state = {s: res[f"state/{s}"].lazy() for s in cfg.streams()}
-        stats["shard"].append(shard)
-        stats["day"].append(day)
-        stats["samples"].append(res["samples"].height)
-        stats["events"].append(sum(res[f"events/{s}"].height for s in cfg.streams()))
-        stats["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this worker, so far
-    return {k: np.array(v) for k, v in stats.items()}
+        yield {
+            "shard": np.array([shard]),
+            "day": np.array([day]),
+            "samples": np.array([res["samples"].height]),
+            "events": np.array([sum(res[f"events/{s}"].height for s in cfg.streams())]),
+            "peak_rss_mb": np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]),  # this worker so far
+        }
 
 
 def open_store(data_dir: str, cfg: FeatureConfig) -> tuple[str, FeatureConfig]:
@@ -278,7 +280,12 @@ def build_features(
         shards = ray.data.from_items([{"shard": k} for k in range(cfg.n_shards)], override_num_blocks=cfg.n_shards)
         prev = read_meta(root, previous_day(todo[0]))
         kw = {"data_dir": data_dir, "root": root, "version": version, "days": todo, "prev": prev, "cfg": cfg}
-        stats = pl.DataFrame(shards.map_batches(build_shard_days, batch_size=1, fn_kwargs=kw).take_all())
+        rows = []
+        with Progress("features", total=cfg.n_shards * len(todo), unit="shard-days") as bar:
+            for row in shards.map_batches(build_shard_days, batch_size=1, fn_kwargs=kw).iter_rows():
+                rows.append(row)
+                bar.update()
+        stats = pl.DataFrame(rows)
         per_day = stats.group_by("day").agg(
             pl.col("samples").sum(), pl.col("events").sum(), pl.col("peak_rss_mb").max(), pl.len().alias("shards")
         )

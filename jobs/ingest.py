@@ -67,6 +67,7 @@ from features.validate import (
 )
 from jobs.common import ReconcileError, clean_root, init_ray, log, quarantine_root, setup_logging
 from jobs.lease import cli_lock
+from jobs.progress import Progress
 
 MANIFEST = "_manifest.json"
 
@@ -326,8 +327,13 @@ def run_partitions(
         ingest_partition_udf,
         batch_size=1,
         fn_kwargs={"data_dir": data_dir, "version": version, "dims": dims, "dims_fp": dims_fp, "repeated": repeated},
-    ).take_all()
-    results = [json.loads(r["result"]) for r in rows]
+    )
+    results = []
+    what = "ingest " + ("dimensions" if dims is None else "days")
+    with Progress(what, total=len(parts), unit="partitions") as bar:
+        for r in rows.iter_rows():  # as each partition is validated
+            results.append(json.loads(r["result"]))
+            bar.update()
     errors = sorted(
         (r for r in results if "error" in r), key=lambda r: (list(TABLES).index(r["table"]), r["day"] or "")
     )

@@ -18,12 +18,14 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import hyformer
@@ -80,6 +82,31 @@ def flat_params(prefix: str, d: Mapping) -> dict[str, str]:
     }
 
 
+def start_training_run(data_dir: str, run_name: str, tags: Mapping[str, str] = {}) -> str:
+    """Open the MLflow run of a training before it starts (status RUNNING), so that its metrics can be followed while
+    it trains (``live_metrics``); ``log_training_run`` / ``log_failed_run`` with ``run_id`` finish it."""
+    exp_id = use_tracking(data_dir)
+    return MlflowClient().create_run(exp_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+
+def live_metrics(tracking_uri: str, run_id: str) -> Callable[[int, dict[str, float]], None]:
+    """A logger of a worker's metrics at a step into run ``run_id`` (hyformer.loop.Hooks.progress). Tracking must not
+    stop training: a failure to log is a warning, once, and the logger goes quiet."""
+    client, broken = MlflowClient(tracking_uri), []
+
+    def log_step(step: int, metrics: dict[str, float]) -> None:
+        if broken:
+            return
+        now = int(time.time() * 1000)
+        try:
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        except Exception as e:  # noqa: BLE001 - any tracking failure: keep training
+            broken.append(e)
+            log.warning("mlflow: live metrics of run %s stopped (%s: %s)", run_id, type(e).__name__, e)
+
+    return log_step
+
+
 def log_training_run(
     data_dir: str,
     run_name: str,
@@ -90,11 +117,14 @@ def log_training_run(
     tags: Mapping[str, str] = {},
     register_as: str | None = MODEL_NAME,
     experiment_yaml: str | None = None,
+    run_id: str | None = None,
 ) -> tuple[str, str | None]:
     """Log one training run and register its model; returns (run_id, model version or None). ``experiment_yaml``:
-    the resolved experiment file (jobs.experiment), logged as ``experiment.yaml``: ``--config`` on it reruns."""
+    the resolved experiment file (jobs.experiment), logged as ``experiment.yaml``: ``--config`` on it reruns.
+    ``run_id``: the run ``start_training_run`` opened (its live metrics kept), else a new one."""
     exp_id = use_tracking(data_dir)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags)) as run:
+    opened = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": run_name}
+    with mlflow.start_run(**opened, tags=dict(tags)) as run:
         log_configs(configs)
         if experiment_yaml is not None:
             mlflow.log_text(experiment_yaml, "experiment.yaml")
@@ -146,13 +176,18 @@ def model_artifact(checkpoint_dir: str, features: Mapping, tags: Mapping[str, st
 
 
 def log_failed_run(
-    data_dir: str, run_name: str, error: BaseException, configs: Mapping[str, Mapping], tags: Mapping[str, str] = {}
+    data_dir: str,
+    run_name: str,
+    error: BaseException,
+    configs: Mapping[str, Mapping],
+    tags: Mapping[str, str] = {},
+    run_id: str | None = None,
 ) -> str:
-    """Record a training that failed (e.g. a non-finite loss) as an MLflow run with status FAILED and the error."""
+    """Record a training that failed (e.g. a non-finite loss) as an MLflow run with status FAILED and the error
+    (``run_id``: the run ``start_training_run`` opened, else a new one)."""
     exp_id = use_tracking(data_dir)
-    with mlflow.start_run(
-        experiment_id=exp_id, run_name=run_name, tags=dict(tags) | {"error": f"{type(error).__name__}: {error}"[:5000]}
-    ) as run:
+    opened = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": run_name}
+    with mlflow.start_run(**opened, tags=dict(tags) | {"error": f"{type(error).__name__}: {error}"[:5000]}) as run:
         log_configs(configs)
         mlflow.end_run(status="FAILED")
     log.info("mlflow: run %s marked FAILED", run.info.run_id)

@@ -40,6 +40,7 @@ from hyformer.serving import predict_requests
 from jobs.build_features import FeatureSet, store_root
 from jobs.common import init_ray, log, setup_logging
 from jobs.lease import cli_lock
+from jobs.progress import Progress
 
 OUTPUT_COLUMNS = ("request_id", "user_id", "item_id", "ts", "label", "p_click", "prob")
 
@@ -153,23 +154,27 @@ def score(
     model_ref = ray.put((model.config.to_dict(), state))
     out_dir, version = storage.absolute(out_dir), storage.new_version()
     task = score_slice.options(num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)
-    parts = ray.get(
-        [
-            task.remote(
-                layout,
-                UserSlice(layout.n_shards, r, actors),
-                days,
-                model_ref,
-                storage.join(out_dir, version),
-                fs.cfg.to_dict(),
-                kv_reuse,
-                max(1, int(cpus_per_actor)),
-                gpu,
-                batch_size,
-            )
-            for r in range(actors)
-        ]
-    )
+    pending = [
+        task.remote(
+            layout,
+            UserSlice(layout.n_shards, r, actors),
+            days,
+            model_ref,
+            storage.join(out_dir, version),
+            fs.cfg.to_dict(),
+            kv_reuse,
+            max(1, int(cpus_per_actor)),
+            gpu,
+            batch_size,
+        )
+        for r in range(actors)
+    ]
+    parts = []
+    with Progress("score", total=actors, unit="user slices") as bar:
+        while pending:  # as each slice is scored
+            done, pending = ray.wait(pending, num_returns=1)
+            parts += ray.get(done)
+            bar.update(len(done))
     rows, requests = sum(p["rows"] for p in parts), sum(p["requests"] for p in parts)
     if rows != expected:
         raise RuntimeError(f"score: wrote {rows} rows for {expected} samples of days {days}")

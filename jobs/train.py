@@ -54,6 +54,7 @@ from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import init_ray, log, setup_logging
 from jobs.evaluate import metrics, predict
+from jobs.register import live_metrics
 from jobs.train_config import TrainConfig, add_train_arguments, train_config
 
 
@@ -266,6 +267,8 @@ def train_fn_per_worker(config: dict) -> None:
         checkpoint_every=tc.checkpoint_every,
     )
     hooks = Hooks(rank, world, broadcast_value, lambda m, files: report(m, raw, learner, pos, history, files))
+    if rank == 0 and config.get("live") is not None:  # step metrics into the MLflow run while it trains
+        hooks.progress = live_metrics(*config["live"])
     try:
         run_epochs(learner, raw, batches, evaluate, loop, pos, history, hooks, tags={"restored_step": float(restored)})
     except NonFiniteError:
@@ -351,11 +354,14 @@ def train(
     run_name: str,
     callbacks: list | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
+    live: tuple[str, str] | None = None,
 ) -> TrainResult:
     """Fit on every day of ``fs`` but the last, evaluate on the last. ``run_name`` must be new (Ray resumes reused
     names). ``callbacks``: Ray Train ``RunConfig`` callbacks (e.g. Tune's ``TuneReportCallback``, which forwards
     every report). ``init_state``: the warm start's merged weights when the caller already built them with
-    ``load_init_state`` (else they are built here from ``tc.init_from``).
+    ``load_init_state`` (else they are built here from ``tc.init_from``). ``live``: (tracking URI, run id) of an
+    open MLflow run (jobs.register.start_training_run): rank 0 logs its step metrics there every ``log_every``
+    steps while training.
 
     Raises NonFiniteError when the loss or a gradient became NaN/inf (training stops on every worker at that step).
     """
@@ -379,6 +385,7 @@ def train(
         "layout": layout,
         "splits": splits,
         "init_state": None if init_state is None else ray.put(init_state),
+        "live": live,
     }
     train_rows = storage.num_rows(layout.files("samples", splits["train"]))  # Parquet footers only
     labels = storage.read_parquet(layout.files("samples", splits["eval"]), columns=["label"])["label"]  # one day

@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -247,10 +248,16 @@ def test_the_workflow_trains_on_a_declared_dense_feature_and_fourth_sequence_wit
     doc = {"features": json.loads(json.dumps(SPEC)), "model": {"preset": "demo", "d_model": 36}}
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     data = tmp_path / "data"
-    done = run_workflow(data, "--config", str(config), "--date", "2026-11-22")
-    assert done.returncode == 0, (done.stderr + done.stdout)[-4000:]
+    done = run_workflow(data, "--config", str(config), "--date", "2026-11-22", "--log-every", "2")
+    log = done.stderr + done.stdout
+    assert done.returncode == 0, log[-4000:]
+    # progress people can see (no terminal here: lines), and step metrics in MLflow while the run trained
+    assert re.search(r"ingest days: (\d+)/\1 partitions \(100%\), .* in \d+:\d\d:\d\d", log), log[-3000:]
+    assert re.search(r"features: (\d+)/\1 shard-days \(100%\)", log)
     runs, versions, champion = registry(data)
-    assert versions == {"1": "promoted"}
+    assert versions == {"1": "promoted"} and len(runs) == 1  # the run opened before training is the one finished
+    steps = mlflow.tracking.MlflowClient().get_metric_history(runs[0].info.run_id, "step_train_loss")
+    assert len(steps) >= 2 and [m.step for m in steps] == sorted({m.step for m in steps})
     logged = mlflow.artifacts.load_text(f"{runs[0].info.artifact_uri}/experiment.yaml")
     exp = parse_experiment(logged, "experiment.yaml")
     assert exp.features.sequence_specs()["liked"].filter == "finish = 1" and exp.data.days == 4

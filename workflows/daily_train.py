@@ -61,6 +61,8 @@ from jobs.register import (
     log_training_run,
     registered_checkpoint,
     resume_decision,
+    start_training_run,
+    tracking_uri,
     version_date,
 )  # noqa: E402
 from jobs.retention import clean_leftovers  # noqa: E402
@@ -280,10 +282,13 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
     )
     init_from = tc.init_from
     configs = {"train": tc.flat(), "features": fs.cfg.to_dict()}
+    # the run is open while it trains: its step metrics (loss, learning rate, samples/s) are live in MLflow
+    run_id = stage("start run", start_training_run, data_dir, run_name, tags)
+    live = (tracking_uri(data_dir), run_id)
     try:
-        res = stage("train", train, fs, tc, f"{data_dir}/train", run_name, init_state=init_state)
+        res = stage("train", train, fs, tc, f"{data_dir}/train", run_name, init_state=init_state, live=live)
     except StageFailed as e:
-        stage("log failure", log_failed_run, data_dir, run_name, e.__cause__, configs, tags)
+        stage("log failure", log_failed_run, data_dir, run_name, e.__cause__, configs, tags, run_id=run_id)
         raise
     champ_metrics = None
     if reg is not None:
@@ -319,6 +324,7 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
         tags=tags | {"init_from": str(a.init_from if init_from else "none")},
         register_as=None if a.no_register else a.arch,
         experiment_yaml=a.experiment.to_yaml(),
+        run_id=run_id,
     )
     details = decision.to_dict() | {"date": day, "oracle": res.metrics.get("eval_oracle_query_auc", float("nan"))}
     outcome = stage("decide", commit_decision, data_dir, run_id, a.arch, version, details, champ_version, champ_metrics)
