@@ -314,6 +314,13 @@ def test_the_workflow_trains_on_a_declared_dense_feature_and_fourth_sequence_wit
     model = load_model(str(Path(sorted(model_dir)[-1]).parent)).eval()
     rows = np.argsort(-batch["len_liked"], kind="stable")[:64]  # samples with the longest finished histories
     assert_inputs_matter(model, {k: torch.from_numpy(v[rows]) for k, v in batch.items()})
+    # the plan of the same run again: nothing left to ingest or build (--dry-run writes nothing)
+    dry = run_workflow(data, "--config", str(config), "--date", "2026-11-22", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert (
+        re.search(r"ingest: 0 of \d+ partitions to validate", dry.stdout)
+        and "features: 0 day(s) to build" in dry.stdout
+    )
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "configs/*.yaml"))), ids=lambda p: Path(p).name)

@@ -51,6 +51,7 @@ from jobs.experiment import (  # noqa: E402
     experiment_of_argv,
 )
 from jobs.lease import data_dir_lock  # noqa: E402
+from jobs.plan import describe, plan_run  # noqa: E402
 from jobs.promote import backfill_guard, decide, evaluate_registered  # noqa: E402
 from jobs.register import (
     champion,
@@ -178,6 +179,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--no-register", action="store_true", help="log the MLflow run but do not register (nor promote) the model"
+    )
+    p.add_argument(
+        "--dry-run",
+        "--validate-only",
+        dest="dry_run",
+        action="store_true",
+        help="check the config, storage, window and the logs' schemas; print the plan (partitions to ingest, feature "
+        "days to build, model params and FLOPs); write nothing",
     )
     pre, _ = p.parse_known_args(argv)
     exp = experiment_of_argv(p, argv, "daily_train") or Experiment()
@@ -370,9 +379,26 @@ def run(a: argparse.Namespace) -> tuple[Exit, list[dict]]:
         return Exit.LOCKED, []
 
 
+def dry_run(a: argparse.Namespace) -> Exit:
+    """--dry-run: the plan of this run (jobs.plan), printed; nothing written."""
+    data_dir = storage.absolute(a.data_dir)
+    try:
+        dates = dates_of(a, data_dir)
+        demo = a.synthetic or data_dir == storage.absolute(DEFAULT_DATA_DIR)
+        plan = plan_run(a.experiment, dates, logs_expected=not demo)
+    except (OSError, ValueError) as e:  # the ingest's contract errors, a missing partition, a future window
+        print(f"daily_train: dry run: {type(e).__name__}: {e}", file=sys.stderr)
+        return Exit.FAILED
+    print(describe(plan))
+    print("daily_train: plan " + json.dumps(plan))
+    return Exit.PROMOTED
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     a = parse_args(argv)
+    if a.dry_run:
+        return int(dry_run(a))
     t0 = time.perf_counter()
     code, summaries = run(a)
     if code in (Exit.PROMOTED, Exit.NOT_PROMOTED):
