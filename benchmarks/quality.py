@@ -68,6 +68,7 @@ from hyformer.zoo import ARCHITECTURES, build_model
 from jobs.build_features import FeatureSet
 from jobs.common import log, setup_logging
 from jobs.evaluate import metrics, predict
+from jobs.experiment import ExperimentError, load_experiment
 from jobs.train import match_width, model_config, paper_encoders
 from jobs.train_config import TrainConfig
 
@@ -458,7 +459,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="raw logs in the log contract (e.g. jobs.import_logs): ingest and build the window ending at --date",
     )
-    p.add_argument("--date", default=None, help="with --data-dir: the window's last day, YYYY-MM-DD")
+    p.add_argument("--date", default=None, help="with --data-dir or --config: the window's last day, YYYY-MM-DD")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="an experiment file (configs/*.yaml): its feature spec and data directory (with --date), its model and "
+        "train sections as the base every row starts from",
+    )
     p.add_argument(
         "--relevance",
         default="category",
@@ -478,8 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--long-len", type=int, default=128, help="L_long of tables/scaling (side-info: --long-lens)")
     p.add_argument("--long-lens", default="128,512", help="side-info: the long-sequence lengths compared")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=OptimConfig().lr)
+    p.add_argument("--epochs", type=int, default=None, help="default: --config's, else 1")
+    p.add_argument("--lr", type=float, default=None, help=f"default: --config's, else {OptimConfig().lr}")
     p.add_argument(
         "--train",
         default="{}",
@@ -519,14 +526,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     long_lens = tuple(int(x) for x in a.long_lens.split(","))
     if a.suite is None:
         p.error("--suite is required")
-    if (a.data_dir is None) != (a.date is None):
-        p.error("--data-dir and --date go together")
+    try:
+        exp = load_experiment(a.config) if a.config else None
+    except ExperimentError as e:
+        p.exit(2, f"quality: {e}\n")
+    data_dir = a.data_dir or (exp.data.dir if exp else None)
+    if (data_dir is None) != (a.date is None):
+        p.error("--data-dir (or --config) and --date go together")
     long_len = max(long_lens) if a.suite == "side-info" else a.long_len
     if a.features:
         fs = FeatureSet.load(os.path.abspath(a.features))
-    elif a.data_dir:
-        fcfg = FeatureConfig(long_len=long_len, search_len=50, feed_len=50, relevance=a.relevance)
-        fs = logs_window(os.path.abspath(a.data_dir), dt.date.fromisoformat(a.date), a.days, fcfg)
+    elif data_dir:
+        fcfg = (
+            exp.features if exp else FeatureConfig(long_len=long_len, search_len=50, feed_len=50, relevance=a.relevance)
+        )
+        fs = logs_window(os.path.abspath(data_dir), dt.date.fromisoformat(a.date), a.days, fcfg)
     else:
         fs = synthetic_window(a.work, a.synth_scale, a.days, long_len)
     if a.suite != "side-info":
@@ -536,8 +550,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         p.error(f"--rows: unknown architectures {unknown}; choose from {sorted(ARCHITECTURES)}")
     sizes = tuple(json.loads(a.sizes)) if a.sizes else SCALING_SIZES
-    base = BASE_MODEL | json.loads(a.model)
-    tc = TrainConfig.from_dict({"epochs": a.epochs, "lr": a.lr} | json.loads(a.train) | {"seed": 0, "model": base})
+    base = (exp.train.model if exp else BASE_MODEL) | json.loads(a.model)
+    first = exp.train.flat() if exp else {"epochs": 1, "lr": OptimConfig().lr}  # the file's, or the suite's defaults
+    given = {k: v for k, v in (("epochs", a.epochs), ("lr", a.lr)) if v is not None}
+    tc = TrainConfig.from_dict(first | given | json.loads(a.train) | {"seed": 0, "model": base})
     win = Window(fs, a.eval_days, a.val_days)
     tracker = Tracker(a.work, a.experiment, enabled=not a.no_mlflow)
     with tracker.start(
@@ -545,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {
             "suite": a.suite,
             "seeds": a.seeds,
-            "epochs": a.epochs,
+            "epochs": tc.epochs,
             "base_model": json.dumps(base),
             "features": fs.root,
             "eval_days": a.eval_days,

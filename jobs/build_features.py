@@ -380,34 +380,26 @@ def logs_to_features(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv  # noqa: PLC0415 - a cycle
+
     p = argparse.ArgumentParser(
         description="Build point-in-time sequence + non-sequential features incrementally (Ray Data + Polars)."
     )
-    p.add_argument("--data-dir", default="data", help="project data directory (reads clean/, writes features/)")
     p.add_argument("--date", required=True, type=parse_day, help="last day of the window, YYYY-MM-DD")
     p.add_argument("--days", type=int, default=70, help="window length in days")
-    p.add_argument("--long-len", type=int, default=3000, help="max long-term sequence length (paper: 3000); read side")
-    p.add_argument(
-        "--side-info", type=int, default=7, choices=sorted(SIDE_INFO), help="side-info types per event; read side"
-    )
-    p.add_argument("--relevance", default="category", choices=RELEVANCE, help="search/feed relevance filter")
-    p.add_argument(
-        "--relevance-keys",
-        default=None,
-        help="folder with items.parquet/queries.parquet (id, key) for --relevance keys",
-    )
-    p.add_argument("--shards", type=int, default=4, help="user shards = Ray tasks")
+    add_feature_arguments(p)  # --data-dir, --long-len, --side-info, --relevance(-keys): override the file's
+    add_config_arguments(p)
+    p.add_argument("--shards", type=int, default=None, help="user shards = Ray tasks (default 4)")
     p.add_argument("--force", action="store_true", help="rebuild every day of the window")
+    exp = experiment_of_argv(p, argv, "build_features")
+    if exp is not None:
+        p.set_defaults(**data_defaults(exp))
     a = p.parse_args(argv)
     setup_logging()
     init_ray()
-    cfg = FeatureConfig(
-        long_len=a.long_len,
-        side_info=a.side_info,
-        relevance=a.relevance,
-        relevance_keys=a.relevance_keys,
-        n_shards=a.shards,
-    )
+    cfg = feature_config(a, exp.features if exp else FeatureConfig())
+    if a.shards is not None:
+        cfg = replace(cfg, n_shards=a.shards)
     with cli_lock(a.data_dir):
         fs = build_features(a.data_dir, a.date, a.days, cfg, force=a.force)
     print(json.dumps({"window": fs.path(), "samples": fs.samples, "days": len(fs.days)}))

@@ -519,9 +519,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--tables",
         default=None,
-        help="comma-separated tables to ingest (default all; a feed-only spec: impressions,feed_events,users,items)",
+        help="comma-separated tables to ingest (default: those --config's features read, else all)",
     )
     add_quarantine_argument(p)
+    from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv  # noqa: PLC0415 - a cycle
+
+    add_config_arguments(p)
+    exp = experiment_of_argv(p, argv, "ingest")
+    if exp is not None:
+        p.set_defaults(**data_defaults(exp), tables=",".join(exp.features.tables()))
     a = p.parse_args(argv)
     setup_logging()
     init_ray()

@@ -54,6 +54,7 @@ from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import init_ray, log, setup_logging
 from jobs.evaluate import metrics, predict
+from jobs.experiment import add_config_arguments, experiment_of_argv
 from jobs.register import live_metrics
 from jobs.train_config import TrainConfig, add_train_arguments, train_config
 
@@ -436,7 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--storage", default=None, help="Ray Train storage path (default: <data>/train)")
     p.add_argument("--name", default=None, help="run name (default: train-<timestamp>)")
     p.add_argument("--init-from", default=None, help="warm start: a checkpoint directory of the same architecture")
-    add_train_arguments(p)
+    add_config_arguments(p)  # its model and train sections: the training flags' defaults
+    exp = experiment_of_argv(p, argv, "train")
+    add_train_arguments(p, exp.train if exp else TrainConfig())
     a = p.parse_args(argv)
     setup_logging()
     init_ray()

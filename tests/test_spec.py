@@ -364,3 +364,25 @@ def test_movielens_runs_from_its_config_as_a_feed_only_spec(tmp_path):
     samples = pl.read_parquet(fs.sample_files())
     assert (samples["ns_query_id"] == 0).all()  # no query: the padding id, not a placeholder query
     assert set(fs.cfg.streams()) == {"feed", "liked"}
+
+
+@pytest.mark.parametrize(
+    "module,args",
+    [
+        ("workflows.daily_train", []),
+        ("workflows.tune", ["--date", "2026-11-22"]),
+        ("jobs.ingest", ["--date", "2026-11-22"]),
+        ("jobs.build_features", ["--date", "2026-11-22"]),
+        ("jobs.train", ["--features", "unused.json"]),
+        ("benchmarks.quality", ["--suite", "tables", "--date", "2026-11-22"]),
+    ],
+)
+def test_every_entry_point_takes_the_experiment_file_and_names_its_bad_line(tmp_path, capsys, module, args):
+    import importlib
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(GOOD.replace("epochs: 2", "epochs: two"))
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--config", str(path), *args])
+    assert e.value.code == 2
+    assert f"{path}:11: train.epochs: Input should be a valid integer" in capsys.readouterr().err
