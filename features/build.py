@@ -34,17 +34,19 @@ from dataclasses import asdict, dataclass, field
 import polars as pl
 
 from features.scalar_sql import scalar_sql
-from features.schema import GROUND_TRUTH
+from features.schema import GROUND_TRUTH, Table
 from features.spec import (
     BUILTIN,
     CORE_TABLES,
     DEFAULT_TOKENS,
     EVENT_TABLES,
+    ExtraColumn,
     Feature,
     SequenceSpec,
     as_specs,
     candidate_feature,
     check_spec,
+    contract,
     needs_queries,
 )
 
@@ -83,14 +85,17 @@ class FeatureConfig:
     tokens: dict[str, tuple[str, ...]] | None = None  # NS token -> its features (built-in or declared)
     features: dict[str, Feature] = field(default_factory=dict)  # declared features
     sequences: dict[str, SequenceSpec] | None = None  # sequence -> its spec, in model order
+    # extension columns of the logs: table -> {column: its type and bounds}; ingest validates and keeps them
+    columns: dict[str, dict[str, ExtraColumn]] = field(default_factory=dict)
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "features", as_specs(self.features, Feature))
         set_(self, "sequences", as_specs(self.sequences, SequenceSpec))
+        set_(self, "columns", {t: as_specs(cols, ExtraColumn) for t, cols in (self.columns or {}).items()})
         if self.tokens is not None:
             set_(self, "tokens", {g: tuple(names) for g, names in self.tokens.items()})
-        check_spec(self.token_groups(), self.features, self.sequence_specs())
+        check_spec(self.token_groups(), self.features, self.sequence_specs(), self.contract())
         if self.side_info not in SIDE_INFO:
             raise ValueError(f"FeatureConfig.side_info must be one of {sorted(SIDE_INFO)}, got {self.side_info}")
         if self.relevance not in RELEVANCE:
@@ -125,6 +130,10 @@ class FeatureConfig:
         for n, s in self.sequence_specs().items():
             out.setdefault(s.stream(n), (s.table, s.filter))
         return out
+
+    def contract(self) -> dict[str, Table]:
+        """The log contract with this spec's extension columns (what ingest validates and keeps)."""
+        return contract(self.columns)
 
     def tables(self) -> tuple[str, ...]:
         """The contract tables this spec reads: impressions, users, items, the sequences' event tables, and queries

@@ -29,14 +29,16 @@ names it) or a float (``kind: dense``: normalised by ``norm``, then projected in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
 from features.scalar_sql import scalar_sql
-from features.schema import GROUND_TRUTH, TABLES
+from features.schema import GROUND_TRUTH, TABLES, Column, Table
 
 EVENT_TABLES: dict[str, str] = {"search_events": "search", "feed_events": "feed"}  # table -> its stream of all events
 FEATURE_TABLES = ("impressions", "users", "items", "queries")
@@ -77,6 +79,18 @@ DEFAULT_TOKENS: dict[str, tuple[str, ...]] = {
 }
 
 
+COLUMN_TYPES: dict[str, pa.DataType] = {
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "string": pa.string(),
+}
+
+
 class SpecError(ValueError):
     """A feature spec that cannot be built; the message names the token, feature or sequence and the rule, ``path``
     the key in the spec (e.g. ("sequences", "liked", "table")), for errors that point at a line of a file."""
@@ -92,7 +106,43 @@ def _one_of(path: tuple, field: str, value: object, allowed: tuple[str, ...]) ->
 
 
 def _where(path: tuple) -> str:
-    return f"{ {'sequences': 'sequence', 'features': 'feature', 'tokens': 'token'}[path[0]] } {path[1]!r}"
+    kind = {"sequences": "sequence", "features": "feature", "tokens": "token", "columns": "column"}[path[0]]
+    return f"{kind} {'.'.join(path[1:3]) if path[0] == 'columns' else repr(path[1])}"
+
+
+@dataclass(frozen=True)
+class ExtraColumn:
+    """A column of the logs beyond the contract (features/schema.py): ingest validates it (type, null when required,
+    bounds) like a contract column and keeps it in the clean table, where features can read it."""
+
+    type: str  # one of COLUMN_TYPES
+    required: bool = False  # must be present in every file and non-null
+    min: float | None = None  # inclusive bounds (numbers only)
+    max: float | None = None
+    doc: str = ""
+
+    def column(self, table: str, name: str) -> Column:
+        path = ("columns", table, name)
+        if table not in TABLES:
+            raise SpecError(f"columns: {table!r} is not a table of the contract {list(TABLES)}", ("columns", table))
+        if not name.isidentifier() or name.startswith("_"):
+            raise SpecError(f"{_where(path)}: the name must be an identifier not starting with _", path)
+        if name in TABLES[table].schema.names:
+            raise SpecError(f"{_where(path)}: already a contract column of {table} (features/schema.py)", path)
+        _one_of(path, "type", self.type, tuple(COLUMN_TYPES))
+        numeric = self.type not in ("bool", "string")
+        if not numeric and (self.min is not None or self.max is not None):
+            raise SpecError(f"{_where(path)}: bounds are for numeric types, not {self.type}", path)
+        return Column(name, COLUMN_TYPES[self.type], self.required, self.doc or "extension column", self.min, self.max)
+
+
+def contract(columns: Mapping[str, Mapping[str, ExtraColumn]]) -> dict[str, Table]:
+    """The log contract with the declared extension columns appended to their tables."""
+    out = dict(TABLES)
+    for table, extra in columns.items():
+        added = tuple(c.column(table, name) for name, c in extra.items())
+        out[table] = dataclasses.replace(TABLES[table], columns=TABLES[table].columns + added)
+    return out
 
 
 @dataclass(frozen=True)
@@ -152,7 +202,7 @@ class Feature:
     mean: float = 0.0  # zscore
     std: float = 1.0  # zscore
 
-    def check(self, name: str, builtin_spaces: set[str]) -> None:
+    def check(self, name: str, builtin_spaces: set[str], tables: Mapping[str, Table] = TABLES) -> None:
         path = ("features", name)
         where = _where(path)
         if not name.isidentifier():
@@ -160,10 +210,21 @@ class Feature:
         if name in BUILTIN:
             raise SpecError(f"{where}: the name is a built-in feature's; choose another", path)
         _one_of(path, "table", self.table, FEATURE_TABLES)
-        columns = [c.name for c in TABLES[self.table].columns]
+        columns = [c.name for c in tables[self.table].columns]
         if self.column not in columns:
             raise SpecError(
-                f"{where}: {self.table} has no column {self.column!r}; its columns: {columns}", (*path, "column")
+                f"{where}: {self.table} has no column {self.column!r} (declare an extension column under "
+                f"columns.{self.table}); its columns: {columns}",
+                (*path, "column"),
+            )
+        kind = tables[self.table].column(self.column).type
+        if not (
+            pa.types.is_integer(kind) or (self.kind == "dense" and (pa.types.is_floating(kind) or kind == pa.bool_()))
+        ):
+            raise SpecError(
+                f"{where}: {self.table}.{self.column} is {kind}: kind {self.kind} reads "
+                + ("integer ids" if self.kind == "id" else "numbers"),
+                (*path, "column"),
             )
         if self.column in OUTCOMES.get(self.table, ()):
             raise SpecError(
@@ -211,12 +272,16 @@ def as_specs(value: Mapping | None, cls: type) -> dict | None:
 
 
 def check_spec(
-    tokens: Mapping[str, tuple[str, ...]], features: Mapping[str, Feature], sequences: Mapping[str, SequenceSpec]
+    tokens: Mapping[str, tuple[str, ...]],
+    features: Mapping[str, Feature],
+    sequences: Mapping[str, SequenceSpec],
+    tables: Mapping[str, Table] = TABLES,
 ) -> None:
-    """Every rule of the spec that spans its parts (each part checks its own): known features, distinct names."""
+    """Every rule of the spec that spans its parts (each part checks its own): known features and columns (of the
+    contract ``tables``, extension columns included), distinct names."""
     spaces = {sp for sp, _ in BUILTIN.values()}
     for name, f in features.items():
-        f.check(name, spaces)
+        f.check(name, spaces, tables)
     if not tokens:
         raise SpecError("tokens: needs at least one token (NS group)", ("tokens",))
     for group, names in tokens.items():

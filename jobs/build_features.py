@@ -47,7 +47,7 @@ from features.build import (
     plan_vocab,
 )
 from features.materialize import Timelines
-from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, parse_day, previous_day, window
+from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
 from features.shards import Layout, UserSlice
 from features.spec import EVENT_TABLES
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
@@ -174,7 +174,7 @@ def read_dims(data_dir: str, cfg: FeatureConfig, lazy: bool = False) -> dict[str
     out: dict[str, pl.DataFrame | pl.LazyFrame] = {}
     for t in DIM_TABLES:
         if t not in cfg.tables():
-            out[t] = pl.from_arrow(TABLES[t].schema.empty_table())
+            out[t] = pl.from_arrow(cfg.contract()[t].schema.empty_table())
         elif lazy:
             out[t] = storage.scan_parquet(clean_files(data_dir, t))
         else:
@@ -375,7 +375,16 @@ def logs_to_features(
     days are skipped), then build its features (only stale days unless ``force``). ``step(name, fn, *args)`` runs
     each part; the workflows pass jobs.common.stage, which names the part that failed. Returns the ingest counts per
     table and the feature window."""
-    counts = step("ingest", ingest, data_dir, end, days, max_quarantine_share=max_quarantine_share, tables=cfg.tables())
+    counts = step(
+        "ingest",
+        ingest,
+        data_dir,
+        end,
+        days,
+        max_quarantine_share=max_quarantine_share,
+        tables=cfg.tables(),
+        contract=cfg.contract(),
+    )
     return counts, step("features", build_features, data_dir, end, days, cfg, force=force)
 
 

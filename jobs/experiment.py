@@ -150,17 +150,18 @@ class _Source:
         return ExperimentError(f"{self.name}{line}: {key}: {message}")
 
 
-def _dataclass_of(tp: Any) -> Any:
-    """The dataclass a field's type is (or holds as dict values / inside Optional), with how it is held."""
-    if dataclasses.is_dataclass(tp):
-        return tp, "one"
+def _check_keys(value: Any, tp: Any, path: tuple, src: _Source) -> None:
+    """Walk ``value`` along type ``tp`` (dataclasses, dicts of them, Optional) and raise at its first unknown key."""
+    if value is None:
+        return
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    origin = typing.get_origin(tp)
-    if origin in (dict, Mapping) and len(args) == 2 and dataclasses.is_dataclass(args[1]):
-        return args[1], "dict"
-    if len(args) == 1:
-        return _dataclass_of(args[0])
-    return None, None
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        _check_keys(value, args[0], path, src)
+    elif dataclasses.is_dataclass(tp):
+        _unknown_keys(value, tp, path, src)
+    elif typing.get_origin(tp) in (dict, Mapping) and len(args) == 2 and isinstance(value, Mapping):
+        for name, item in value.items():
+            _check_keys(item, args[1], (*path, name), src)
 
 
 def _unknown_keys(value: Any, cls: type, path: tuple, src: _Source, skip: tuple[str, ...] = ()) -> None:
@@ -173,14 +174,7 @@ def _unknown_keys(value: Any, cls: type, path: tuple, src: _Source, skip: tuple[
             continue
         if key not in hints:
             raise src.error((*path, key), f"unknown key; known: {sorted(set(hints) - set(skip))}")
-        inner, how = _dataclass_of(hints[key])
-        if inner is None or v is None:
-            continue
-        if how == "one":
-            _unknown_keys(v, inner, (*path, key), src)
-        elif isinstance(v, Mapping):
-            for name, item in v.items():
-                _unknown_keys(item, inner, (*path, key, name), src)
+        _check_keys(v, hints[key], (*path, key), src)
 
 
 def _validate(cls: type, value: Mapping, path: tuple, src: _Source) -> Any:

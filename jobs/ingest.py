@@ -32,7 +32,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -46,6 +46,7 @@ from features.schema import (
     DIM_TABLES,
     PART_FILE,
     TABLES,
+    Table,
     logs_root,
     parse_day,
     table_dir,
@@ -150,14 +151,16 @@ def plan_partition(data_dir: str, table: str, day: dt.date | None) -> Partition:
     return Partition(table, day.strftime(DAY_FORMAT) if day else None, d, stats)
 
 
-def check_footers(p: Partition) -> None:
-    """Fail fast, before any work: every file has a readable footer and the required columns; the partition has rows."""
+def check_footers(p: Partition, table: Table | None = None) -> None:
+    """Fail fast, before any work: every file has a readable footer and the required columns (of ``table``: the
+    contract's, or with a spec's extension columns); the partition has rows."""
+    table = table or TABLES[p.table]
     rows = 0
     for f in p.paths():
         try:
             pf = storage.parquet_file(f)
             rows += pf.metadata.num_rows
-            check_schema(pf.schema_arrow, TABLES[p.table], f)
+            check_schema(pf.schema_arrow, table, f)
         except ContractError:
             raise
         except Exception as e:  # pyarrow raises several types for truncated/corrupt/non-Parquet files
@@ -213,11 +216,13 @@ def ingest_partition(
     dims: Dims | None,
     dims_fp: str | None,
     repeated: pl.DataFrame | None = None,
+    table: Table | None = None,
 ) -> dict:
     """Validate one partition; write its clean and quarantined rows under ``version`` of its clean and quarantine
     partitions (nothing reads them before the driver commits them); return the clean manifest to commit.
-    ``repeated``: request ids on several days of the window (``repeated_requests``)."""
-    spec = TABLES[p.table]
+    ``repeated``: request ids on several days of the window (``repeated_requests``); ``table``: its contract with
+    the spec's extension columns (validated and kept like the contract's)."""
+    spec = table or TABLES[p.table]
     known = known_ids(dims) if p.table in REFERENCES else None
     frames, extra = [], set()
     for path in p.paths():
@@ -245,6 +250,7 @@ def ingest_partition(
         "table": p.table,
         "day": p.day,
         "rules_version": RULES_VERSION,
+        **({"extensions": ext} if (ext := extensions_fingerprint(spec)) else {}),
         "dims_fingerprint": dims_fp,
         "raw_files": p.file_stats,
         "counts": {"read": read, "clean": clean.height, "quarantined": bad.height},
@@ -290,6 +296,7 @@ def ingest_partition_udf(
     dims: Dims | None,
     dims_fp: str | None,
     repeated: pl.DataFrame | None = None,
+    contract: dict[str, Table] | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: one partition per call. Errors come back as data, so the driver re-raises them with their type."""
     out = []
@@ -297,7 +304,8 @@ def ingest_partition_udf(
         d = json.loads(text)
         p = Partition(d["table"], d["day"], d["raw_dir"], tuple(tuple(f) for f in d["files"]))
         try:
-            res = {"manifest": ingest_partition(p, data_dir, version, dims, dims_fp, repeated)}
+            table = (contract or TABLES)[p.table]
+            res = {"manifest": ingest_partition(p, data_dir, version, dims, dims_fp, repeated, table)}
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - also Polars' PanicException (a BaseException)
@@ -313,9 +321,10 @@ def run_partitions(
     dims: Dims | None,
     dims_fp: str | None,
     repeated: pl.DataFrame | None = None,
+    contract: dict[str, Table] | None = None,
 ) -> dict[str, dict]:
     """Validate ``parts`` with Ray Data (one task per partition), writing ``version`` of each; manifests by
-    ``Partition.rel``; raise the first error."""
+    ``Partition.rel``; raise the first error. ``contract``: the tables with a spec's extension columns."""
     if not parts:
         return {}
     items = [{"partition": json.dumps(asdict(p))} for p in parts]
@@ -326,7 +335,14 @@ def run_partitions(
     rows = ds.map_batches(
         ingest_partition_udf,
         batch_size=1,
-        fn_kwargs={"data_dir": data_dir, "version": version, "dims": dims, "dims_fp": dims_fp, "repeated": repeated},
+        fn_kwargs={
+            "data_dir": data_dir,
+            "version": version,
+            "dims": dims,
+            "dims_fp": dims_fp,
+            "repeated": repeated,
+            "contract": contract,
+        },
     )
     results = []
     what = "ingest " + ("dimensions" if dims is None else "days")
@@ -351,7 +367,16 @@ def run_partitions(
     return manifests
 
 
-def up_to_date(data_dir: str, p: Partition) -> dict | None:
+def extensions_fingerprint(table: Table) -> str | None:
+    """What identifies a table's extension columns (None without any): a change re-validates its partitions."""
+    extra = [c for c in table.columns if c.name not in TABLES[table.name].schema.names]
+    if not extra:
+        return None
+    text = json.dumps([[c.name, str(c.type), c.required, c.min, c.max] for c in extra])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def up_to_date(data_dir: str, p: Partition, table: Table | None = None) -> dict | None:
     """The manifest of ``p``'s clean partition if it was ingested from the same raw files (by content) and rules.
 
     Dimension changes do not re-validate a day (point in time: a row is judged against the dimensions of its ingest,
@@ -363,6 +388,8 @@ def up_to_date(data_dir: str, p: Partition) -> dict | None:
     except ValueError:  # not JSON: re-validate
         return None
     if m is None or m.get("rules_version") != RULES_VERSION or m.get("raw_files") != p.file_stats:
+        return None
+    if m.get("extensions") != extensions_fingerprint(table or TABLES[p.table]):  # other extension columns to keep
         return None
     q = storage.current(storage.join(quarantine_root(data_dir), p.rel), MANIFEST)
     return m if (q or {}).get("version") == m.get("quarantine", {}).get("version") else None
@@ -411,10 +438,12 @@ def ingest(
     force: bool = False,
     max_quarantine_share: float = MAX_QUARANTINE_SHARE,
     tables: Sequence[str] | None = None,
+    contract: Mapping[str, Table] | None = None,
 ) -> dict[str, TableCounts]:
     """Validate the ``days`` days ending at ``end`` (inclusive) of every table (or of ``tables``: those a feature
     spec reads, ``FeatureConfig.tables()``; a feed-only spec has no queries nor search events); returns per-table
-    counts of the window.
+    counts of the window. ``contract``: the tables with a spec's extension columns (``FeatureConfig.contract()``),
+    validated and kept; other columns outside the contract are dropped (and named in the log).
 
     Days whose clean partition is up to date are skipped unless ``force``. Dimension snapshots are always re-ingested.
     A partition of the window with more than ``max_quarantine_share`` of its rows quarantined fails the run
@@ -434,15 +463,16 @@ def ingest(
         raise ValueError(f"ingest: tables {list(tables)} must include impressions and name contract tables only")
     dims = [plan_partition(data_dir, t, None) for t in DIM_TABLES if t in tables]
     daily = [plan_partition(data_dir, t, d) for t in DAILY_TABLES if t in tables for d in win]
+    contract = dict(contract or TABLES)
     for p in dims + daily:  # fail fast: nothing is validated or written while any input is unreadable
-        check_footers(p)
+        check_footers(p, contract[p.table])
     version = storage.new_version()  # this run's version of every partition it writes
-    manifests = run_partitions(dims, data_dir, version, None, None)
+    manifests = run_partitions(dims, data_dir, version, None, None, contract=contract)
     new_dims: Dims = tuple(
         (p.table, tuple(storage.files_of(storage.join(clean_root(data_dir), p.rel), manifests[p.rel]))) for p in dims
     )
     dims_fp = dims_fingerprint(new_dims)
-    previous = {p.rel: m for p in daily if not force and (m := up_to_date(data_dir, p))}
+    previous = {p.rel: m for p in daily if not force and (m := up_to_date(data_dir, p, contract[p.table]))}
     todo = [p for p in daily if p.rel not in previous]
     log.info(
         "ingest: %d dimension snapshots, %d day partitions to validate, %d up to date",
@@ -451,7 +481,7 @@ def ingest(
         len(previous),
     )
     repeated = ray.get(repeated_requests.remote([p for p in daily if p.table == "impressions"]))
-    manifests |= run_partitions(todo, data_dir, version, new_dims, dims_fp, repeated)
+    manifests |= run_partitions(todo, data_dir, version, new_dims, dims_fp, repeated, contract)
     # the partitions validated now (those up to date passed this check, under the limit of the run that committed them)
     check_quarantine_share(dims + todo, manifests, max_quarantine_share)
     for p in dims + todo:  # every partition validated: only now does any pointer move
@@ -529,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     if exp is not None:
         p.set_defaults(**data_defaults(exp), tables=",".join(exp.features.tables()))
     a = p.parse_args(argv)
+    contract = exp.features.contract() if exp else None
     setup_logging()
     init_ray()
     with cli_lock(a.data_dir):
@@ -539,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
             force=a.force,
             max_quarantine_share=a.max_quarantine_share,
             tables=a.tables.split(",") if a.tables else None,
+            contract=contract,
         )
     for c in counts.values():
         print(json.dumps(asdict(c)))

@@ -62,9 +62,10 @@ def plan_run(exp: Experiment, dates: list[dt.date], logs_expected: bool = True) 
     else:
         parts = [plan_partition(data_dir, t, None) for t in DIM_TABLES if t in cfg.tables()]
         parts += [plan_partition(data_dir, t, d) for t in TABLES if TABLES[t].daily and t in cfg.tables() for d in days]
+        tables = cfg.contract()
         for p in parts:
-            check_footers(p)  # readable files, required columns, rows: the ingest's own fail-fast check
-        todo = [p for p in parts if not up_to_date(data_dir, p)]
+            check_footers(p, tables[p.table])  # readable files, required columns, rows: the ingest's own check
+        todo = [p for p in parts if not up_to_date(data_dir, p, tables[p.table])]
         out["ingest"] = {
             "partitions": len(parts),
             "to_validate": len(todo),

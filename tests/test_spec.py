@@ -212,6 +212,16 @@ train:
             6,
             "may only be a scalar",
         ),
+        (
+            GOOD.replace("features:\n", "features:\n  columns:\n    items: {x: {type: decimal}}\n"),
+            5,
+            "features.columns.items.x.type: column items.x: type='decimal' must be one of",
+        ),
+        (
+            GOOD.replace("features:\n", "features:\n  columns:\n    items: {x: {type: int32, maxx: 3}}\n"),
+            5,
+            "features.columns.items.x.maxx: unknown key",
+        ),
         ("data: [1, 2]\n", 1, "data: must be a mapping"),
         ("data:\n  days: 4\n bad", 3, "not valid YAML"),
     ],
