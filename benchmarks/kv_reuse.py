@@ -81,7 +81,9 @@ def make_inputs(config: HyFormerConfig, m: int, seed: int = 0) -> tuple[Batch, B
     """
     full = dict(config.schema.sequences)
     request = {k: v for k, v in make_batch(config, 1, lens=full, seed=seed).items() if k.startswith(("seq_", "len_"))}
-    candidates = {k: v for k, v in make_batch(config, m, seed=seed + 1).items() if k.startswith(("ns_", "dense_"))}
+    candidates = {
+        k: v for k, v in make_batch(config, m, seed=seed + 1).items() if k.startswith(("ns_", "bag_", "dense_"))
+    }
     baseline = candidates | {k: v.repeat_interleave(m, dim=0) for k, v in request.items()}  # (m, ...) copies
     return request, candidates, baseline
 

@@ -120,9 +120,18 @@ class FeatureConfig:
     def seq_len(self, name: str) -> int:
         return self.sequence_specs()[name].length
 
+    def seq_fields_of(self, name: str) -> tuple[str, ...]:
+        """The side-info fields of sequence ``name``: its own, or the store-wide ``side_info`` set."""
+        return self.sequence_specs()[name].fields or self.seq_fields
+
     def seq_tables(self) -> dict[str, str]:
-        """Sequence -> the stream (and dedup ID table) it reads."""
-        return {n: s.stream(n) for n, s in self.sequence_specs().items()}
+        """Sequence -> its dedup ID table: the stream it reads, suffixed by its side-info fields when they are not
+        the store-wide set (sequences of one stream with the same fields share a table)."""
+        out = {}
+        for n, s in self.sequence_specs().items():
+            fields = self.seq_fields_of(n)
+            out[n] = s.stream(n) if fields == self.seq_fields else f"{s.stream(n)}_{'_'.join(fields)}"
+        return out
 
     def streams(self) -> dict[str, tuple[str, str | None]]:
         """Stream -> (its table, its filter): what the store holds per day (events/<stream>, state/<stream>)."""
@@ -152,6 +161,11 @@ class FeatureConfig:
     def id_space(self, name: str) -> str:
         """The embedding table of an id feature."""
         return BUILTIN[name][0] if name in BUILTIN else self.features[name].space(name)
+
+    def id_spaces(self) -> set[str]:
+        """The embedding tables the spec's tokens and sequences use."""
+        used = {n for names in self.token_groups().values() for n in names if self.feature_kind(n) != "dense"}
+        return {self.id_space(n) for n in used} | {f for s in self.sequence_specs() for f in self.seq_fields_of(s)}
 
     def candidate_tokens(self) -> tuple[str, ...]:
         """Tokens whose every feature describes the candidate item (the model's target_groups)."""
@@ -238,7 +252,7 @@ def plan_vocab(dims: dict[str, pl.DataFrame], cfg: FeatureConfig) -> dict[str, i
     }
     for name, f in cfg.features.items():  # declared ids: a new space's vocabulary (a built-in's is planned above)
         space = f.space(name)
-        if f.kind == "id" and space not in vocab:
+        if f.kind != "dense" and space not in vocab:
             vocab[space] = f.vocab or size(dims[f.table][f.column].max() or 0)
     return vocab
 
@@ -324,13 +338,17 @@ def ns_columns(vocab: dict[str, int]) -> list[pl.Expr]:
 
 
 def declared_columns(cfg: FeatureConfig) -> list[pl.Expr]:
-    """The declared features (``cfg.features``), read from ``_f_<name>``: ids bucketised as ``ns_<name>``, floats
-    normalised as ``dense_<name>`` (Float32; missing -> 0)."""
+    """The declared features (``cfg.features``), read from ``_f_<name>``: ids bucketised as ``ns_<name>`` (an id
+    list: a list of buckets), floats normalised as ``dense_<name>`` (Float32; missing -> 0)."""
     out = []
     for name, f in cfg.features.items():
         x = pl.col(f"_f_{name}")
         if f.kind == "id":
             out.append(bucket(x, cfg.vocab[f.space(name)]).alias(f"ns_{name}"))
+            continue
+        if f.kind == "ids":  # "3|17|4" -> [4, 18, 5] (bucketised, the first max_len); "" -> [0]
+            each = bucket(pl.element().cast(pl.Int64, strict=False), cfg.vocab[f.space(name)])
+            out.append(x.cast(pl.String).str.split("|").list.eval(each).list.head(f.max_len).alias(f"ns_{name}"))
             continue
         x = x.cast(pl.Float64)
         if f.norm == "log1p":

@@ -144,8 +144,8 @@ class Stream:
         return np.where(valid, pos, -1), lens
 
 
-def _field_index(cfg: FeatureConfig) -> list[int | None]:
-    return [None if f == "dt" else EVENT_FIELDS.index(f) for f in cfg.seq_fields]
+def _field_index(fields: tuple[str, ...]) -> list[int | None]:
+    return [None if f == "dt" else EVENT_FIELDS.index(f) for f in fields]
 
 
 class Timelines:
@@ -174,7 +174,17 @@ class Timelines:
         return sum(s.nbytes() for s in self.streams.values())
 
 
-ID_KEYS = ("ns_", "seq_", "uniq_", "inv_")  # the model inputs that hold ids or indices (dense_<token>: floats)
+ID_KEYS = ("ns_", "bag_", "seq_", "uniq_", "inv_")  # the model inputs holding ids or indices (dense_<token>: floats)
+
+
+def pad_lists(values: np.ndarray, width: int) -> np.ndarray:
+    """A column of id lists (None: none) -> (B, width) int64, 0-padded, each list cut to ``width``."""
+    out = np.zeros((len(values), width), np.int64)
+    for i, v in enumerate(values):
+        if v is not None and len(v):
+            v = np.asarray(v, np.int64)[:width]
+            out[i, : len(v)] = v
+    return out
 
 
 class Materializer:
@@ -182,18 +192,18 @@ class Materializer:
 
     def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True):
         self.t, self.cfg, self.dedup = timelines, cfg, dedup
-        self.fidx = _field_index(cfg)
+        self.tables = cfg.seq_tables()  # sequence -> its dedup table: one per (stream, side-info fields)
+        self.fidx = {n: _field_index(cfg.seq_fields_of(n)) for n in cfg.sequence_specs()}
         # ids and table indices travel as int32, half the bytes of int64, when every id space fits (it does unless an
         # id space has 2^31 ids or more); a batch's table index is < B x sum(L) and always fits
         self.id_dtype = np.int32 if max(cfg.vocab.values(), default=0) < 2**31 else np.int64
 
-    def _values(self, stream: Stream, rows: np.ndarray, now_ts: np.ndarray) -> np.ndarray:
-        """(…, F) side info of physical rows (>= 0) seen at ``now_ts`` (broadcast to rows' shape)."""
+    def _values(self, stream: Stream, rows: np.ndarray, now_ts: np.ndarray, fidx: list) -> np.ndarray:
+        """(…, F) side info ``fidx`` of physical rows (>= 0) seen at ``now_ts`` (broadcast to rows' shape)."""
         if len(stream.ts) == 0:  # no events: every row is padding
-            return np.zeros((*rows.shape, len(self.fidx)), np.int64)
+            return np.zeros((*rows.shape, len(fidx)), np.int64)
         cols = [
-            dt_bucket(now_ts, stream.ts[rows]) if i is None else stream.fields[rows, i].astype(np.int64)
-            for i in self.fidx
+            dt_bucket(now_ts, stream.ts[rows]) if i is None else stream.fields[rows, i].astype(np.int64) for i in fidx
         ]
         return np.stack(cols, axis=-1) if cols else np.zeros((*rows.shape, 0), np.int64)
 
@@ -206,6 +216,10 @@ class Materializer:
             dense = [batch[f"dense_{n}"].astype(np.float32) for n in names if self.cfg.feature_kind(n) == "dense"]
             if dense:
                 out[f"dense_{g}"] = np.stack(dense, axis=1)
+            bags = [n for n in names if self.cfg.feature_kind(n) == "ids"]
+            if bags:  # bag_<token> (B, K, L): each id list padded with 0 to the token's longest max_len
+                width = max(self.cfg.features[n].max_len for n in bags)
+                out[f"bag_{g}"] = np.stack([pad_lists(batch[f"ns_{n}"], width) for n in bags], axis=1)
         specs = self.cfg.sequence_specs()
         rows: dict[str, np.ndarray] = {}
         for name, spec in specs.items():
@@ -214,16 +228,15 @@ class Materializer:
             stream = self.t.streams[spec.stream(name)]
             rows[name], lens = stream.rows(users, batch[f"{name}_hi"], spec.length, key)
             out[f"len_{name}"] = lens
-        for s, stream in self.t.streams.items():
-            names = [n for n in specs if specs[n].stream(n) == s]
-            if not names:
-                continue
+        for table in dict.fromkeys(self.tables.values()):  # one dedup table per (stream, fields), in sequence order
+            names = [n for n in specs if self.tables[n] == table]
+            stream, fidx = self.t.streams[specs[names[0]].stream(names[0])], self.fidx[names[0]]
             if self.dedup:
-                out |= self._dedup(stream, {n: rows[n] for n in names}, ts, s)
+                out |= self._dedup(stream, {n: rows[n] for n in names}, ts, table, fidx)
             else:
                 for n in names:
                     valid = rows[n] >= 0
-                    vals = self._values(stream, np.where(valid, rows[n], 0), ts[:, None])
+                    vals = self._values(stream, np.where(valid, rows[n], 0), ts[:, None], fidx)
                     out[f"seq_{n}"] = np.where(valid[..., None], vals, 0)
         out = {k: (v.astype(self.id_dtype) if k.startswith(ID_KEYS) else v) for k, v in out.items()}
         out["label"] = batch["label"].astype(np.float32)
@@ -233,8 +246,11 @@ class Materializer:
             out[k] = np.full(len(users), np.nan, np.float32) if p is None else p.astype(np.float32)
         return out
 
-    def _dedup(self, stream: Stream, rows: dict[str, np.ndarray], ts: np.ndarray, s: str) -> dict[str, np.ndarray]:
-        """One unique table for the stream's sequences: code = row * N_DT + dt + 1 (0 = padding)."""
+    def _dedup(
+        self, stream: Stream, rows: dict[str, np.ndarray], ts: np.ndarray, s: str, fidx: list
+    ) -> dict[str, np.ndarray]:
+        """One unique table ``uniq_<s>`` (side info ``fidx``) for sequences of one stream: code = row * N_DT + dt + 1
+        (0 = padding)."""
         codes = {}
         for n, r in rows.items():
             valid = r >= 0
@@ -246,8 +262,8 @@ class Materializer:
             codes[n] = np.where(valid, r * N_DT_BUCKETS + dt + 1, 0)
         uniq = np.unique(np.concatenate([np.zeros(1, np.int64), *(c.ravel() for c in codes.values())]))  # uniq[0] = 0
         r, d = (uniq[1:] - 1) // N_DT_BUCKETS, (uniq[1:] - 1) % N_DT_BUCKETS
-        cols = [d if i is None else stream.fields[r, i].astype(np.int64) for i in self.fidx]
-        table = np.zeros((len(uniq), len(self.fidx)), np.int64)
+        cols = [d if i is None else stream.fields[r, i].astype(np.int64) for i in fidx]
+        table = np.zeros((len(uniq), len(fidx)), np.int64)
         if len(r):
             table[1:] = np.stack(cols, axis=1)
         out = {f"uniq_{s}": table}

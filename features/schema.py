@@ -36,6 +36,7 @@ class Column:
     doc: str  # meaning and unit
     min: float | None = None  # inclusive lower bound, checked by ingest
     max: float | None = None  # inclusive upper bound, checked by ingest
+    pattern: str | None = None  # strings only: a regular expression every value must match whole, checked by ingest
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ from features.schema import GROUND_TRUTH, TABLES, Column, Table
 EVENT_TABLES: dict[str, str] = {"search_events": "search", "feed_events": "feed"}  # table -> its stream of all events
 FEATURE_TABLES = ("impressions", "users", "items", "queries")
 RELEVANCE_RULES = ("none", "query", "candidate")
-KINDS = ("id", "dense")
+# per-event side-info fields (features.build.EVENT_FIELDS, stored) and dt (its age, computed when read)
+SEQ_FIELDS = ("item", "author", "category", "dt", "action", "hour", "duration")
+KINDS = ("id", "dense", "ids")  # ids: a multi-valued id list (an id_list column), mean-pooled embeddings
 NORMS = ("none", "log1p", "zscore")
 # what happened after the impression was shown: a feature made of one would leak the label
 OUTCOMES = {"impressions": ("label", "watch_time_s", *GROUND_TRUTH)}
@@ -88,7 +90,9 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "float64": pa.float64(),
     "bool": pa.bool_(),
     "string": pa.string(),
+    "id_list": pa.string(),  # integer ids separated by "|" ("" for none), e.g. a video's tags: read by kind: ids
 }
+ID_LIST = r"(\d+(\|\d+)*)?"  # what ingest checks an id_list value against
 
 
 class SpecError(ValueError):
@@ -130,10 +134,12 @@ class ExtraColumn:
         if name in TABLES[table].schema.names:
             raise SpecError(f"{_where(path)}: already a contract column of {table} (features/schema.py)", path)
         _one_of(path, "type", self.type, tuple(COLUMN_TYPES))
-        numeric = self.type not in ("bool", "string")
+        numeric = self.type not in ("bool", "string", "id_list")
         if not numeric and (self.min is not None or self.max is not None):
             raise SpecError(f"{_where(path)}: bounds are for numeric types, not {self.type}", path)
-        return Column(name, COLUMN_TYPES[self.type], self.required, self.doc or "extension column", self.min, self.max)
+        pattern = ID_LIST if self.type == "id_list" else None
+        doc = self.doc or "extension column"
+        return Column(name, COLUMN_TYPES[self.type], self.required, doc, self.min, self.max, pattern)
 
 
 def contract(columns: Mapping[str, Mapping[str, ExtraColumn]]) -> dict[str, Table]:
@@ -152,7 +158,9 @@ class SequenceSpec:
     table: str = "search_events"  # an event table (EVENT_TABLES)
     length: int = 50  # L_s, the most recent events kept (read side: changing it rebuilds nothing)
     relevance: str = "query"  # "none" | "query" | "candidate": whose relevance key an event must share
-    filter: str | None = None  # scalar SQL over the table's columns, e.g. "like = 1"; None: every event
+    filter: str | None = None  # scalar SQL over the table's columns, e.g. "finish = 1"; None: every event
+    # side-info fields of each event (read side), a subset of SEQ_FIELDS; None: the store-wide side_info set
+    fields: tuple[str, ...] | None = None
 
     def check(self, name: str) -> None:
         path = ("sequences", name)
@@ -167,6 +175,14 @@ class SequenceSpec:
         if not (isinstance(self.length, int) and self.length >= 1):
             raise SpecError(f"{where}: length={self.length!r} must be an int >= 1", (*path, "length"))
         _one_of(path, "relevance", self.relevance, RELEVANCE_RULES)
+        if self.fields is not None:
+            fields = tuple(self.fields)
+            object.__setattr__(self, "fields", fields)
+            if not fields or len(set(fields)) != len(fields) or any(f not in SEQ_FIELDS for f in fields):
+                raise SpecError(
+                    f"{where}: fields={list(fields)} must be distinct side-info fields of {list(SEQ_FIELDS)}",
+                    (*path, "fields"),
+                )
         if self.filter is not None:
             try:
                 scalar_sql(self.filter, f"{where} filter")
@@ -201,6 +217,7 @@ class Feature:
     norm: str = "none"  # dense: "none", "log1p" (log(1 + max(x, 0))) or "zscore" ((x - mean) / std)
     mean: float = 0.0  # zscore
     std: float = 1.0  # zscore
+    max_len: int = 16  # ids: the first max_len ids of a list are kept
 
     def check(self, name: str, builtin_spaces: set[str], tables: Mapping[str, Table] = TABLES) -> None:
         path = ("features", name)
@@ -217,19 +234,16 @@ class Feature:
                 f"columns.{self.table}); its columns: {columns}",
                 (*path, "column"),
             )
-        kind = tables[self.table].column(self.column).type
-        if not (
-            pa.types.is_integer(kind) or (self.kind == "dense" and (pa.types.is_floating(kind) or kind == pa.bool_()))
-        ):
+        col = tables[self.table].column(self.column)
+        number = pa.types.is_floating(col.type) or col.type == pa.bool_()
+        if self.kind == "ids":
+            ok = col.pattern == ID_LIST
+        else:
+            ok = pa.types.is_integer(col.type) or (self.kind == "dense" and number)
+        if not ok and self.kind in KINDS:
+            reads = {"id": "integer ids", "dense": "numbers", "ids": "an id_list extension column"}[self.kind]
             raise SpecError(
-                f"{where}: {self.table}.{self.column} is {kind}: kind {self.kind} reads "
-                + ("integer ids" if self.kind == "id" else "numbers"),
-                (*path, "column"),
-            )
-        if self.column in OUTCOMES.get(self.table, ()):
-            raise SpecError(
-                f"{where}: {self.table}.{self.column} is an outcome of the impression, never a feature",
-                (*path, "column"),
+                f"{where}: {self.table}.{self.column} is {col.type}: kind {self.kind} reads {reads}", (*path, "column")
             )
         _one_of(path, "kind", self.kind, KINDS)
         if self.kind == "dense":
@@ -241,14 +255,16 @@ class Feature:
             return
         if self.norm != "none":
             raise SpecError(f"{where}: norm is for kind: dense", (*path, "norm"))
+        if self.kind == "ids" and not (isinstance(self.max_len, int) and self.max_len >= 1):
+            raise SpecError(f"{where}: max_len={self.max_len!r} must be an int >= 1", (*path, "max_len"))
         if self.vocab is not None and not (isinstance(self.vocab, int) and self.vocab >= 2):
             raise SpecError(
                 f"{where}: vocab={self.vocab!r} must be an int >= 2 (bucket 0 is padding)", (*path, "vocab")
             )
         shared = self.id_space in builtin_spaces
-        if self.vocab is None and not shared and self.table == "impressions":
+        if self.vocab is None and not shared and (self.table == "impressions" or self.kind == "ids"):
             raise SpecError(
-                f"{where}: an impressions column has no dimension table to plan its vocabulary from: give vocab "
+                f"{where}: no vocabulary is planned for an impressions column or an id list: give vocab "
                 "(buckets incl. padding) or an id_space of a built-in feature",
                 path,
             )

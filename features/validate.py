@@ -154,6 +154,9 @@ def field_checks(col: str, table: Table) -> list[pl.Expr]:
     if polars_type(c.type).is_float():
         finite = typed.is_finite() | typed.is_null()
         checks.append(pl.when(~finite).then(pl.format(f"{col}: non-finite value {{}}", raw.cast(pl.String))))
+    if c.pattern is not None:
+        bad = typed.is_not_null() & ~typed.str.contains(f"^(?:{c.pattern})$")
+        checks.append(pl.when(bad).then(pl.format(f"{col}: {{}} does not match {c.pattern}", typed)))
     if c.min is not None or c.max is not None:
         lo = typed < c.min if c.min is not None else pl.lit(False)
         hi = typed > c.max if c.max is not None else pl.lit(False)

@@ -92,6 +92,11 @@ class InputSchema:
     # group -> names of its float features: batch["dense_<group>"] (B, n), projected into the group's token with its
     # ids; a group may hold only floats (its ns_groups entry is then ())
     dense: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # group -> id space of each of its id-list features: batch["bag_<group>"] (B, K, L) ids, 0 = padding; each list's
+    # embeddings are mean-pooled and projected into the group's token with its ids and floats
+    bags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # sequence -> its own side-info fields (id spaces), for a sequence whose events carry other fields than seq_fields
+    seq_side: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -103,6 +108,8 @@ class InputSchema:
             set_(self, "seq_tables", _pairs("seq_tables", self.seq_tables))
             set_(self, "target_groups", tuple(self.target_groups))
             set_(self, "dense", {g: tuple(names) for g, names in _pairs("dense", self.dense).items()})
+            set_(self, "bags", {g: tuple(spaces) for g, spaces in _pairs("bags", self.bags).items()})
+            set_(self, "seq_side", {q: tuple(f) for q, f in _pairs("seq_side", self.seq_side).items()})
             self._validate()
         except ConfigError as e:
             raise ConfigError(f"InputSchema: {e}") from None
@@ -113,11 +120,15 @@ class InputSchema:
         for name, vocab in self.id_spaces.items():
             if not (isinstance(vocab, int) and vocab >= 2):
                 raise ConfigError(f"id space {name!r} vocab {vocab!r} must be an int >= 2 (id 0 is padding)")
-        for group, names in self.dense.items():
-            if group not in self.ns_groups or not names:
-                raise ConfigError(f"dense group {group!r} must be an NS group with at least one feature")
-        for group, cols in (*self.ns_groups.items(), ("seq_fields", self.seq_fields)):
-            if not cols and not self.dense.get(group):
+        for what, extra in (("dense", self.dense), ("bags", self.bags)):
+            for group, names in extra.items():
+                if group not in self.ns_groups or not names:
+                    raise ConfigError(f"{what} group {group!r} must be an NS group with at least one feature")
+        for group, spaces in self.bags.items():
+            if unknown := [sp for sp in spaces if sp not in self.id_spaces]:
+                raise ConfigError(f"bags of {group!r} use unknown id spaces {unknown}")
+        for group, cols in (*self.ns_groups.items(), ("seq_fields", self.seq_fields), *self.seq_side.items()):
+            if not cols and not self.dense.get(group) and not self.bags.get(group):
                 raise ConfigError(f"{group!r} has no columns")
             for sp in cols:
                 if sp not in self.id_spaces:
@@ -125,8 +136,15 @@ class InputSchema:
         for name, max_len in self.sequences.items():
             if not (isinstance(max_len, int) and max_len >= 1):
                 raise ConfigError(f"sequence {name!r} max length {max_len!r} must be an int >= 1")
-        if any(seq not in self.sequences for seq in self.seq_tables):
-            raise ConfigError(f"seq_tables={self.seq_tables!r} names a sequence not in {list(self.sequences)}")
+        if any(seq not in self.sequences for seq in (*self.seq_tables, *self.seq_side)):
+            raise ConfigError(
+                f"seq_tables={self.seq_tables!r} / seq_side={self.seq_side!r} name a sequence not in "
+                f"{list(self.sequences)}"
+            )
+        by_table: dict[str, tuple[str, ...]] = {}
+        for seq in self.sequences:
+            if by_table.setdefault(self.seq_table(seq), self.fields_of(seq)) != self.fields_of(seq):
+                raise ConfigError(f"sequences sharing table {self.seq_table(seq)!r} must have the same side info")
         self.check_groups("target_groups", self.target_groups)
 
     def check_groups(self, name: str, groups: tuple[str, ...]) -> None:
@@ -140,6 +158,10 @@ class InputSchema:
     def n_dense(self, group: str) -> int:
         """How many float features NS group ``group`` has (``dense_<group>`` columns)."""
         return len(self.dense.get(group, ()))
+
+    def fields_of(self, seq: str) -> tuple[str, ...]:
+        """The side-info fields (id spaces) of sequence ``seq``'s events."""
+        return self.seq_side.get(seq, self.seq_fields)
 
     def seq_table(self, seq: str) -> str:
         """The dedup table (uniq_<table>) that sequence `seq` indexes."""

@@ -313,24 +313,25 @@ class Tokenizer(nn.Module):
         c = config
         schema = c.schema
         self.ns_spaces = dict(schema.ns_groups)
-        self.seq_fields = schema.seq_fields
+        self.seq_fields = {s: schema.fields_of(s) for s in schema.sequences}
         self.seq_tables = {s: schema.seq_table(s) for s in schema.sequences}
         self.merge = c.merge_sequences
         self.hide = c.hide_sequences
         self.id_dropout = c.id_dropout
         # merge_sequences orders events by age: the "dt" side-info id (log2-minute age bucket) when events carry it
-        self.age_field = schema.seq_fields.index("dt") if "dt" in schema.seq_fields else None
+        self.age_field = {s: f.index("dt") if "dt" in f else None for s, f in self.seq_fields.items()}
+        self.by_age = self.merge and all(j is not None for j in self.age_field.values())  # every sequence has dt
         self.tables = nn.ModuleDict(
             {n: nn.Embedding(vocab, c.emb_dim, padding_idx=0) for n, vocab in schema.id_spaces.items()}
         )
         for table in self.tables.values():
             init_embedding(table.weight)
         self.n_dense = {g: schema.n_dense(g) for g in self.ns_spaces}
-        self.ns_proj = nn.ModuleDict(
-            {g: nn.Linear(len(sp) * c.emb_dim + self.n_dense[g], c.d_model) for g, sp in self.ns_spaces.items()}
-        )
+        self.bags = {g: schema.bags.get(g, ()) for g in self.ns_spaces}
+        width = {g: (len(sp) + len(self.bags[g])) * c.emb_dim + self.n_dense[g] for g, sp in self.ns_spaces.items()}
+        self.ns_proj = nn.ModuleDict({g: nn.Linear(width[g], c.d_model) for g in self.ns_spaces})
         self.seq_proj = nn.ModuleDict(
-            {s: nn.Linear(len(schema.seq_fields) * c.emb_dim, c.seq_width) for s in schema.sequences}
+            {s: nn.Linear(len(self.seq_fields[s]) * c.emb_dim, c.seq_width) for s in schema.sequences}
         )
         self.seq_pos = nn.ParameterDict(
             {s: nn.Parameter(torch.randn(L, c.seq_width) * 0.02) for s, L in schema.sequences.items()}
@@ -367,14 +368,26 @@ class Tokenizer(nn.Module):
         return torch.stack(terms, dim=-1).sum(dim=-1)  # (B,)
 
     def ns_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """One D-wide token per NS group: Linear(its id embeddings ++ its float features), (B, M, D)."""
+        """One D-wide token per NS group: Linear(its id embeddings ++ its id lists' mean embeddings ++ its float
+        features), (B, M, D)."""
         tokens = []
         for g, proj in self.ns_proj.items():
             x = self.embed(self.drop_ids(batch[f"ns_{g}"]), self.ns_spaces[g])  # (B, F_g*E)
+            if self.bags[g]:
+                x = torch.cat([x, self.pool_bags(batch[f"bag_{g}"], self.bags[g])], dim=-1)  # (B, F_g*E + K*E)
             if self.n_dense[g]:
                 x = torch.cat([x, batch[f"dense_{g}"].to(x.dtype)], dim=-1)  # (B, F_g*E + n_g)
             tokens.append(proj(x))
         return torch.stack(tokens, dim=1)  # (B, M, D)
+
+    def pool_bags(self, ids: Tensor, spaces: tuple[str, ...]) -> Tensor:
+        """ids (B, K, L) of K id lists, 0 = padding -> each list's mean embedding, concatenated: (B, K*E)."""
+        pooled = []
+        for k, sp in enumerate(spaces):
+            e = self.tables[sp](ids[:, k])  # (B, L, E); the padding row is zero
+            n = (ids[:, k] > 0).sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
+            pooled.append(e.sum(dim=1) / n)  # (B, E)
+        return torch.cat(pooled, dim=-1)  # (B, K*E)
 
     def drop_ids(self, ids: Tensor) -> Tensor:
         """id_dropout: in training, each NS id is replaced by 0 (missing, the zero padding row) with probability p,
@@ -391,20 +404,20 @@ class Tokenizer(nn.Module):
             if f"inv_{s}" in batch:  # §3.8.1: look up and project the unique events only, then gather
                 table = self.seq_tables[s]
                 if table not in unique_emb:
-                    unique_emb[table] = self.embed(batch[f"uniq_{table}"], self.seq_fields)  # (U, F*E)
+                    unique_emb[table] = self.embed(batch[f"uniq_{table}"], self.seq_fields[s])  # (U, F*E)
                 # (U, Ds) projected, then gathered: (B, L, Ds). F.embedding, not indexing: the same gather, but its
                 # backward (a segment sum into the U rows) is ~5x faster on CPU than indexing's index_put
                 h = F.embedding(batch[f"inv_{s}"], proj(unique_emb[table]))
             else:
-                h = proj(self.embed(batch[f"seq_{s}"], self.seq_fields))  # (B, L, Ds)
+                h = proj(self.embed(batch[f"seq_{s}"], self.seq_fields[s]))  # (B, L, Ds)
             L = h.shape[1]
             h = h + self.seq_pos[s][:L]  # (B, L, Ds)
             mask = torch.arange(L, device=h.device) < batch[f"len_{s}"][:, None]  # (B, L)
             if self.hide:  # the no-sequence ablation: every event is padding
                 mask = torch.zeros_like(mask)
             seqs.append((h, mask))
-            if self.merge and self.age_field is not None:
-                j = self.age_field
+            if self.by_age:
+                j = self.age_field[s]
                 ids = (
                     batch[f"uniq_{self.seq_tables[s]}"][:, j][batch[f"inv_{s}"]]
                     if f"inv_{s}" in batch

@@ -54,7 +54,7 @@ def predict_requests(
     requests |= {k: v for k, v in batch.items() if k.startswith("uniq_")}  # the dedup tables, shared
     memory = model.encode_sequences(requests)  # pooled (R, S, Ds), per layer K/V (R, H, L', Ds/H)
     logits = torch.empty(B, device=rid.device)
-    candidates = {k: v for k, v in batch.items() if k.startswith(("ns_", "dense_"))}
+    candidates = {k: v for k, v in batch.items() if k.startswith(("ns_", "bag_", "dense_"))}
     for m in torch.unique(counts).tolist():
         reqs = torch.nonzero(counts == m).squeeze(1)  # (R_m,) requests with m candidates
         rows = order[(starts[reqs, None] + torch.arange(m, device=rid.device)).flatten()]  # (R_m * m,) request-major

@@ -35,6 +35,9 @@ def make_batch(
         batch[f"ns_{group}"] = ids(spaces, batch_size, low=0) if spaces else torch.zeros(batch_size, 0).long()
     for group, names in schema.dense.items():
         batch[f"dense_{group}"] = torch.randn(batch_size, len(names), generator=g)  # (B, n_g)
+    for group, spaces in schema.bags.items():
+        bag = ids(spaces, batch_size, 4, low=0)  # (B, 4, K): 0 = padding happens
+        batch[f"bag_{group}"] = bag.permute(0, 2, 1).contiguous()  # (B, K, 4)
     for s, max_len in schema.sequences.items():
         if s in lens:
             n = torch.as_tensor(lens[s], dtype=torch.long).expand(batch_size).clone()  # (B,)
@@ -43,7 +46,7 @@ def make_batch(
         if bool((n < 0).any() or (n > max_len).any()):
             raise ValueError(f"lens for {s!r} must be in [0, {max_len}], got {n.tolist()}")
         valid = torch.arange(max_len)[None, :] < n[:, None]  # (B, L)
-        batch[f"seq_{s}"] = ids(schema.seq_fields, batch_size, max_len, low=1) * valid[..., None]  # (B, L, F_e)
+        batch[f"seq_{s}"] = ids(schema.fields_of(s), batch_size, max_len, low=1) * valid[..., None]  # (B, L, F_e)
         batch[f"len_{s}"] = n
     batch["label"] = torch.randint(0, 2, (batch_size,), generator=g).float()
     return batch

@@ -285,9 +285,7 @@ def check_model(exp: Experiment, name: str) -> None:
     from jobs.train import model_config  # noqa: PLC0415 - torch and Ray, only when a run is checked
 
     cfg = exp.features
-    groups = cfg.token_groups().values()
-    spaces = {cfg.id_space(n) for names in groups for n in names if cfg.feature_kind(n) == "id"} | set(cfg.seq_fields)
-    window = types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=dict.fromkeys(sorted(spaces), 2)))
+    window = types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=dict.fromkeys(sorted(cfg.id_spaces()), 2)))
     try:
         model_config(window, exp.train.model, exp.train.arch, exp.train.hide_sequences)
     except ConfigError as e:

@@ -372,7 +372,7 @@ def extensions_fingerprint(table: Table) -> str | None:
     extra = [c for c in table.columns if c.name not in TABLES[table.name].schema.names]
     if not extra:
         return None
-    text = json.dumps([[c.name, str(c.type), c.required, c.min, c.max] for c in extra])
+    text = json.dumps([[c.name, str(c.type), c.required, c.min, c.max, c.pattern] for c in extra])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -84,8 +84,7 @@ def plan_run(exp: Experiment, dates: list[dt.date], logs_expected: bool = True) 
             "days_built": sum(read_meta(root, d) is not None for d in names) if store else 0,
             "days_to_build": build,
         }
-    spaces = {cfg.id_space(n) for g in cfg.token_groups().values() for n in g if cfg.feature_kind(n) == "id"}
-    known = vocab or dict.fromkeys(sorted(spaces | set(cfg.seq_fields) | {"dt", "action"}), 2)
+    known = vocab or dict.fromkeys(sorted(cfg.id_spaces()), 2)
     mc = model_config(types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=known)), tc.model, tc.arch)
     prof = profile(mc, batch=tc.batch_size)
     out["model"] = {

@@ -29,7 +29,7 @@ import torch
 from hyformer import load_model
 from hyformer.serving import predict_requests
 
-INPUT_PREFIXES = ("ns_", "dense_", "seq_", "len_")
+INPUT_PREFIXES = ("ns_", "bag_", "dense_", "seq_", "len_")
 
 
 class HyFormerPyfunc(mlflow.pyfunc.PythonModel):

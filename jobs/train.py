@@ -74,11 +74,14 @@ def input_schema(fs: FeatureSet) -> InputSchema:
     groups = cfg.token_groups()
     ids = {g: tuple(cfg.id_space(n) for n in names if cfg.feature_kind(n) == "id") for g, names in groups.items()}
     dense = {g: tuple(n for n in names if cfg.feature_kind(n) == "dense") for g, names in groups.items()}
+    bags = {g: tuple(cfg.id_space(n) for n in names if cfg.feature_kind(n) == "ids") for g, names in groups.items()}
     return InputSchema(
         id_spaces=dict(sorted(cfg.vocab.items())),
         ns_groups=ids,
         dense={g: names for g, names in dense.items() if names},
+        bags={g: spaces for g, spaces in bags.items() if spaces},
         seq_fields=cfg.seq_fields,
+        seq_side={n: f for n in cfg.sequence_specs() if (f := cfg.seq_fields_of(n)) != cfg.seq_fields},
         sequences={s: cfg.seq_len(s) for s in cfg.sequence_specs()},
         seq_tables=cfg.seq_tables(),  # sequences of one unfiltered table share its dedup table
         target_groups=cfg.candidate_tokens(),  # the candidate's features: queries of query_source="target"

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 SPEC = {
     "columns": {
-        "items": {"length_min": {"type": "float32", "min": 0}},
+        "items": {"length_min": {"type": "float32", "min": 0}, "tags": {"type": "id_list"}},
         "impressions": {"slot": {"type": "int32", "min": 0, "max": 9, "doc": "ad slot of the page"}},
     },
     "features": {
@@ -41,7 +41,9 @@ def test_declared_columns_are_validated_kept_and_read_by_features(tmp_path, synt
     logs = data / "logs" / "v1"
     for f in (logs / "items").glob("*.parquet"):
         items = pl.read_parquet(f)
-        items.with_columns((pl.col("duration_s") / 60).alias("length_min")).write_parquet(f)
+        tags = pl.format("{}|{}", pl.col("category_id"), pl.col("author_id"))
+        tags = pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("7,8")).otherwise(tags)  # not an id list: quarantined
+        items.with_columns((pl.col("duration_s") / 60).alias("length_min"), tags.alias("tags")).write_parquet(f)
     imps = []
     for day in ("2026-11-21", "2026-11-22"):
         for f in (logs / "impressions" / f"day={day}").glob("*.parquet"):
@@ -58,7 +60,9 @@ def test_declared_columns_are_validated_kept_and_read_by_features(tmp_path, synt
     assert "slot" in clean.columns and "undeclared" not in clean.columns
     assert counts["impressions"].clean == clean.height == sum(df.height for df in imps) - 2
     assert counts["impressions"].extra_columns == ["undeclared"]  # named in the log, not kept
-    assert "length_min" in pl.read_parquet(committed_files(f"{data}/clean/v1/items")).columns
+    assert {"length_min", "tags"} <= set(pl.read_parquet(committed_files(f"{data}/clean/v1/items")).columns)
+    bad_items = pl.read_parquet(committed_files(f"{data}/quarantine/v1/items"))
+    assert bad_items["_reason"].to_list() == ["tags: 7,8 does not match (\\d+(\\|\\d+)*)?"]
     # the features read them: ns_slot (id, bucket of the slot) and dense_item_length (log1p(minutes))
     samples = pl.read_parquet(fs.sample_files()).sort("request_id", "ns_item_id")
     items = pl.read_parquet(committed_files(f"{data}/clean/v1/items")).select("item_id", "length_min")

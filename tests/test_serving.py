@@ -27,10 +27,17 @@ def request_batch(config: HyFormerConfig, sizes: list[int], seed: int = 0) -> di
     return {k: v[perm] for k, v in batch.items()}
 
 
-def test_kv_reuse_scores_equal_the_forward_with_one_encoding_per_request() -> None:
+# a schema with a float feature and an id list per candidate as well (features.spec: kind dense, kind ids)
+RICH = HyFormerConfig.tiny().replace(
+    dense={"item": ("length", "price"), "context": ("load",)}, bags={"item": ("author", "context")}
+)
+
+
+@pytest.mark.parametrize("config", [CFG, RICH], ids=["ids", "ids+dense+bags"])
+def test_kv_reuse_scores_equal_the_forward_with_one_encoding_per_request(config: HyFormerConfig) -> None:
     torch.manual_seed(0)
-    model = build_model(CFG).eval()
-    batch = request_batch(CFG, [3, 1, 3, 2, 5, 1])
+    model = build_model(config).eval()
+    batch = request_batch(config, [3, 1, 3, 2, 5, 1])
     logits, encodings = predict_requests(model, batch)
     with torch.no_grad():
         expected = model(batch)

@@ -396,3 +396,81 @@ def test_every_entry_point_takes_the_experiment_file_and_names_its_bad_line(tmp_
         importlib.import_module(module).main(["--config", str(path), *args])
     assert e.value.code == 2
     assert f"{path}:11: train.epochs: Input should be a valid integer" in capsys.readouterr().err
+
+
+def test_an_id_list_feature_is_mean_pooled_into_its_token():
+    """kind: ids over an id_list extension column (a video's tags "3|17|4"): bucketised, cut to max_len, padded;
+    the model mean-pools the list's embeddings into the token (the logits move with the list, not with its
+    padding)."""
+    tags = {10: "3|17|4|9", 11: "", 12: "5"}
+    cfg = spec_config(
+        columns={"items": {"tags": {"type": "id_list"}}},
+        features=SPEC["features"]
+        | {"item_tags": {"table": "items", "column": "tags", "kind": "ids", "vocab": 50, "max_len": 3}},
+        tokens=SPEC["tokens"] | {"item": (*SPEC["tokens"]["item"], "item_tags")},
+    )
+    imps, search, feed, dims, cfg = hand_inputs(cfg)
+    dims["items"] = dims["items"].with_columns(pl.col("item_id").replace_strict(tags, default=None).alias("tags"))
+    cfg = dataclasses.replace(cfg, vocab={})
+    from features.build import plan_vocab
+
+    cfg = dataclasses.replace(cfg, vocab=plan_vocab(dims, cfg))
+    out = build_day(
+        imps.lazy(),
+        {"search": search.lazy(), "feed": feed.lazy()},
+        {s: empty_state() for s in cfg.streams()},
+        {k: v.lazy() for k, v in dims.items()},
+        cfg,
+    )
+    t = Timelines({s: Stream.build(out[f"events/{s}"], empty_state().collect()) for s in cfg.streams()})
+    samples = out["samples"]
+    b = Materializer(t, cfg)({c: samples[c].to_numpy() for c in samples.columns})
+    # items 10, 11, 12: ids + 1 (buckets of 50), the first 3; "" -> the padding id; one list per token: (B, 1, 3)
+    np.testing.assert_array_equal(b["bag_item"][:, 0], [[4, 18, 5], [0, 0, 0], [6, 0, 0]])
+    fs = FeatureSet("/nowhere", cfg, ("d",), 3)
+    assert input_schema(fs).bags == {"item": ("item_tags",)}
+    from jobs.train import model_config
+
+    torch.manual_seed(0)
+    model = build_model(model_config(fs, {"d_model": 36, "n_heads": 2, "emb_dim": 8, "head_hidden": (16,)})).eval()
+    batch = {k: torch.from_numpy(v) for k, v in b.items()}
+    with torch.no_grad():
+        base = model(batch)
+        other = batch["bag_item"].clone()
+        other[0, 0, 0] = 7  # another tag of the first candidate: only its logit moves
+        moved = model(dict(batch, bag_item=other))
+        assert not torch.isclose(moved[0], base[0]) and torch.allclose(moved[1:], base[1:])
+        order = batch["bag_item"].clone()
+        order[0, 0] = order[0, 0, [2, 1, 0]]  # the same tags in another order: a mean, the same logit
+        torch.testing.assert_close(model(dict(batch, bag_item=order)), base)
+
+
+def test_a_sequence_with_its_own_side_info_gets_its_own_table_and_input_width():
+    seqs = SPEC["sequences"] | {
+        "recent": {"table": "search_events", "length": 3, "relevance": "none", "fields": ["item", "dt"]}
+    }
+    cfg = spec_config(sequences=seqs)
+    assert cfg.seq_tables()["recent"] == "search_item_dt" and cfg.seq_tables()["long"] == "search"
+    samples, naive, cfg = hand_spec_batch(cfg)
+    _, dd, _ = hand_spec_batch(cfg, dedup=True)
+    assert naive["seq_recent"].shape == (3, 3, 2) and naive["seq_long"].shape[2] == 7
+    np.testing.assert_array_equal(naive["seq_recent"][..., 0], naive["seq_long"][:, :3, 0])  # the same events' items
+    from features.materialize import reconstruct
+
+    rebuilt = reconstruct(dd, cfg.seq_tables())
+    for s in cfg.sequence_specs():
+        np.testing.assert_array_equal(rebuilt[f"seq_{s}"], naive[f"seq_{s}"])
+    fs = FeatureSet("/nowhere", cfg, ("d",), 3)
+    schema = input_schema(fs)
+    assert schema.fields_of("recent") == ("item", "dt") and schema.seq_table("recent") == "search_item_dt"
+    from jobs.train import model_config
+
+    torch.manual_seed(0)
+    mc = model_config(fs, {"d_model": 40, "n_heads": 2, "emb_dim": 8, "head_hidden": (16,)})
+    model = build_model(mc).eval()
+    with torch.no_grad():
+        a = model({k: torch.from_numpy(v) for k, v in dd.items()})
+        b = model({k: torch.from_numpy(v) for k, v in naive.items()})
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # dedup tables and full sequences: the same logits
+    with pytest.raises(ExperimentError, match="fields=.*must be distinct side-info fields"):
+        parse_experiment("features:\n  sequences:\n    x: {table: feed_events, fields: [item, price]}\n", "f.yaml")
