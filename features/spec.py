@@ -234,6 +234,11 @@ class Feature:
                 f"columns.{self.table}); its columns: {columns}",
                 (*path, "column"),
             )
+        if self.column in OUTCOMES.get(self.table, ()):
+            raise SpecError(
+                f"{where}: {self.table}.{self.column} is an outcome of the impression, never a feature",
+                (*path, "column"),
+            )
         col = tables[self.table].column(self.column)
         number = pa.types.is_floating(col.type) or col.type == pa.bool_()
         if self.kind == "ids":

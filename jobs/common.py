@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 
 log = logging.getLogger("hyformer")
+MAX_QUARANTINE_SHARE = 0.01  # ingest's default limit on a partition's quarantined rows / rows read
 
 DEFAULT_DATA_DIR = os.environ.get("HYFORMER_DATA_DIR", str(Path.cwd() / "data"))
 PRIVATE_UMASK = 0o007  # what the pipeline creates (quarantined raw rows, the MLflow store): owner and group only

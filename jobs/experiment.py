@@ -35,10 +35,9 @@ from features import storage
 from features.build import FeatureConfig
 from features.spec import SpecError
 from hyformer import HyFormerConfig
-from hyformer.config import SCHEMA_FIELDS, ConfigError
-from jobs.common import DEFAULT_DATA_DIR
-from jobs.ingest import MAX_QUARANTINE_SHARE
-from jobs.train_config import MODEL_FIELDS, TrainConfig
+from hyformer.config import SCHEMA_FIELDS
+from jobs.common import DEFAULT_DATA_DIR, MAX_QUARANTINE_SHARE
+from jobs.train_config import MODEL_FIELDS, TrainConfig, check_space
 
 # the demo's model (the quality suite's base, docs/results.md): LONGER on the long sequence, small widths
 DEMO_MODEL = dict(d_model=32, d_seq=16, n_heads=2, n_layers=2, ffn_mult=2, head_hidden=(64,), longer_queries=32)
@@ -241,8 +240,6 @@ def parse_experiment(text: str, name: str = "<config>", overrides: list[str] = (
     train = _validate(TrainConfig, {**raw["train"], "arch": arch, "model": model}, ("train",), src)
     tune = _validate(TuneSettings, raw["tune"], ("tune",), src)
     if tune.space is not None:
-        from jobs.tune import check_space  # noqa: PLC0415 - Ray Tune, only for a file that names a space
-
         try:
             check_space(tune.space)
         except ValueError as e:
@@ -276,20 +273,6 @@ def load_experiment(path: str, overrides: list[str] = ()) -> Experiment:
     except (FileNotFoundError, OSError) as e:
         raise ExperimentError(f"{path}: cannot read the experiment file: {e}") from None
     return parse_experiment(text, path, overrides)
-
-
-def check_model(exp: Experiment, name: str) -> None:
-    """Raise ExperimentError (naming the file's model section) when the features cannot feed the model (e.g. a
-    d_model that the tokens cannot split into): the model's config is built on the spec with placeholder
-    vocabularies, before any data is read."""
-    from jobs.train import model_config  # noqa: PLC0415 - torch and Ray, only when a run is checked
-
-    cfg = exp.features
-    window = types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=dict.fromkeys(sorted(cfg.id_spaces()), 2)))
-    try:
-        model_config(window, exp.train.model, exp.train.arch, exp.train.hide_sequences)
-    except ConfigError as e:
-        raise ExperimentError(f"{name}: model: {e}") from None
 
 
 # --- the workflows' flags ---------------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ from features.validate import (
     read_log_file,
     validate_partition,
 )
-from jobs.common import ReconcileError, clean_root, init_ray, log, quarantine_root, setup_logging
+from jobs.common import MAX_QUARANTINE_SHARE, ReconcileError, clean_root, init_ray, log, quarantine_root, setup_logging
+from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv
 from jobs.lease import cli_lock
 from jobs.progress import Progress
 
@@ -86,7 +87,6 @@ class QuarantineLimitError(ValueError):
     committed)."""
 
 
-MAX_QUARANTINE_SHARE = 0.01  # default limit on a partition's quarantined rows / rows read
 ERRORS = {e.__name__: e for e in (ContractError, EmptyPartitionError, MissingPartitionError, ReconcileError)}
 
 
@@ -552,8 +552,6 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated tables to ingest (default: those --config's features read, else all)",
     )
     add_quarantine_argument(p)
-    from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv  # noqa: PLC0415 - a cycle
-
     add_config_arguments(p)
     exp = experiment_of_argv(p, argv, "ingest")
     if exp is not None:

@@ -18,10 +18,11 @@ from typing import Any
 from features import storage
 from features.build import plan_vocab
 from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, logs_root, utc_today, window
+from hyformer.config import ConfigError
 from hyformer.profile import profile
 from jobs.build_features import read_meta, stale_days, store_root
 from jobs.common import redact
-from jobs.experiment import Experiment
+from jobs.experiment import Experiment, ExperimentError
 from jobs.ingest import check_footers, plan_partition, up_to_date
 from jobs.train import model_config
 
@@ -37,6 +38,18 @@ def _raw_dims(data_dir: str, tables: tuple[str, ...]) -> dict:
         else pl.from_arrow(TABLES[t].schema.empty_table())
         for t in DIM_TABLES
     }
+
+
+def check_model(exp: Experiment, name: str) -> None:
+    """Raise ExperimentError (naming the file's model section) when the features cannot feed the model (e.g. a
+    d_model that the tokens cannot split into): the model's config is built on the spec with placeholder
+    vocabularies, before any data is read."""
+    cfg = exp.features
+    window = types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=dict.fromkeys(sorted(cfg.id_spaces()), 2)))
+    try:
+        model_config(window, exp.train.model, exp.train.arch, exp.train.hide_sequences)
+    except ConfigError as e:
+        raise ExperimentError(f"{name}: model: {e}") from None
 
 
 def plan_run(exp: Experiment, dates: list[dt.date], logs_expected: bool = True) -> dict[str, Any]:

@@ -205,3 +205,26 @@ def read_best_config(path: str) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: 'train' is not a valid training config: {e}") from e
     return dict(doc["train"])
+
+
+# --- a search space (workflows/tune.py, the experiment file's tune section) -----------------------------------------
+
+DISTRIBUTION_NAMES = ("choice", "uniform", "loguniform", "randint")  # jobs.tune.DISTRIBUTIONS: Ray Tune's
+
+
+def check_space(space: dict[str, dict[str, list]]) -> None:
+    """Raise ValueError unless every key is a setting TrainConfig.override knows (jobs.train_config.route) and every
+    distribution is one of choice/uniform/loguniform/randint with its arguments."""
+    for key, dist in space.items():
+        try:
+            route(key)
+        except ValueError as e:
+            raise ValueError(f"search space: {e}") from None
+        if not (isinstance(dist, dict) and len(dist) == 1):
+            raise ValueError(f"search space: {key!r} must map to one {{distribution: arguments}}, got {dist!r}")
+        ((kind, args),) = dist.items()
+        if kind not in DISTRIBUTION_NAMES:
+            raise ValueError(f"search space: {key!r}: unknown distribution {kind!r} ({', '.join(DISTRIBUTION_NAMES)})")
+        if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
+            wants = "a list of values" if kind == "choice" else "[low, high]"
+            raise ValueError(f"search space: {key!r}: {kind} takes {wants}, got {args!r}")

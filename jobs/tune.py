@@ -35,7 +35,7 @@ from jobs.build_features import FeatureSet
 from jobs.common import log, pyplot, setup_logging
 from jobs.register import flat_params, use_tracking
 from jobs.train import match_width, model_config, train
-from jobs.train_config import TrainConfig, best_config, route, write_best_config
+from jobs.train_config import TrainConfig, best_config, check_space, write_best_config
 
 METRIC, MODE = "eval_query_auc", "max"  # what the search optimises and ASHA compares (jobs.train reports it per epoch)
 EXPERIMENT = "hyformer-tune"  # MLflow experiment of the tuning runs (the daily runs live in "hyformer-daily")
@@ -66,30 +66,12 @@ BASE_MODEL = dict(n_heads=2, ffn_mult=2, head_hidden=(64,))
 
 # --- search space and trial configs ----------------------------------------------------------------------------------
 
-DISTRIBUTIONS = {
+DISTRIBUTIONS = {  # DISTRIBUTION_NAMES, as Ray Tune's
     "choice": ray.tune.choice,
     "uniform": ray.tune.uniform,
     "loguniform": ray.tune.loguniform,
     "randint": ray.tune.randint,
 }
-
-
-def check_space(space: dict[str, dict[str, list]]) -> None:
-    """Raise ValueError unless every key is a setting TrainConfig.override knows (jobs.train_config.route) and every
-    distribution is one of choice/uniform/loguniform/randint with its arguments."""
-    for key, dist in space.items():
-        try:
-            route(key)
-        except ValueError as e:
-            raise ValueError(f"search space: {e}") from None
-        if not (isinstance(dist, dict) and len(dist) == 1):
-            raise ValueError(f"search space: {key!r} must map to one {{distribution: arguments}}, got {dist!r}")
-        ((kind, args),) = dist.items()
-        if kind not in DISTRIBUTIONS:
-            raise ValueError(f"search space: {key!r}: unknown distribution {kind!r} ({', '.join(DISTRIBUTIONS)})")
-        if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
-            wants = "a list of values" if kind == "choice" else "[low, high]"
-            raise ValueError(f"search space: {key!r}: {kind} takes {wants}, got {args!r}")
 
 
 def tune_space(space: dict[str, dict[str, list]]) -> dict:

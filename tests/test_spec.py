@@ -335,7 +335,7 @@ def test_the_workflow_trains_on_a_declared_dense_feature_and_fourth_sequence_wit
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "configs/*.yaml"))), ids=lambda p: Path(p).name)
 def test_every_example_config_loads_and_feeds_its_model(path):
-    from jobs.experiment import check_model
+    from jobs.plan import check_model
 
     exp = load_experiment(path)
     check_model(exp, path)  # the spec's tokens and sequences fit the model's widths

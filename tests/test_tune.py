@@ -9,8 +9,8 @@ import math
 import mlflow
 import pytest
 
-from jobs.train_config import TrainConfig, read_best_config
-from jobs.tune import METRIC, SMALL_SEARCH_SPACE, check_space, fit_width, trial_train_config, tune
+from jobs.train_config import DISTRIBUTION_NAMES, TrainConfig, read_best_config
+from jobs.tune import DISTRIBUTIONS, METRIC, SMALL_SEARCH_SPACE, check_space, fit_width, trial_train_config, tune
 
 TINY_BASE = dict(n_heads=2, ffn_mult=1, head_hidden=(16,), emb_dim=8)
 TINY_SPACE = {
@@ -108,6 +108,7 @@ def test_read_best_config_rejects_other_files_and_reads_the_flat_form(tmp_path):
 
 def test_search_spaces_are_checked():
     check_space(SMALL_SEARCH_SPACE)
+    assert tuple(DISTRIBUTIONS) == DISTRIBUTION_NAMES  # the names the experiment file checks are Ray Tune's
     with pytest.raises(ValueError, match="d_modell"):
         check_space({"model.d_modell": {"choice": [16]}})
     with pytest.raises(ValueError, match="unknown distribution"):

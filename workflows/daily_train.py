@@ -46,12 +46,11 @@ from jobs.experiment import (  # noqa: E402
     Experiment,
     ExperimentError,
     add_config_arguments,
-    check_model,
     data_defaults,
     experiment_of_argv,
 )
 from jobs.lease import data_dir_lock  # noqa: E402
-from jobs.plan import describe, plan_run  # noqa: E402
+from jobs.plan import check_model, describe, plan_run  # noqa: E402
 from jobs.promote import backfill_guard, decide, evaluate_registered  # noqa: E402
 from jobs.register import (
     champion,
