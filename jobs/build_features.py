@@ -51,7 +51,6 @@ from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, win
 from features.shards import Layout, UserSlice
 from features.spec import EVENT_TABLES
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
-from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv
 from jobs.ingest import MANIFEST, MAX_QUARANTINE_SHARE, TableCounts, add_quarantine_argument, clean_files, ingest
 from jobs.lease import cli_lock
 from jobs.progress import Progress
@@ -390,6 +389,9 @@ def logs_to_features(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # pydantic, torch (the model section): in the CLI's process only, not in every Ray Data worker building features
+    from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv  # noqa: PLC0415
+
     p = argparse.ArgumentParser(
         description="Build point-in-time sequence + non-sequential features incrementally (Ray Data + Polars)."
     )

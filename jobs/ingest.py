@@ -67,7 +67,6 @@ from features.validate import (
     validate_partition,
 )
 from jobs.common import MAX_QUARANTINE_SHARE, ReconcileError, clean_root, init_ray, log, quarantine_root, setup_logging
-from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv
 from jobs.lease import cli_lock
 from jobs.progress import Progress
 
@@ -552,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated tables to ingest (default: those --config's features read, else all)",
     )
     add_quarantine_argument(p)
+    # pydantic, torch (the model section): in the CLI's process only, not in every Ray Data worker that imports ingest
+    from jobs.experiment import add_config_arguments, data_defaults, experiment_of_argv  # noqa: PLC0415
+
     add_config_arguments(p)
     exp = experiment_of_argv(p, argv, "ingest")
     if exp is not None:

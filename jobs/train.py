@@ -54,8 +54,6 @@ from hyformer.zoo import architecture
 from jobs.build_features import FeatureSet
 from jobs.common import init_ray, log, setup_logging
 from jobs.evaluate import metrics, predict
-from jobs.experiment import add_config_arguments, experiment_of_argv
-from jobs.register import live_metrics
 from jobs.train_config import TrainConfig, add_train_arguments, train_config
 
 
@@ -272,6 +270,8 @@ def train_fn_per_worker(config: dict) -> None:
     )
     hooks = Hooks(rank, world, broadcast_value, lambda m, files: report(m, raw, learner, pos, history, files))
     if rank == 0 and config.get("live") is not None:  # step metrics into the MLflow run while it trains
+        from jobs.register import live_metrics  # noqa: PLC0415 - MLflow in this one worker only
+
         hooks.progress = live_metrics(*config["live"])
     try:
         run_epochs(learner, raw, batches, evaluate, loop, pos, history, hooks, tags={"restored_step": float(restored)})
@@ -433,6 +433,8 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jobs.experiment import add_config_arguments, experiment_of_argv  # noqa: PLC0415 - pydantic: the CLI only
+
     p = argparse.ArgumentParser(
         description="Train HyFormer on a feature window with Ray Train; the last day is held out."
     )
