@@ -40,6 +40,7 @@ from features.spec import (
     CORE_TABLES,
     DEFAULT_TOKENS,
     EVENT_TABLES,
+    SEQ_FIELDS,
     ExtraColumn,
     Feature,
     SequenceSpec,
@@ -53,11 +54,11 @@ from features.spec import (
 # Side information per sequence event (paper Table 3: 3 types / 64-dim vs 7 types / 224-dim). Every field is also
 # the name of its id space (embedding table). "dt" (age of the event at the impression, log2 minutes) is computed
 # at materialisation; the others are stored per event.
-EVENT_FIELDS: tuple[str, ...] = ("item", "author", "category", "action", "hour", "duration")
+EVENT_FIELDS: tuple[str, ...] = tuple(f for f in SEQ_FIELDS if f != "dt")  # stored per event
 SIDE_INFO: dict[int, tuple[str, ...]] = {
     3: ("item", "category", "action"),
     5: ("item", "author", "category", "dt", "action"),
-    7: ("item", "author", "category", "dt", "action", "hour", "duration"),
+    7: SEQ_FIELDS,
 }
 STREAMS: dict[str, str] = {s: t for t, s in EVENT_TABLES.items()}  # a table's stream of all events -> the table
 RELEVANCE = ("category", "none", "keys")

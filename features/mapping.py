@@ -47,6 +47,7 @@ import polars as pl
 from features import storage
 from features.scalar_sql import UnsafeSQLError, scalar_sql
 from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, Table
+from features.spec import CORE_TABLES
 from features.validate import DIM_KEY, REASON, polars_type, validate
 
 TS_UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}  # numeric timestamps: multiplier to milliseconds
@@ -259,7 +260,7 @@ def parse_mapping(
         raise MappingError('mapping: expected an object {"tables": {table: {...}}}')
     _unknown(raw, ("tables", "notes", "profile"), "mapping")
     # default: the tables every spec reads, and those mapped (a feed-only mapping has no queries nor search events)
-    wanted = tuple(tables or (t for t in TABLES if t in ("impressions", "users", "items") or t in raw["tables"]))
+    wanted = tuple(tables or (t for t in TABLES if t in CORE_TABLES or t in raw["tables"]))
     unknown = [t for t in (*wanted, *(inputs or {})) if t not in TABLES]
     if unknown:
         raise MappingError(f"unknown table(s) {unknown}; the contract's tables: {list(TABLES)}")

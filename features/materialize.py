@@ -192,8 +192,15 @@ class Materializer:
 
     def __init__(self, timelines: Timelines, cfg: FeatureConfig, dedup: bool = True):
         self.t, self.cfg, self.dedup = timelines, cfg, dedup
+        # what every batch is turned into, worked out once: per token its id, float and id-list features
+        kinds = {n: cfg.feature_kind(n) for names in cfg.token_groups().values() for n in names}
+        self.tokens = {
+            g: {k: [n for n in names if kinds[n] == k] for k in ("id", "dense", "ids")}
+            for g, names in cfg.token_groups().items()
+        }
+        self.specs = cfg.sequence_specs()
         self.tables = cfg.seq_tables()  # sequence -> its dedup table: one per (stream, side-info fields)
-        self.fidx = {n: _field_index(cfg.seq_fields_of(n)) for n in cfg.sequence_specs()}
+        self.fidx = {n: _field_index(cfg.seq_fields_of(n)) for n in self.specs}
         # ids and table indices travel as int32, half the bytes of int64, when every id space fits (it does unless an
         # id space has 2^31 ids or more); a batch's table index is < B x sum(L) and always fits
         self.id_dtype = np.int32 if max(cfg.vocab.values(), default=0) < 2**31 else np.int64
@@ -210,17 +217,15 @@ class Materializer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         users, ts = batch["user_id"].astype(np.int64), batch["ts"].astype(np.int64)
         out: dict[str, np.ndarray] = {}
-        for g, names in self.cfg.token_groups().items():  # ns_<token> (B, F_g) ids; dense_<token> (B, n) floats
-            ids = [batch[f"ns_{n}"].astype(np.int64) for n in names if self.cfg.feature_kind(n) == "id"]
+        for g, kind in self.tokens.items():  # ns_<token> (B, F_g) ids; dense_<token> (B, n) floats
+            ids = [batch[f"ns_{n}"].astype(np.int64) for n in kind["id"]]
             out[f"ns_{g}"] = np.stack(ids, axis=1) if ids else np.zeros((len(users), 0), np.int64)
-            dense = [batch[f"dense_{n}"].astype(np.float32) for n in names if self.cfg.feature_kind(n) == "dense"]
-            if dense:
-                out[f"dense_{g}"] = np.stack(dense, axis=1)
-            bags = [n for n in names if self.cfg.feature_kind(n) == "ids"]
-            if bags:  # bag_<token> (B, K, L): each id list padded with 0 to the token's longest max_len
+            if kind["dense"]:
+                out[f"dense_{g}"] = np.stack([batch[f"dense_{n}"].astype(np.float32) for n in kind["dense"]], axis=1)
+            if bags := kind["ids"]:  # bag_<token> (B, K, L): each id list padded with 0 to the token's longest max_len
                 width = max(self.cfg.features[n].max_len for n in bags)
                 out[f"bag_{g}"] = np.stack([pad_lists(batch[f"ns_{n}"], width) for n in bags], axis=1)
-        specs = self.cfg.sequence_specs()
+        specs = self.specs
         rows: dict[str, np.ndarray] = {}
         for name, spec in specs.items():
             key_col = KEY_COLUMN[spec.relevance]

@@ -24,7 +24,9 @@ share one stored event stream (named after the table: ``search``, ``feed``) and 
 sequence stores its own stream, named after the sequence.
 
 A feature is an id (``kind: id``: bucketised into an embedding table, its ``id_space``, shared by every feature that
-names it) or a float (``kind: dense``: normalised by ``norm``, then projected into its token with the group's ids).
+names it), an id list (``kind: ids``: an ``id_list`` extension column, its embeddings mean-pooled) or a float
+(``kind: dense``: normalised by ``norm``); each is projected into its token with the token's other features.
+``columns`` declares extension columns of the logs (``ExtraColumn``), validated at ingest and kept.
 """
 
 from __future__ import annotations
@@ -211,9 +213,9 @@ class Feature:
 
     table: str  # impressions | users | items | queries (items: the candidate item's row)
     column: str  # a column of that table
-    kind: str = "id"  # "id" (embedding) or "dense" (float)
-    id_space: str | None = None  # id: its embedding table (default: the feature's name); name a built-in's to share
-    vocab: int | None = None  # id: buckets incl. padding; default: planned from the dimension table's largest id
+    kind: str = "id"  # "id" (embedding), "ids" (an id_list column: mean-pooled embeddings) or "dense" (float)
+    id_space: str | None = None  # id(s): its embedding table (default: the feature's name); a built-in's to share it
+    vocab: int | None = None  # id(s): buckets incl. padding; default (id): planned from the dimension table
     norm: str = "none"  # dense: "none", "log1p" (log(1 + max(x, 0))) or "zscore" ((x - mean) / std)
     mean: float = 0.0  # zscore
     std: float = 1.0  # zscore

@@ -47,7 +47,7 @@ from features.build import (
     plan_vocab,
 )
 from features.materialize import Timelines
-from features.schema import DAY_FORMAT, DIM_TABLES, parse_day, previous_day, window
+from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, parse_day, previous_day, window
 from features.shards import Layout, UserSlice
 from features.spec import EVENT_TABLES
 from jobs.common import DEFAULT_DATA_DIR, clean_root, init_ray, log, setup_logging
@@ -135,8 +135,8 @@ def day_files(root: str, day: str, part: str) -> list[str]:
 
 
 def event_tables(cfg: FeatureConfig) -> list[str]:
-    """The daily tables a store reads: impressions and the event tables of its sequences."""
-    return ["impressions", *dict.fromkeys(t for t, _ in cfg.streams().values())]
+    """The daily tables a store reads: impressions and the event tables of its sequences (``cfg.tables()``'s)."""
+    return [t for t in cfg.tables() if TABLES[t].daily]
 
 
 def input_fingerprint(data_dir: str, day: str, cfg: FeatureConfig) -> str:
@@ -168,17 +168,20 @@ def scan_day(data_dir: str, table: str, day: str) -> pl.LazyFrame:
     return storage.scan_parquet(files).with_columns(pl.lit(day).alias("day"))
 
 
-def read_dims(data_dir: str, cfg: FeatureConfig, lazy: bool = False) -> dict[str, pl.DataFrame | pl.LazyFrame]:
-    """The clean dimension snapshots the spec reads (``cfg.tables()``); a table it does not read (queries, for a
-    feed-only spec) is an empty frame of the contract's columns, so the joins leave its features missing."""
+def read_dims(
+    data_dir: str, cfg: FeatureConfig, lazy: bool = False, files: Callable[[str], list[str]] | None = None
+) -> dict[str, pl.DataFrame | pl.LazyFrame]:
+    """The clean dimension snapshots the spec reads (``cfg.tables()``; ``files``: another source, table -> its
+    files); a table it does not read (queries, for a feed-only spec) is an empty frame of the contract's columns, so
+    the joins leave its features missing."""
+    files = files or (lambda t: clean_files(data_dir, t))
+    wanted, tables = cfg.tables(), cfg.contract()
     out: dict[str, pl.DataFrame | pl.LazyFrame] = {}
     for t in DIM_TABLES:
-        if t not in cfg.tables():
-            out[t] = pl.from_arrow(cfg.contract()[t].schema.empty_table())
-        elif lazy:
-            out[t] = storage.scan_parquet(clean_files(data_dir, t))
+        if t not in wanted:
+            out[t] = pl.from_arrow(tables[t].schema.empty_table())
         else:
-            out[t] = storage.read_parquet(clean_files(data_dir, t))
+            out[t] = (storage.scan_parquet if lazy else storage.read_parquet)(files(t))
     return out
 
 
@@ -248,10 +251,10 @@ def stale_days(
     Also returns each day's expected ``{"fp", "inputs"}`` (what its ``_meta.json`` will hold once built).
     """
     parent = (read_meta(root, previous_day(day_list[0])) or {}).get("fp")
-    expected, first_stale = {}, None
+    expected, first_stale, store_id = {}, None, cfg.store_id()
     for i, d in enumerate(day_list):
         inputs = input_fingerprint(data_dir, d, cfg)
-        parent = chain_fp(parent, inputs, cfg.store_id())
+        parent = chain_fp(parent, inputs, store_id)
         expected[d] = {"fp": parent, "inputs": inputs}
         if first_stale is None and (force or (read_meta(root, d) or {}).get("fp") != parent):
             first_stale = i

@@ -18,36 +18,29 @@ from typing import Any
 from features import storage
 from features.build import plan_vocab
 from features.schema import DAY_FORMAT, DIM_TABLES, TABLES, logs_root, utc_today, window
-from hyformer.config import ConfigError
+from hyformer.config import ConfigError, HyFormerConfig
 from hyformer.profile import profile
-from jobs.build_features import read_meta, stale_days, store_root
+from jobs.build_features import read_dims, read_meta, stale_days, store_root
 from jobs.common import redact
 from jobs.experiment import Experiment, ExperimentError
 from jobs.ingest import check_footers, plan_partition, up_to_date
 from jobs.train import model_config
 
 
-def _raw_dims(data_dir: str, tables: tuple[str, ...]) -> dict:
-    """The raw dimension snapshots (what the store's vocabularies would be planned from, before ingest)."""
-    import polars as pl  # noqa: PLC0415
-
-    root = logs_root(data_dir)
-    return {
-        t: storage.read_parquet(storage.list_files(f"{root}/{t}"))
-        if t in tables
-        else pl.from_arrow(TABLES[t].schema.empty_table())
-        for t in DIM_TABLES
-    }
+def model_of(exp: Experiment, vocab: dict[str, int] | None = None) -> HyFormerConfig:
+    """The model config of ``exp`` on its feature spec, with the vocabularies ``vocab`` (a store's or planned ones;
+    None: 2 buckets per id space, which leaves the dense widths and FLOPs as they will be)."""
+    cfg = exp.features
+    vocab = vocab or dict.fromkeys(sorted(cfg.id_spaces()), 2)
+    window = types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=vocab))
+    return model_config(window, exp.train.model, exp.train.arch, exp.train.hide_sequences)
 
 
 def check_model(exp: Experiment, name: str) -> None:
     """Raise ExperimentError (naming the file's model section) when the features cannot feed the model (e.g. a
-    d_model that the tokens cannot split into): the model's config is built on the spec with placeholder
-    vocabularies, before any data is read."""
-    cfg = exp.features
-    window = types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=dict.fromkeys(sorted(cfg.id_spaces()), 2)))
+    d_model that the tokens cannot split into), before any data is read."""
     try:
-        model_config(window, exp.train.model, exp.train.arch, exp.train.hide_sequences)
+        model_of(exp)
     except ConfigError as e:
         raise ExperimentError(f"{name}: model: {e}") from None
 
@@ -73,8 +66,9 @@ def plan_run(exp: Experiment, dates: list[dt.date], logs_expected: bool = True) 
             raise FileNotFoundError(f"no logs in {logs_root(data_dir)}")
         out["logs"] = "none yet: the run generates the demo's synthetic logs first"
     else:
-        parts = [plan_partition(data_dir, t, None) for t in DIM_TABLES if t in cfg.tables()]
-        parts += [plan_partition(data_dir, t, d) for t in TABLES if TABLES[t].daily and t in cfg.tables() for d in days]
+        wanted = cfg.tables()
+        parts = [plan_partition(data_dir, t, None) for t in DIM_TABLES if t in wanted]
+        parts += [plan_partition(data_dir, t, d) for t in TABLES if TABLES[t].daily and t in wanted for d in days]
         tables = cfg.contract()
         for p in parts:
             check_footers(p, tables[p.table])  # readable files, required columns, rows: the ingest's own check
@@ -86,7 +80,12 @@ def plan_run(exp: Experiment, dates: list[dt.date], logs_expected: bool = True) 
         }
         root = store_root(data_dir, cfg)
         store = storage.read_json_or_none(f"{root}/store.json")
-        vocab = store["vocab"] if store else plan_vocab(_raw_dims(data_dir, cfg.tables()), cfg)
+        if store:
+            vocab = store["vocab"]
+        else:  # planned as the store will plan them, from the raw snapshots (before ingest)
+            vocab = plan_vocab(
+                read_dims(data_dir, cfg, files=lambda t: storage.list_files(f"{logs_root(data_dir)}/{t}")), cfg
+            )
         names = [d.strftime(DAY_FORMAT) for d in window(dates[-1], exp.data.days)]
         changed = min((p.day for p in todo if p.day), default=None)  # ingest re-versions it: built again from it on
         stale = set(stale_days(root, data_dir, names, cfg, False)[0]) if store else set(names)
@@ -97,8 +96,7 @@ def plan_run(exp: Experiment, dates: list[dt.date], logs_expected: bool = True) 
             "days_built": sum(read_meta(root, d) is not None for d in names) if store else 0,
             "days_to_build": build,
         }
-    known = vocab or dict.fromkeys(sorted(cfg.id_spaces()), 2)
-    mc = model_config(types.SimpleNamespace(cfg=dataclasses.replace(cfg, vocab=known)), tc.model, tc.arch)
+    mc = model_of(exp, vocab)
     prof = profile(mc, batch=tc.batch_size)
     out["model"] = {
         "arch": tc.arch,

@@ -89,6 +89,11 @@ def start_training_run(data_dir: str, run_name: str, tags: Mapping[str, str] = {
     return MlflowClient().create_run(exp_id, run_name=run_name, tags=dict(tags)).info.run_id
 
 
+def _run_of(exp_id: str, run_name: str, run_id: str | None) -> dict[str, str]:
+    """``mlflow.start_run`` arguments: continue the run ``start_training_run`` opened, else start a new one."""
+    return {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": run_name}
+
+
 def live_metrics(tracking_uri: str, run_id: str) -> Callable[[int, dict[str, float]], None]:
     """A logger of a worker's metrics at a step into run ``run_id`` (hyformer.loop.Hooks.progress). Tracking must not
     stop training: a failure to log is a warning, once, and the logger goes quiet."""
@@ -123,8 +128,7 @@ def log_training_run(
     the resolved experiment file (jobs.experiment), logged as ``experiment.yaml``: ``--config`` on it reruns.
     ``run_id``: the run ``start_training_run`` opened (its live metrics kept), else a new one."""
     exp_id = use_tracking(data_dir)
-    opened = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": run_name}
-    with mlflow.start_run(**opened, tags=dict(tags)) as run:
+    with mlflow.start_run(**_run_of(exp_id, run_name, run_id), tags=dict(tags)) as run:
         log_configs(configs)
         if experiment_yaml is not None:
             mlflow.log_text(experiment_yaml, "experiment.yaml")
@@ -186,8 +190,8 @@ def log_failed_run(
     """Record a training that failed (e.g. a non-finite loss) as an MLflow run with status FAILED and the error
     (``run_id``: the run ``start_training_run`` opened, else a new one)."""
     exp_id = use_tracking(data_dir)
-    opened = {"run_id": run_id} if run_id else {"experiment_id": exp_id, "run_name": run_name}
-    with mlflow.start_run(**opened, tags=dict(tags) | {"error": f"{type(error).__name__}: {error}"[:5000]}) as run:
+    error_tag = {"error": f"{type(error).__name__}: {error}"[:5000]}
+    with mlflow.start_run(**_run_of(exp_id, run_name, run_id), tags=dict(tags) | error_tag) as run:
         log_configs(configs)
         mlflow.end_run(status="FAILED")
     log.info("mlflow: run %s marked FAILED", run.info.run_id)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from features.build import FeatureConfig, build_day, empty_state
+from features.build import FeatureConfig, build_day, empty_state, plan_vocab
 from features.materialize import Materializer, Stream, Timelines
 from features.spec import DEFAULT_TOKENS, SequenceSpec
 from hyformer import build_model, load_model
@@ -101,9 +101,11 @@ def hand_spec_batch(cfg: FeatureConfig, dedup: bool = False):
         .alias("category_id"),
         (pl.col("item_id").cast(pl.Float32) * 10).alias("duration_s"),
     )
-    cfg = dataclasses.replace(cfg, vocab={})
-    from features.build import plan_vocab
+    return build_and_materialize(imps, search, feed, dims, cfg, dedup)
 
+
+def build_and_materialize(imps, search, feed, dims, cfg: FeatureConfig, dedup: bool = False):
+    """One day of the hand inputs built (vocabularies planned from ``dims``) and materialized: samples, batch, cfg."""
     cfg = dataclasses.replace(cfg, vocab=plan_vocab(dims, cfg))
     out = build_day(
         imps.lazy(),
@@ -411,20 +413,7 @@ def test_an_id_list_feature_is_mean_pooled_into_its_token():
     )
     imps, search, feed, dims, cfg = hand_inputs(cfg)
     dims["items"] = dims["items"].with_columns(pl.col("item_id").replace_strict(tags, default=None).alias("tags"))
-    cfg = dataclasses.replace(cfg, vocab={})
-    from features.build import plan_vocab
-
-    cfg = dataclasses.replace(cfg, vocab=plan_vocab(dims, cfg))
-    out = build_day(
-        imps.lazy(),
-        {"search": search.lazy(), "feed": feed.lazy()},
-        {s: empty_state() for s in cfg.streams()},
-        {k: v.lazy() for k, v in dims.items()},
-        cfg,
-    )
-    t = Timelines({s: Stream.build(out[f"events/{s}"], empty_state().collect()) for s in cfg.streams()})
-    samples = out["samples"]
-    b = Materializer(t, cfg)({c: samples[c].to_numpy() for c in samples.columns})
+    _, b, cfg = build_and_materialize(imps, search, feed, dims, cfg, dedup=True)
     # items 10, 11, 12: ids + 1 (buckets of 50), the first 3; "" -> the padding id; one list per token: (B, 1, 3)
     np.testing.assert_array_equal(b["bag_item"][:, 0], [[4, 18, 5], [0, 0, 0], [6, 0, 0]])
     fs = FeatureSet("/nowhere", cfg, ("d",), 3)
