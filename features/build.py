@@ -413,30 +413,22 @@ def stream_events(events: dict[str, pl.LazyFrame], cfg: FeatureConfig) -> dict[s
     return out
 
 
-def build_day(
+def samples_of(
     impressions: pl.LazyFrame,
-    events: dict[str, pl.LazyFrame],
+    tokens: dict[str, pl.LazyFrame],
     state: dict[str, pl.LazyFrame],
     dims: dict[str, pl.LazyFrame],
     cfg: FeatureConfig,
-) -> dict[str, pl.DataFrame]:
-    """One day of one user shard: samples, the day's event tokens per stream and the new state; one ``collect_all``.
+    keys: tuple[pl.LazyFrame, pl.LazyFrame],
+    keep: tuple[str, ...] = (),
+) -> pl.LazyFrame:
+    """Impressions -> samples (unsorted): the bucketised non-sequential features, the declared ones, the relevance
+    keys and one ordinal per sequence. ``tokens``: each stream's event tokens (``event_tokens``) after ``state`` (the
+    counts of the events before them); ``keys``: ``relevance_tables``; ``keep``: impression columns passed through.
 
-    ``events`` are keyed by the event tables' streams (``search``, ``feed``: the tables the spec's sequences read),
-    ``state`` by ``cfg.streams()`` and holds the cumulative counts of all earlier days (``empty_state()`` for the
-    store's first day). Returns ``samples``, ``events/<stream>``, ``state/<stream>``.
-    """
-    vocab = cfg.vocab
-    # a clean day ingested before the contract had p_click_ns / p_click_seq lacks them: null, as in real logs
-    have = impressions.collect_schema().names()
-    impressions = impressions.with_columns(pl.lit(None, pl.Float32).alias(c) for c in GROUND_TRUTH if c not in have)
-    item_keys, query_keys = relevance_tables(cfg, dims)
-    streams = cfg.streams()
-    raw = stream_events(events, cfg)
-    tokens = {
-        s: event_tokens(raw[s], dims["items"], item_keys, vocab, finish="finish" if t == "feed_events" else None)
-        for s, (t, _) in streams.items()
-    }
+    The one definition of a sample's features: ``build_day`` (training, a day at a time) and ``features.online``
+    (serving, a request at a time) both call it."""
+    item_keys, query_keys = keys
     declared = {t: [pl.col(f.column).alias(f"_f_{n}") for n, f in cfg.features.items() if f.table == t] for t in dims}
     items = dims["items"].select(
         "item_id", "author_id", pl.col("category_id").alias("item_category"), "duration_s", *declared["items"]
@@ -459,7 +451,35 @@ def build_day(
     for name, seq in cfg.sequence_specs().items():
         s = seq.stream(name)
         imps = ordinal_before(imps, tokens[s], state[s], KEY_COLUMN[seq.relevance], f"{name}_hi")
-    samples = imps.select(*SAMPLE_KEYS, "day", *ns_columns(vocab), *declared_columns(cfg), *pointer_columns(cfg)).sort(
+    return imps.select(
+        *SAMPLE_KEYS, "day", *ns_columns(cfg.vocab), *declared_columns(cfg), *pointer_columns(cfg), *keep
+    )
+
+
+def build_day(
+    impressions: pl.LazyFrame,
+    events: dict[str, pl.LazyFrame],
+    state: dict[str, pl.LazyFrame],
+    dims: dict[str, pl.LazyFrame],
+    cfg: FeatureConfig,
+) -> dict[str, pl.DataFrame]:
+    """One day of one user shard: samples, the day's event tokens per stream and the new state; one ``collect_all``.
+
+    ``events`` are keyed by the event tables' streams (``search``, ``feed``: the tables the spec's sequences read),
+    ``state`` by ``cfg.streams()`` and holds the cumulative counts of all earlier days (``empty_state()`` for the
+    store's first day). Returns ``samples``, ``events/<stream>``, ``state/<stream>``.
+    """
+    # a clean day ingested before the contract had p_click_ns / p_click_seq lacks them: null, as in real logs
+    have = impressions.collect_schema().names()
+    impressions = impressions.with_columns(pl.lit(None, pl.Float32).alias(c) for c in GROUND_TRUTH if c not in have)
+    keys = relevance_tables(cfg, dims)
+    streams = cfg.streams()
+    raw = stream_events(events, cfg)
+    tokens = {
+        s: event_tokens(raw[s], dims["items"], keys[0], cfg.vocab, finish="finish" if t == "feed_events" else None)
+        for s, (t, _) in streams.items()
+    }
+    samples = samples_of(impressions, tokens, state, dims, cfg, keys).sort(
         "request_id", "ns_position_b", "ns_item_id"
     )  # deterministic: candidates in shown order
     frames = {"samples": samples}

@@ -1,83 +1,120 @@
-"""The registered model as an MLflow pyfunc: ``mlflow.pyfunc.load_model(uri).predict(frame)`` -> click probabilities.
+"""The registered model as an MLflow pyfunc that scores ranking requests: candidate rows in, click probabilities out.
 
     import mlflow
     model = mlflow.pyfunc.load_model("models:/hyformer@champion")
-    probs = model.predict(frame)                     # (rows,) float32
+    probs = model.predict(requests)                  # (rows,) float32, in the order of the rows
 
-``frame`` has one row per candidate and the model's input columns (hyformer/model.py, input contract):
-``ns_<group>`` (a list of ids per row), ``seq_<name>`` (events x side-info ids per row, most recent first, 0 = padding)
-and ``len_<name>`` (valid events). With a ``request_id`` column, each request's sequences are encoded once for all
-its candidates (KV reuse). ``to_frame`` turns a batch of the feature pipeline (``features.materialize.Materializer``,
-dedup tables or not) into such a frame.
+``requests`` (a pandas DataFrame) has one row per candidate: ``request_id``, ``user_id``, ``ts`` (ms, UTC) and
+``item_id``, and optionally ``query_id`` (none: a feed request), ``position`` (default 0: not known before ranking),
+``device_type``, ``network_type`` and the impressions' extension columns of the model's feature spec: the
+impressions contract without its outcomes (``features.online.request_columns``; the model's signature lists them).
+MLflow's schema has no missing integers: send -1 (or leave the column out) for an unknown query, device or network.
 
-The model's artifacts are the checkpoint (``config.json`` + ``model.pt``, what ``hyformer.load_model`` reads) and the
-feature config it was trained on (``features.json``: vocabularies, sequence lengths, side info), so a registered
-version is enough to rebuild and score it (jobs/score.py). This module imports only MLflow, pandas, numpy, torch and
-hyformer: it is shipped with the model (``code_paths``) and loads where the rest of the project is absent.
+The model builds every input itself (``RequestRanker``): the request's profile features and point-in-time sequences
+come from the online feature source (``features.online``: each user's latest events, the profiles) through the code
+that builds the training features, so a request scores as the same impression scores offline (tests/test_skew.py);
+each request's sequences are encoded once for all its candidates (KV reuse, hyformer/serving.py). The source is the
+one the daily workflow publishes for the model's feature store (``online.json`` in the model, or the environment
+variable ``HYFORMER_ONLINE_SOURCE``); a newer committed version is picked up within ``REFRESH_S`` seconds.
+
+The model's artifacts are the checkpoint (``config.json`` + ``model.pt``, what ``hyformer.load_model`` reads), the
+feature config it was trained on (``features.json``) and where its online source is (``online.json``). This module
+imports only MLflow, pandas, numpy, Polars, torch, ``hyformer`` and ``features``: both packages are shipped with the
+model (``code_paths``), so it loads where the rest of the project is absent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
+from features.build import FeatureConfig
+from features.online import OnlineSource, featurize
+from features.storage import current
 from hyformer import load_model
 from hyformer.serving import predict_requests
 
+SOURCE_ENV = "HYFORMER_ONLINE_SOURCE"  # overrides the source recorded in the model
+REFRESH_S = 30.0  # how often a loaded model looks for a newer committed version of its source
 INPUT_PREFIXES = ("ns_", "bag_", "dense_", "seq_", "len_")
 
 
+class RequestRanker:
+    """A model, the feature config it was trained on and its online source: request rows -> probabilities."""
+
+    def __init__(self, checkpoint: str | Path, source_root: str | None, device: str = "cpu"):
+        ckpt = Path(checkpoint)
+        self.device = torch.device(device)
+        self.model = load_model(ckpt).to(self.device).eval()
+        self.features = FeatureConfig(**json.loads((ckpt / "features.json").read_text()))
+        recorded = ckpt / "online.json"
+        recorded = json.loads(recorded.read_text()).get("source") if recorded.exists() else None
+        self.source_root = source_root or os.environ.get(SOURCE_ENV) or recorded
+        self.fallbacks: Counter = Counter()  # FALLBACKS reason -> count, since loading
+        self._source: OnlineSource | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def source(self) -> OnlineSource:
+        """The online source, (re)loaded when a newer version is committed (checked at most every REFRESH_S)."""
+        if self.source_root is None:
+            raise FileNotFoundError(
+                f"no online feature source for this model: set {SOURCE_ENV} to a published source "
+                "(<data>/online/<store id>, jobs.online)"
+            )
+        with self._lock:
+            now = time.monotonic()
+            if self._source is None or now - self._checked > REFRESH_S:
+                self._checked = now
+                committed = (current(self.source_root) or {}).get("version")
+                if self._source is None or committed != self._source.version:
+                    source = OnlineSource.load(self.source_root)
+                    source.check(self.features)
+                    self._source = source
+            return self._source
+
+    @torch.no_grad()
+    def score(self, requests: pl.DataFrame, kv_reuse: bool = True) -> Scored:
+        """Request rows -> their click probabilities, in the order of the rows (``Scored``)."""
+        f = featurize(self.source(), self.features, requests)
+        self.fallbacks.update(f.fallbacks)
+        batch = {k: torch.from_numpy(v).to(self.device) for k, v in f.batch.items() if k.startswith(INPUT_PREFIXES)}
+        rid = torch.from_numpy(f.batch["request_id"]).to(self.device)
+        if kv_reuse:
+            logits, encodings = predict_requests(self.model, batch, rid)
+        else:
+            logits, encodings = self.model(batch), len(rid)
+        return Scored(torch.sigmoid(logits.float()).cpu().numpy(), f.fallbacks, f.flagged, encodings)
+
+
+@dataclass(frozen=True)
+class Scored:
+    probs: np.ndarray  # (rows,) float32
+    fallbacks: dict[str, int]  # features.online.FALLBACKS reason -> requests or rows (Featurized.fallbacks)
+    flagged: dict[str, np.ndarray]  # reason -> the request ids it concerns
+    encodings: int  # sequence encodings run (the requests with KV reuse, else the rows)
+
+
 class HyFormerPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper of any architecture of hyformer.zoo; artifact ``checkpoint``: a directory of ``model.save``."""
+    """pyfunc wrapper of any architecture of hyformer.zoo; artifact ``checkpoint``: a directory of ``model.save``
+    with ``features.json`` (and ``online.json``)."""
 
     def load_context(self, context) -> None:
-        self.model = load_model(context.artifacts["checkpoint"]).eval()
+        self.ranker = RequestRanker(context.artifacts["checkpoint"], None)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        batch = from_frame(model_input)
-        if "request_id" not in batch:
-            batch["request_id"] = torch.arange(len(model_input))
-        logits, _ = predict_requests(self.model, batch)
-        return torch.sigmoid(logits.float()).numpy()
-
-
-def from_frame(frame: pd.DataFrame) -> dict[str, torch.Tensor]:
-    """DataFrame of input columns -> the model's batch (one tensor per column, rows stacked)."""
-    if not any(c.startswith("ns_") for c in frame.columns) or not any(c.startswith("len_") for c in frame.columns):
-        raise ValueError(
-            f"model input needs the ns_<group>, seq_<name> and len_<name> columns; got {list(frame.columns)}"
-        )
-    batch = {}
-    for col in frame.columns:
-        if col.startswith(INPUT_PREFIXES):
-            values = frame[col].to_numpy()
-            arr = np.stack([np.asarray(v) for v in values]) if values.dtype == object else values
-            dtype = np.float32 if col.startswith("dense_") else np.int64
-            batch[col] = torch.from_numpy(np.ascontiguousarray(arr).astype(dtype))
-    if "request_id" in frame.columns:
-        batch["request_id"] = torch.from_numpy(frame["request_id"].to_numpy().astype(np.int64))
-    return batch
-
-
-def to_frame(batch: Mapping[str, np.ndarray], tables: Mapping[str, str]) -> pd.DataFrame:
-    """A materialized batch (numpy; dedup tables are expanded into full sequences, ``tables``: sequence -> the
-    table it indexes, FeatureConfig.seq_tables()) -> the pyfunc's input frame."""
-    batch = dict(batch)
-    if any(k.startswith("inv_") for k in batch):
-        from features.materialize import reconstruct  # noqa: PLC0415 - only where the feature pipeline is installed
-
-        batch = reconstruct(batch, tables)  # uniq_<table>[inv_<name>] -> seq_<name> (B, L, F)
-    cols = {
-        k: (list(v) if np.ndim(v) > 1 else v)
-        for k, v in batch.items()
-        if k.startswith(INPUT_PREFIXES) or k == "request_id"
-    }
-    return pd.DataFrame(cols)
+        return self.ranker.score(pl.from_pandas(model_input)).probs
 
 
 # MLflow "models from code": jobs.register logs this file as the model's code (no pickled object), and loading it

@@ -25,11 +25,18 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
+import polars as pl
 from mlflow.entities import Metric
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema, TensorSpec
 
+import features as features_pkg
 import hyformer
 from features import storage
+from features.build import FeatureConfig
+from features.online import request_columns
 from hyformer import load_model
 from hyformer.model import RankingModel
 from jobs.common import log, pyplot, redact
@@ -123,10 +130,12 @@ def log_training_run(
     register_as: str | None = MODEL_NAME,
     experiment_yaml: str | None = None,
     run_id: str | None = None,
+    online_source: str | None = None,
 ) -> tuple[str, str | None]:
     """Log one training run and register its model; returns (run_id, model version or None). ``experiment_yaml``:
     the resolved experiment file (jobs.experiment), logged as ``experiment.yaml``: ``--config`` on it reruns.
-    ``run_id``: the run ``start_training_run`` opened (its live metrics kept), else a new one."""
+    ``run_id``: the run ``start_training_run`` opened (its live metrics kept), else a new one. ``online_source``:
+    where the model's online features are published (jobs.online), recorded in the model for serving."""
     exp_id = use_tracking(data_dir)
     with mlflow.start_run(**_run_of(exp_id, run_name, run_id), tags=dict(tags)) as run:
         log_configs(configs)
@@ -148,13 +157,15 @@ def log_training_run(
             if len(history) > 1:
                 for p in loss_curve(history, f"{tmp}/"):
                     mlflow.log_artifact(p, "plots")
+        features = configs.get("features", {})
         with tempfile.TemporaryDirectory() as tmp:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(Path(__file__).with_name("pyfunc.py")),  # models from code: nothing pickled
-                artifacts={"checkpoint": model_artifact(checkpoint_dir, configs.get("features", {}), tags, tmp)},
-                code_paths=[str(Path(hyformer.__file__).parent)],
+                artifacts={"checkpoint": model_artifact(checkpoint_dir, features, tags, tmp, online_source)},
+                code_paths=[str(Path(hyformer.__file__).parent), str(Path(features_pkg.__file__).parent)],
                 registered_model_name=register_as,
+                **request_schema(features),
             )
         version = str(info.registered_model_version) if register_as else None
     log.info(
@@ -166,9 +177,41 @@ def log_training_run(
     return run.info.run_id, version
 
 
-def model_artifact(checkpoint_dir: str, features: Mapping, tags: Mapping[str, str], tmp: str) -> str:
-    """The registered model's artifact: the weights and config (no optimiser state) + the feature config it reads,
-    copied from ``checkpoint_dir`` (a local folder or a URI) into the local folder ``tmp``."""
+def request_schema(features: Mapping) -> dict:
+    """``signature`` and ``input_example`` of the request-level model (jobs/pyfunc.py) for a feature config."""
+    if not features:
+        return {}
+    cfg = FeatureConfig(**features)
+    return {"signature": request_signature(cfg), "input_example": input_example(cfg)}
+
+
+def request_signature(cfg: FeatureConfig):
+    """The model's MLflow signature: the request columns (``request_columns``) in, probabilities out. Integer
+    columns are ``long`` whatever their width (what a client's ints are); the model checks their range."""
+    types = {pl.Float32: "float", pl.Float64: "double", pl.Boolean: "boolean", pl.String: "string"}
+    cols = [
+        ColSpec("long" if dtype.is_integer() else types.get(dtype, "string"), name, required)
+        for name, (dtype, required) in request_columns(cfg).items()
+    ]
+    return ModelSignature(Schema(cols), Schema([TensorSpec(np.dtype(np.float32), (-1,))]))
+
+
+def input_example(cfg: FeatureConfig):
+    """Two requests of two candidates (a search and a feed request), every request column filled."""
+    rows = {"request_id": [1, 1, 2, 2], "user_id": [7, 7, 8, 8], "ts": [1_764_000_000_000] * 4}
+    rows |= {"item_id": [11, 12, 13, 14], "query_id": [3, 3, -1, -1], "position": [0, 1, 0, 1]}
+    values = {"string": "", "boolean": False, "float": 0.0, "double": 0.0}
+    for c in request_signature(cfg).inputs.inputs:
+        if c.name not in rows:
+            rows[c.name] = [values.get(c.type.name, 1)] * 4
+    return pd.DataFrame(rows)
+
+
+def model_artifact(
+    checkpoint_dir: str, features: Mapping, tags: Mapping[str, str], tmp: str, online_source: str | None = None
+) -> str:
+    """The registered model's artifact: the weights and config (no optimiser state) + the feature config it reads
+    and where its online source is, copied from ``checkpoint_dir`` (a local folder or a URI) into ``tmp``."""
     out = Path(tmp) / "checkpoint"
     out.mkdir()
     for f in ("config.json", "model.pt", "history.json"):
@@ -176,6 +219,7 @@ def model_artifact(checkpoint_dir: str, features: Mapping, tags: Mapping[str, st
             (out / f).write_bytes(storage.read_bytes(src))
     (out / "features.json").write_text(json.dumps(dict(features), indent=1))
     (out / "window.json").write_text(json.dumps({k: tags[k] for k in ("date", "window_days") if k in tags}))
+    (out / "online.json").write_text(json.dumps({"source": online_source}))
     return str(out)
 
 

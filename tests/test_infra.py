@@ -494,3 +494,19 @@ def test_the_wrapper_explains_every_exit_code_of_the_workflow():
     from jobs.common import Exit
 
     assert set(sd.MEANING) == set(Exit) and [int(e) for e in Exit] == [0, 1, 2, 3, 75]
+
+
+def test_the_serve_config_deploys_the_ranking_app_on_loopback():
+    """infra/serve/hyformer.yaml is a valid Serve deploy config whose application builds from its arguments."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.serve import ServeArgs
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((INFRA / "serve" / "hyformer.yaml").read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    assert app.import_path == "jobs.serve:build_app" and app.route_prefix == "/rank"
+    args = ServeArgs.parse(app.args)
+    assert args.alias == "champion" and args.kv_reuse is True and args.poll_s == 10.0
+    with pytest.raises(ValueError, match="unknown argument"):
+        ServeArgs.parse({**app.args, "kv_reuse_typo": True})

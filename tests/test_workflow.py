@@ -13,9 +13,12 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import polars as pl
 import pytest
 
 from jobs.common import free_port
+from tests.conftest import committed_files
+from tests.test_online import REQUEST_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--days", "4", "--synthetic", "--synth-scale", "0.3", "--long-len", "16", "--batch-size", "128"]
@@ -82,6 +85,7 @@ def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and
         "synthesize",
         "ingest",
         "features",
+        "online features",
         "train",
         "load champion",
         "evaluate champion",
@@ -100,6 +104,14 @@ def test_two_day_schedule_promotes_then_keeps_the_champion_reruns_are_no_ops_and
     assert "warm start: models:/hyformer/1 (version 1) downloaded to" in log  # day D started from the champion
     runs, versions, champion = registry(data)
     assert versions == {"1": "promoted", "2": "kept"} and champion == "1"
+    # serving: the newest day's online source is published, and the champion scores requests with it
+    (source,) = [json.loads(p.read_text()) for p in (data / "online").glob("*/_manifest.json")]
+    assert source["day"] == "2026-11-22" and source["counts"]["search"]["events"] > 0
+    model = mlflow.pyfunc.load_model("models:/hyformer@champion")
+    assert model.metadata.get_input_schema() is not None and model.metadata.saved_input_example_info is not None
+    imps = pl.read_parquet(committed_files(f"{data}/clean/v1/impressions/day=2026-11-22")).head(50)
+    probs = model.predict(imps.select(REQUEST_COLUMNS).with_columns(pl.col("query_id").fill_null(-1)).to_pandas())
+    assert probs.shape == (50,) and ((probs > 0) & (probs < 1)).all() and probs.std() > 0
     by_date = {r.data.tags["date"]: r for r in runs}
     assert (
         by_date["2026-11-22"].data.tags["outcome"] == "kept"

@@ -5,10 +5,11 @@
     python workflows/daily_train.py --from 2026-11-20 --to 2026-11-22 --data-dir /abs/data     # backfill, in order
     ray job submit --working-dir . -- python workflows/daily_train.py --data-dir /abs/data
 
-For each date D: ingest day D (unchanged days are skipped), build its features (incrementally), warm-start from the
-current champion (``--init-from``, default ``champion``), train on the window ending at D with D held out, score the
-champion on D's samples, and register the challenger; the registry alias ``champion`` moves to it only if its
-query-level AUC on D beats the champion's by more than ``--promotion-margin``. The decision and its reason are logged
+For each date D: ingest day D (unchanged days are skipped), build its features (incrementally), publish the online
+feature source of D for serving (jobs/online.py), warm-start from the current champion (``--init-from``, default
+``champion``), train on the window ending at D with D held out, score the champion on D's samples, and register the
+challenger; the registry alias ``champion`` moves to it only if its query-level AUC on D beats the champion's by more
+than ``--promotion-margin``. The decision and its reason are logged
 and kept on the MLflow run and the model version. A date already done (a finished run for it) is skipped unless
 ``--force``; a lock on the data directory keeps two runs from working on it at once.
 
@@ -50,6 +51,7 @@ from jobs.experiment import (  # noqa: E402
     experiment_of_argv,
 )
 from jobs.lease import data_dir_lock  # noqa: E402
+from jobs.online import publish_source  # noqa: E402
 from jobs.plan import check_model, describe, plan_run  # noqa: E402
 from jobs.promote import backfill_guard, decide, evaluate_registered  # noqa: E402
 from jobs.register import (
@@ -262,6 +264,8 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
         step=stage,
         max_quarantine_share=a.max_quarantine_share,
     )
+    # serving reads the newest day's events and profiles from the online source, fresh whatever the decision
+    source = stage("online features", publish_source, data_dir, fs)
     run_name = f"daily-{day}-{int(time.time())}" + ("-noseq" if a.hide_sequences else "")
     # the champion is downloaded once: the default warm start and the comparison after training use the same version
     champ_version = champion(data_dir, a.arch)
@@ -333,6 +337,7 @@ def run_day(a: argparse.Namespace, data_dir: str, date: dt.date, models_dir: str
         register_as=None if a.no_register else a.arch,
         experiment_yaml=a.experiment.to_yaml(),
         run_id=run_id,
+        online_source=source["root"],
     )
     details = decision.to_dict() | {"date": day, "oracle": res.metrics.get("eval_oracle_query_auc", float("nan"))}
     outcome = stage("decide", commit_decision, data_dir, run_id, a.arch, version, details, champ_version, champ_metrics)
