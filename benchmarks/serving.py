@@ -12,9 +12,11 @@ latency does not depend on what the model learned. Then for each KV-reuse settin
 (``serve.run``, HTTP on 127.0.0.1), and for each candidate count a fixed set of requests (real users of the last day,
 their histories in the source, ``m`` random items each) is sent by ``--concurrency`` client threads after
 ``--warmup`` untimed ones, stopping at ``--requests`` or ``--max-seconds``. Reported per case: p50 / p99 / mean
-latency (ms, client side, HTTP included), requests/s and candidates/s over the timed part, and the deployment's batch
-settings. The clients share the machine's cores with the server: numbers are a lower bound on what the server alone
-does.
+latency (ms, client side, HTTP included), requests/s and candidates/s over the timed part, the deployment's batch
+settings, and, in this process without HTTP, the median ms of one request's featurisation and of its featurisation +
+forward (one torch thread): where the time goes. The clients, Serve's HTTP proxy and the replica share the machine's
+cores: on 2 cores concurrent requests reach the replica one after another, batches stay small, and the numbers are a
+lower bound on what a server with cores of its own does.
 
 Writes ``benchmarks/results/<name>.json`` (every number and the setup) and ``<name>.md`` (a table), ``--name``
 defaulting to ``serving``.
@@ -89,22 +91,21 @@ def requests_of(data_dir: str, fs: FeatureSet, m: int, n: int, seed: int = 0) ->
 
 
 def setup(data: str, preset: str) -> tuple[FeatureSet, str]:
-    """Logs, features, a registered champion of ``preset`` and its online source in ``data`` (cached); the version."""
+    """Logs and features (cached), a registered champion of ``preset`` and its online source in ``data``; the
+    version."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
     from jobs.build_features import build_features  # noqa: PLC0415 - Ray Data
     from jobs.ingest import ingest  # noqa: PLC0415
-    from jobs.register import champion  # noqa: PLC0415
 
     cfg = dataclasses.replace(SynthConfig(), **SYNTH)
     synthesize_cached(cfg, data, END)
     ingest(data, END, cfg.days)
     fs = build_features(data, END, cfg.days, FEATURES)
     source = publish_source(data, fs)["root"]
-    version = champion(data, "hyformer")
-    if version is None:
-        version = register_initial(data, fs, MODEL_PRESETS[preset], seed=0, source=source)
-        from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
-        MlflowClient().set_registered_model_alias("hyformer", "champion", version)
+    # a new version each run: a registered model carries its code (jobs/pyfunc.py, features/, hyformer/)
+    version = register_initial(data, fs, MODEL_PRESETS[preset], seed=0, source=source)
+    MlflowClient().set_registered_model_alias("hyformer", "champion", version)
     return fs, version
 
 
@@ -147,6 +148,32 @@ def load(url: str, bodies: list[dict], concurrency: int, warmup: int, max_second
     }
 
 
+def in_process(data: str, fs: FeatureSet, m: int, kv_reuse: bool, repeats: int = 20) -> dict[str, float]:
+    """Median ms of one request of ``m`` candidates in this process (no HTTP): featurisation alone, and scoring
+    (featurisation + forward), with the registered champion's RequestRanker on one torch thread."""
+    import mlflow  # noqa: PLC0415
+
+    from features.online import featurize  # noqa: PLC0415
+    from jobs.register import use_tracking  # noqa: PLC0415
+    from jobs.serve import request_rows  # noqa: PLC0415
+
+    use_tracking(data)
+    ranker = mlflow.pyfunc.load_model("models:/hyformer@champion").unwrap_python_model().ranker
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    feat, total = [], []
+    for body in requests_of(data, fs, m, repeats + 3, seed=7 * m):
+        rows, _ = request_rows([body], 0)
+        t0 = time.perf_counter()
+        featurize(ranker.source(), ranker.features, rows, ranker.spec)
+        t1 = time.perf_counter()
+        ranker.score(rows, kv_reuse)
+        feat.append(t1 - t0)
+        total.append(time.perf_counter() - t1)
+    torch.set_num_threads(threads)
+    return {"featurize_ms": float(np.median(feat[3:]) * 1000), "score_ms": float(np.median(total[3:]) * 1000)}
+
+
 def run(data: str, args: argparse.Namespace) -> dict[str, Any]:
     """Deploy once per KV-reuse setting and load it with each candidate count."""
     from ray import serve  # noqa: PLC0415
@@ -167,7 +194,7 @@ def run(data: str, args: argparse.Namespace) -> dict[str, Any]:
             for m in args.candidates:
                 bodies = requests_of(data, fs, m, args.warmup + args.requests, seed=m)
                 res = load(f"http://127.0.0.1:{port}/rank", bodies, args.concurrency, args.warmup, args.max_seconds)
-                cases.append({"kv_reuse": kv, "candidates": m, **res})
+                cases.append({"kv_reuse": kv, "candidates": m, **res, **in_process(data, fs, m, kv)})
                 print(json.dumps(cases[-1]), flush=True)
             serve.delete("hyformer")
     finally:
@@ -193,13 +220,15 @@ def table(res: dict[str, Any]) -> str:
         + (", GPU" if res["gpu"] else "")
         + ":",
         "",
-        "| candidates | KV reuse | requests | p50 ms | p99 ms | requests/s | candidates/s |",
-        "|---:|:---:|---:|---:|---:|---:|---:|",
+        "| candidates | KV reuse | requests | p50 ms | p99 ms | requests/s | candidates/s | in process: features ms "
+        "| in process: features + model ms |",
+        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in sorted(res["cases"], key=lambda c: (c["candidates"], not c["kv_reuse"])):
         lines.append(
             f"| {c['candidates']} | {'yes' if c['kv_reuse'] else 'no'} | {c['requests']} | {c['p50_ms']:.1f} | "
-            f"{c['p99_ms']:.1f} | {c['requests_per_s']:.1f} | {c['candidates_per_s']:.0f} |"
+            f"{c['p99_ms']:.1f} | {c['requests_per_s']:.1f} | {c['candidates_per_s']:.0f} | {c['featurize_ms']:.1f} | "
+            f"{c['score_ms']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

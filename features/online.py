@@ -201,11 +201,23 @@ class RequestError(ValueError):
     """A request row that cannot be scored (a missing column, a null or negative id); names the column and row."""
 
 
-def check_requests(requests: pl.DataFrame, cfg: FeatureConfig) -> pl.DataFrame:
+@dataclass(frozen=True)
+class RequestSpec:
+    """What ``check_requests`` reads of a feature config, worked out once (``request_spec``)."""
+
+    columns: dict[str, tuple[pl.DataType, bool]]  # request_columns
+    negative_is_missing: tuple[str, ...]  # optional integer columns where -1 means missing
+
+
+def request_spec(cfg: FeatureConfig) -> RequestSpec:
+    return RequestSpec(request_columns(cfg), tuple(_negative_is_missing(cfg)))
+
+
+def check_requests(requests: pl.DataFrame, spec: RequestSpec) -> pl.DataFrame:
     """Request rows with every request column, typed (absent optional columns null, a negative value of an optional
     id or context column null, ``DEFAULTS`` filled); a RequestError names the first missing column, or the column and
     row of a bad value."""
-    cols = request_columns(cfg)
+    cols = spec.columns
     if missing := [c for c, (_, req) in cols.items() if req and c not in requests.columns]:
         raise RequestError(f"request rows lack the column(s) {missing} (need {list(REQUIRED)})")
     out = []
@@ -217,7 +229,7 @@ def check_requests(requests: pl.DataFrame, cfg: FeatureConfig) -> pl.DataFrame:
             out.append(requests[c].cast(dtype, strict=True).alias(c))
         except pl.exceptions.InvalidOperationError as e:
             raise RequestError(f"request column {c!r}: not {dtype} ({e})") from None
-    missing = [pl.when(pl.col(c) >= 0).then(pl.col(c)).alias(c) for c in _negative_is_missing(cfg)]
+    missing = [pl.when(pl.col(c) >= 0).then(pl.col(c)).alias(c) for c in spec.negative_is_missing]
     df = requests.select(out).with_columns(missing).with_columns(pl.col(c).fill_null(v) for c, v in DEFAULTS.items())
     for c in REQUIRED:
         bad = df[c].is_null() | (df[c] < 0)
@@ -234,10 +246,13 @@ class Featurized:
     flagged: dict[str, np.ndarray]  # FALLBACKS reason -> the ids of the requests it concerns
 
 
-def featurize(source: OnlineSource, cfg: FeatureConfig, requests: pl.DataFrame) -> Featurized:
+def featurize(
+    source: OnlineSource, cfg: FeatureConfig, requests: pl.DataFrame, spec: RequestSpec | None = None
+) -> Featurized:
     """Request rows (one per candidate, ``request_columns``) -> the model's batch, rows in the input order.
-    ``cfg``: the feature config the model was trained with (``source.check(cfg)`` first)."""
-    reqs = check_requests(requests, cfg).with_row_index("_row")
+    ``cfg``: the feature config the model was trained with (``source.check(cfg)`` first); ``spec``: its
+    ``request_spec`` (worked out here when not given)."""
+    reqs = check_requests(requests, spec or request_spec(cfg)).with_row_index("_row")
     users = np.unique(reqs["user_id"].to_numpy())
     tokens = {s: source.user_events(s, users) for s in cfg.streams()}
     fallbacks: Counter = Counter()

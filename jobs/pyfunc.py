@@ -40,7 +40,7 @@ import polars as pl
 import torch
 
 from features.build import FeatureConfig
-from features.online import OnlineSource, featurize
+from features.online import OnlineSource, featurize, request_spec
 from features.storage import current
 from hyformer import load_model
 from hyformer.serving import predict_requests
@@ -58,6 +58,7 @@ class RequestRanker:
         self.device = torch.device(device)
         self.model = load_model(ckpt).to(self.device).eval()
         self.features = FeatureConfig(**json.loads((ckpt / "features.json").read_text()))
+        self.spec = request_spec(self.features)
         recorded = ckpt / "online.json"
         recorded = json.loads(recorded.read_text()).get("source") if recorded.exists() else None
         self.source_root = source_root or os.environ.get(SOURCE_ENV) or recorded
@@ -87,7 +88,7 @@ class RequestRanker:
     @torch.no_grad()
     def score(self, requests: pl.DataFrame, kv_reuse: bool = True) -> Scored:
         """Request rows -> their click probabilities, in the order of the rows (``Scored``)."""
-        f = featurize(self.source(), self.features, requests)
+        f = featurize(self.source(), self.features, requests, self.spec)
         self.fallbacks.update(f.fallbacks)
         batch = {k: torch.from_numpy(v).to(self.device) for k, v in f.batch.items() if k.startswith(INPUT_PREFIXES)}
         rid = torch.from_numpy(f.batch["request_id"]).to(self.device)

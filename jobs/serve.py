@@ -118,7 +118,7 @@ class Replica:
         self.args = args
         self.client = MlflowClient()
         self.version, self.ranker = self.load(self.alias_version())
-        self.served = 0
+        self.served, self.batches = 0, 0
 
     def alias_version(self) -> str:
         return str(self.client.get_model_version_by_alias(self.args.model, self.args.alias).version)
@@ -153,7 +153,7 @@ class Replica:
         for reason, ids in scored.flagged.items():
             for i in ids.tolist():
                 reasons.setdefault(i, []).append(reason)
-        self.served += len(bodies)
+        self.served, self.batches = self.served + len(bodies), self.batches + 1
         ends = np.cumsum(counts)
         return [
             {
@@ -172,6 +172,7 @@ class Replica:
             "alias": self.args.alias,
             "source": {k: meta[k] for k in ("root", "version", "day", "exact_from_ts", "end_ts")},
             "requests": self.served,
+            "batches": self.batches,
             "fallbacks": dict(self.ranker.fallbacks),
             "kv_reuse": self.args.kv_reuse,
         }

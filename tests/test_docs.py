@@ -41,6 +41,8 @@ def test_readme_opens_with_the_two_commands():
         ["-m", "jobs.build_features"],
         ["-m", "jobs.train"],
         ["-m", "jobs.score"],
+        ["-m", "jobs.online"],
+        ["-m", "jobs.export"],
         ["workflows/tune.py"],
         ["jobs/submit.py"],
         ["-m", "features.synth"],

@@ -75,8 +75,9 @@ def test_unknown_users_and_old_requests_fall_back_with_a_counted_reason(feature_
     src, manifest = source
     day = feature_set.days[-1]
     known = clean_day(data_dir, "impressions", day).select(REQUEST_COLUMNS).head(1)
-    stranger = known.with_columns(pl.lit(10**12).alias("user_id"), pl.lit(7).alias("request_id"))
-    earlier = known.with_columns(pl.lit(manifest["exact_from_ts"] - 1).alias("ts"), pl.lit(8).alias("request_id"))
+    stranger = known.with_columns(pl.lit(10**12, pl.Int64).alias("user_id"), pl.lit(7, pl.Int64).alias("request_id"))
+    before = pl.lit(manifest["exact_from_ts"] - 1, pl.Int64)
+    earlier = known.with_columns(before.alias("ts"), pl.lit(8, pl.Int64).alias("request_id"))
     got = featurize(src, feature_set.cfg, pl.concat([known, stranger, earlier]))
     assert got.fallbacks["unknown_user"] == 1 and got.fallbacks["no_history"] == 1
     assert got.fallbacks["before_source"] == 1
@@ -84,7 +85,7 @@ def test_unknown_users_and_old_requests_fall_back_with_a_counted_reason(feature_
     assert all(got.batch[k][1] == 0 for k in lens)  # the stranger: every sequence empty
     assert sum(int(got.batch[k][0]) for k in lens) > 0  # the known user has a history
     # a feed request (no query column at all), an item nobody knows, no position: scored, counted
-    feed = known.drop("query_id", "position").with_columns(pl.lit(10**12).alias("item_id"))
+    feed = known.drop("query_id", "position").with_columns(pl.lit(10**12, pl.Int64).alias("item_id"))
     got = featurize(src, feature_set.cfg, feed)
     assert got.fallbacks == {"unknown_item": 1}
 
