@@ -7,16 +7,18 @@ uses: ``features.build.samples_of`` (the joins with the profiles, the bucketised
 relevance keys and the point-in-time ordinals, ``event.ts < ts`` strictly) and ``features.materialize.Materializer``
 (the sequences, most recent first, with their age bucket at ``ts``). Nothing is re-implemented for serving, so a
 request at the time of a logged impression gets the features that impression was trained or evaluated with
-(tests/test_online.py checks it field by field, tests/test_skew.py score by score).
+(tests/test_online.py checks it field by field, tests/test_serve.py score by score).
 
 The history comes from an ``OnlineSource``: for each event stream, every user's latest events, kept so that any
-request after the start of its last day (``exact_from_ts``) sees exactly the events the feature store would give it:
+request within its last day (``exact_from_ts`` to ``end_ts``) sees exactly the events the feature store would give it:
 
 * every event of the last day, and
 * of the events before it, each user's last ``n_all`` (the longest sequence of the stream read without relevance)
   and, per (user, relevance key), the last ``n_key`` (the longest relevance-filtered sequence).
 
-The last L events before any time of the last day are among those, whatever the relevance key. The source also
+The last L events before any time of the last day are among those, whatever the relevance key. A request after the
+last day misses the events since (flagged ``after_source``): the daily workflow republishes the source each day;
+streaming the current day's events into it is what a fresher source needs. The source also
 holds the profiles (users, items, queries: the clean dimension snapshots) and the relevance keys of items and
 queries. ``jobs.online`` writes it after each daily build, as a versioned folder (``features.storage``) whose
 ``_manifest.json`` says what it holds and the time of its data; a model serves from the version it loaded until a
@@ -45,7 +47,7 @@ from features.build import (
     samples_of,
 )
 from features.materialize import Materializer, Stream, Timelines
-from features.schema import DAY_FORMAT, GROUND_TRUTH, MS_PER_DAY
+from features.schema import DAY_FORMAT, GROUND_TRUTH
 from features.spec import OUTCOMES
 
 SOURCE_VERSION = 1  # bump when the source's layout changes
@@ -57,7 +59,7 @@ FALLBACKS = {
     "unknown_item": "the candidate is not in the items snapshot: its item features are missing",
     "unknown_query": "the query is not in the queries snapshot: its query features are missing",
     "before_source": "the request is older than the source's last day: its sequences may miss events",
-    "stale_source": "the source ends more than a day before the request: the latest events are missing",
+    "after_source": "the request is after the source's newest day: the events since are missing until the next publish",
 }
 DIM_KEYS = {"users": "user_id", "items": "item_id", "queries": "query_id"}
 EVENT_SCHEMA = {"user_id": pl.Int64, "ts": pl.Int64, "key": pl.Int64} | {f: pl.Int32 for f in EVENT_FIELDS}
@@ -225,9 +227,15 @@ def check_requests(requests: pl.DataFrame, spec: RequestSpec) -> pl.DataFrame:
         if c not in requests.columns:
             out.append(pl.lit(DEFAULTS.get(c), dtype).alias(c))
             continue
+        col = requests[c]
+        if col.dtype.is_nested() or (dtype.is_numeric() and col.dtype == pl.String):
+            raise RequestError(f"request column {c!r}: {col.dtype} values, not {dtype}")
+        if dtype.is_integer() and col.dtype.is_float() and ((col.drop_nulls() % 1) != 0).any():
+            row = int(np.argmax(((col % 1) != 0).fill_null(False).to_numpy()))
+            raise RequestError(f"request row {row}: {c}={col[row]} is not an integer")
         try:
-            out.append(requests[c].cast(dtype, strict=True).alias(c))
-        except pl.exceptions.InvalidOperationError as e:
+            out.append(col.cast(dtype, strict=True).alias(c))
+        except (pl.exceptions.PolarsError, NotImplementedError) as e:
             raise RequestError(f"request column {c!r}: not {dtype} ({e})") from None
     missing = [pl.when(pl.col(c) >= 0).then(pl.col(c)).alias(c) for c in spec.negative_is_missing]
     df = requests.select(out).with_columns(missing).with_columns(pl.col(c).fill_null(v) for c, v in DEFAULTS.items())
@@ -280,7 +288,7 @@ def featurize(
     flag("no_history", ~pl.col("user_id").is_in(seen))
     exact, end = int(source.meta["exact_from_ts"]), int(source.meta["end_ts"])
     flag("before_source", pl.col("ts") < exact)
-    flag("stale_source", pl.col("ts") > end + MS_PER_DAY)
+    flag("after_source", pl.col("ts") >= end)
     impressions = reqs.with_columns(
         pl.lit(None, pl.Int8).alias("label"),
         *(pl.lit(None, pl.Float32).alias(c) for c in GROUND_TRUTH),

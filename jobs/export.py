@@ -4,7 +4,8 @@
 
 Writes ``scoring_graph.pt2`` (``torch.export``: one request's sequences and its M candidates in, M logits out, KV
 reuse inside, M dynamic), ``scoring_graph.json`` (every input: shape, dtype, id space, meaning) and
-``features.json`` (the feature config the model was trained on: how the inputs are built). The inputs are what
+``features.json`` (the feature config the model was trained on: how the inputs are built). A model with a sequence
+relevant to the candidate (one sequence per candidate) is refused: the graph takes one per request. The inputs are what
 ``features.online.featurize`` gives for one request (``split_request``); the program equals the eager model on them
 (tests/test_serve.py, tests/test_export.py).
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from features import storage
+from features.build import FeatureConfig
 from hyformer.export import candidate_keys, export_scorer, request_keys, save_scorer
 from hyformer.model import RankingModel
 from jobs.common import log, setup_logging
@@ -31,6 +33,9 @@ def split_request(model: RankingModel, batch: Mapping[str, np.ndarray]) -> tuple
     the sequences of its first row (every row of a request has the same), and every row's candidate inputs."""
     if len(np.unique(batch["request_id"])) != 1:
         raise ValueError("split_request takes the rows of one request")
+    for k in request_keys(model.config):
+        if not (batch[k] == batch[k][:1]).all():
+            raise ValueError(f"{k} differs between the candidates of the request: the graph takes one per request")
     request = {k: torch.from_numpy(np.ascontiguousarray(batch[k][:1])).long() for k in request_keys(model.config)}
     candidates = {
         k: torch.from_numpy(np.ascontiguousarray(batch[k])).to(torch.float32 if k.startswith("dense_") else torch.long)
@@ -45,6 +50,15 @@ def export_registered(data_dir: str, uri: str, out: str, max_candidates: int = 4
 
     with tempfile.TemporaryDirectory(prefix="hyformer-model-") as tmp:
         reg = load_registered(data_dir, uri, tmp)
+    if reg.features:
+        per_candidate = [
+            n for n, s in FeatureConfig(**reg.features).sequence_specs().items() if s.relevance == "candidate"
+        ]
+        if per_candidate:
+            raise ValueError(
+                f"{uri}: sequences {per_candidate} are relevant to the candidate (one per candidate): the graph "
+                "takes one set of sequences per request; serve this model with jobs.serve or its pyfunc"
+            )
     graph, contract = save_scorer(export_scorer(reg.model, max_candidates), reg.model.config, out)
     (Path(out) / "features.json").write_text(json.dumps(reg.features, indent=1))
     res = {"model": f"{reg.name}/{reg.version}", "graph": str(graph), "contract": str(contract)}

@@ -43,12 +43,22 @@ def day_start_ms(day: str) -> int:
 
 def publish_source(data_dir: str, fs: FeatureSet, root: str | None = None) -> dict:
     """Write and commit the online source of window ``fs`` (its last day is the newest) at ``root`` (default
-    ``online_root``); returns its manifest."""
+    ``online_root``); returns its manifest. The events kept per stream are the most any source of this root kept
+    (models of one store may read different lengths); a source of a newer day is kept as it is (a backfill)."""
     t0 = time.perf_counter()
     cfg, layout, last = fs.cfg, fs.layout(), fs.days[-1]
     root, version = root or online_root(data_dir, cfg), storage.new_version()
     since = day_start_ms(last)
+    committed = storage.current(root)
+    if committed is not None and committed.get("source_version") == SOURCE_VERSION and committed["day"] > last:
+        log.info("online source: %s holds %s, newer than %s: kept (a backfill)", root, committed["day"], last)
+        return committed
     keep = retention(cfg)
+    if committed is not None and committed.get("store_id") == cfg.store_id():
+        # kept events only grow: the other models of this store (e.g. a champion reading longer sequences) still fit
+        for s, (n_all, n_key) in committed.get("retention", {}).items():
+            if s in keep:
+                keep[s] = (max(keep[s][0], n_all), max(keep[s][1], n_key))
     files, counts = [], {}
     for s, (n_all, n_key) in keep.items():
         parts = []

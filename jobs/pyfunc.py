@@ -12,8 +12,9 @@ MLflow's schema has no missing integers: send -1 (or leave the column out) for a
 
 The model builds every input itself (``RequestRanker``): the request's profile features and point-in-time sequences
 come from the online feature source (``features.online``: each user's latest events, the profiles) through the code
-that builds the training features, so a request scores as the same impression scores offline (tests/test_skew.py);
-each request's sequences are encoded once for all its candidates (KV reuse, hyformer/serving.py). The source is the
+that builds the training features, so a request scores as the same impression scores offline (tests/test_serve.py);
+each request's sequences are encoded once for all its candidates (KV reuse, hyformer/serving.py; a spec with a
+sequence relevant to the candidate has per-candidate sequences, and is scored with a plain forward). The source is the
 one the daily workflow publishes for the model's feature store (``online.json`` in the model, or the environment
 variable ``HYFORMER_ONLINE_SOURCE``); a newer committed version is picked up within ``REFRESH_S`` seconds.
 
@@ -26,6 +27,7 @@ model (``code_paths``), so it loads where the rest of the project is absent.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -48,6 +50,7 @@ from hyformer.serving import predict_requests
 SOURCE_ENV = "HYFORMER_ONLINE_SOURCE"  # overrides the source recorded in the model
 REFRESH_S = 30.0  # how often a loaded model looks for a newer committed version of its source
 INPUT_PREFIXES = ("ns_", "bag_", "dense_", "seq_", "len_")
+log = logging.getLogger("hyformer")
 
 
 class RequestRanker:
@@ -78,17 +81,34 @@ class RequestRanker:
             now = time.monotonic()
             if self._source is None or now - self._checked > REFRESH_S:
                 self._checked = now
-                committed = (current(self.source_root) or {}).get("version")
-                if self._source is None or committed != self._source.version:
-                    source = OnlineSource.load(self.source_root)
-                    source.check(self.features)
-                    self._source = source
+                if self._source is None:  # the first load: a source that cannot serve this model is an error
+                    self._source = self._load()
+                else:  # a newer version that fails to load or to fit keeps the current one serving
+                    try:
+                        if (current(self.source_root) or {}).get("version") != self._source.version:
+                            self._source = self._load()
+                    except (OSError, ValueError) as e:
+                        log.warning(
+                            "online source %s: reload failed, serving the current version (%s)", self.source_root, e
+                        )
             return self._source
+
+    def _load(self) -> OnlineSource:
+        source = OnlineSource.load(self.source_root)
+        source.check(self.features)
+        return source
+
+    def source_meta(self) -> dict:
+        """The manifest of the source in use (without waiting for a reload in progress; {} before the first)."""
+        return self._source.meta if self._source is not None else {}
 
     @torch.no_grad()
     def score(self, requests: pl.DataFrame, kv_reuse: bool = True) -> Scored:
         """Request rows -> their click probabilities, in the order of the rows (``Scored``)."""
-        f = featurize(self.source(), self.features, requests, self.spec)
+        source = self.source()
+        if requests.height == 0:
+            return Scored(np.zeros(0, np.float32), {}, {}, 0, source.meta)
+        f = featurize(source, self.features, requests, self.spec)
         self.fallbacks.update(f.fallbacks)
         batch = {k: torch.from_numpy(v).to(self.device) for k, v in f.batch.items() if k.startswith(INPUT_PREFIXES)}
         rid = torch.from_numpy(f.batch["request_id"]).to(self.device)
@@ -96,7 +116,7 @@ class RequestRanker:
             logits, encodings = predict_requests(self.model, batch, rid)
         else:
             logits, encodings = self.model(batch), len(rid)
-        return Scored(torch.sigmoid(logits.float()).cpu().numpy(), f.fallbacks, f.flagged, encodings)
+        return Scored(torch.sigmoid(logits.float()).cpu().numpy(), f.fallbacks, f.flagged, encodings, source.meta)
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,7 @@ class Scored:
     fallbacks: dict[str, int]  # features.online.FALLBACKS reason -> requests or rows (Featurized.fallbacks)
     flagged: dict[str, np.ndarray]  # reason -> the request ids it concerns
     encodings: int  # sequence encodings run (the requests with KV reuse, else the rows)
+    source: dict  # the manifest of the online source the features came from
 
 
 class HyFormerPyfunc(mlflow.pyfunc.PythonModel):

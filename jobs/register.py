@@ -187,8 +187,9 @@ def request_schema(features: Mapping) -> dict:
 
 def request_signature(cfg: FeatureConfig):
     """The model's MLflow signature: the request columns (``request_columns``) in, probabilities out. Integer
-    columns are ``long`` whatever their width (what a client's ints are); the model checks their range."""
-    types = {pl.Float32: "float", pl.Float64: "double", pl.Boolean: "boolean", pl.String: "string"}
+    columns are ``long`` and float columns ``double`` whatever their width (what a client's numbers are, pandas'
+    included); the model checks and narrows them."""
+    types = {pl.Float32: "double", pl.Float64: "double", pl.Boolean: "boolean", pl.String: "string"}
     cols = [
         ColSpec("long" if dtype.is_integer() else types.get(dtype, "string"), name, required)
         for name, (dtype, required) in request_columns(cfg).items()
@@ -200,7 +201,7 @@ def input_example(cfg: FeatureConfig):
     """Two requests of two candidates (a search and a feed request), every request column filled."""
     rows = {"request_id": [1, 1, 2, 2], "user_id": [7, 7, 8, 8], "ts": [1_764_000_000_000] * 4}
     rows |= {"item_id": [11, 12, 13, 14], "query_id": [3, 3, -1, -1], "position": [0, 1, 0, 1]}
-    values = {"string": "", "boolean": False, "float": 0.0, "double": 0.0}
+    values = {"string": "", "boolean": False, "double": 0.0}
     for c in request_signature(cfg).inputs.inputs:
         if c.name not in rows:
             rows[c.name] = [values.get(c.type.name, 1)] * 4

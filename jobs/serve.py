@@ -117,7 +117,7 @@ class Replica:
     def __init__(self, args: ServeArgs):
         self.args = args
         self.client = MlflowClient()
-        self.version, self.ranker = self.load(self.alias_version())
+        self.current = self.load(self.alias_version())  # (version, ranker): replaced as one object, never mutated
         self.served, self.batches = 0, 0
 
     def alias_version(self) -> str:
@@ -137,18 +137,18 @@ class Replica:
         while not stop.wait(self.args.poll_s):
             try:
                 version = self.alias_version()
-                if version != self.version:
-                    self.version, self.ranker = self.load(version)  # one assignment: requests see old or new
+                if version != self.current[0]:
+                    self.current = self.load(version)  # one reference swap: a batch uses the old pair or the new
             except Exception as e:  # noqa: BLE001 - the registry or a download failed: keep serving, retry later
                 log.warning(
                     "alias %s@%s: reload failed (%s: %s)", self.args.model, self.args.alias, type(e).__name__, e
                 )
 
     def rank(self, bodies: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        version, ranker = self.version, self.ranker  # one consistent pair for the whole batch
+        version, ranker = self.current  # one consistent pair for the whole batch
         rows, counts = request_rows(bodies, int(time.time() * 1000))
         scored = ranker.score(rows, self.args.kv_reuse)
-        probs, source = scored.probs, ranker.source().meta
+        probs, source = scored.probs, scored.source  # the source these features came from
         reasons: dict[int, list[str]] = {}
         for reason, ids in scored.flagged.items():
             for i in ids.tolist():
@@ -166,14 +166,15 @@ class Replica:
         ]
 
     def stats(self) -> dict[str, Any]:
-        meta = self.ranker.source().meta
+        version, ranker = self.current
+        meta = ranker.source_meta()  # never waits for a source reload
         return {
-            "model": f"{self.args.model}/{self.version}",
+            "model": f"{self.args.model}/{version}",
             "alias": self.args.alias,
-            "source": {k: meta[k] for k in ("root", "version", "day", "exact_from_ts", "end_ts")},
+            "source": {k: meta.get(k) for k in ("root", "version", "day", "exact_from_ts", "end_ts")},
             "requests": self.served,
             "batches": self.batches,
-            "fallbacks": dict(self.ranker.fallbacks),
+            "fallbacks": dict(ranker.fallbacks),  # since this version was loaded
             "kv_reuse": self.args.kv_reuse,
         }
 

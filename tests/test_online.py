@@ -4,6 +4,8 @@ back to empty sequences, counted; bad requests are named."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -81,6 +83,8 @@ def test_unknown_users_and_old_requests_fall_back_with_a_counted_reason(feature_
     got = featurize(src, feature_set.cfg, pl.concat([known, stranger, earlier]))
     assert got.fallbacks["unknown_user"] == 1 and got.fallbacks["no_history"] == 1
     assert got.fallbacks["before_source"] == 1
+    later = known.with_columns(pl.lit(manifest["end_ts"], pl.Int64).alias("ts"))  # the next day: its events missing
+    assert featurize(src, feature_set.cfg, later).fallbacks == {"after_source": 1}
     lens = [k for k in got.batch if k.startswith("len_")]
     assert all(got.batch[k][1] == 0 for k in lens)  # the stranger: every sequence empty
     assert sum(int(got.batch[k][0]) for k in lens) > 0  # the known user has a history
@@ -96,6 +100,8 @@ def test_unknown_users_and_old_requests_fall_back_with_a_counted_reason(feature_
         (lambda r: r.drop("user_id"), "lack the column(s) ['user_id']"),
         (lambda r: r.with_columns(pl.lit(-1).alias("item_id")), "request row 0: item_id=-1"),
         (lambda r: r.with_columns(pl.lit("x").alias("ts")), "request column 'ts'"),
+        (lambda r: r.with_columns(pl.lit(42.7).alias("user_id")), "request row 0: user_id=42.7 is not an integer"),
+        (lambda r: r.with_columns(pl.lit([1, 2]).alias("device_type")), "request column 'device_type'"),
     ],
 )
 def test_bad_requests_are_named(feature_set, ingested, source, change, message):
@@ -128,3 +134,72 @@ def test_the_source_keeps_what_any_request_of_its_last_day_reads():
             assert full.tail(n_all).equals(mine.tail(n_all))
             for k in range(4):
                 assert full.filter(pl.col("key") == k).tail(n_key).equals(mine.filter(pl.col("key") == k).tail(n_key))
+
+
+@pytest.mark.parametrize("feed_only", [False, True])
+def test_a_feature_spec_reaches_the_request_as_it_reaches_the_store(feed_only):
+    """The hand inputs of tests/test_spec.py with a declared dense feature, an id-list feature and a filtered
+    candidate-relevance sequence (and, feed-only, no query at all): featurize over the day's events gives the batch
+    the feature store materializes for the same impressions."""
+    from features.build import build_day, empty_state, plan_vocab, relevance_tables
+    from features.materialize import Stream, Timelines
+    from features.online import DIM_KEYS
+    from tests.test_spec import SPEC, hand_spec_inputs, spec_config
+
+    tags = {10: "3|17|4|9", 11: "", 12: "5"}
+    features = SPEC["features"] | {
+        "item_tags": {"table": "items", "column": "tags", "kind": "ids", "vocab": 50, "max_len": 3}
+    }
+    tokens = SPEC["tokens"] | {"item": (*SPEC["tokens"]["item"], "item_tags")}
+    sequences = SPEC["sequences"]
+    if feed_only:  # no query: relevance none / candidate only, no query tokens
+        sequences = {n: s | {"relevance": "candidate"} for n, s in sequences.items() if s["relevance"] != "none"}
+        tokens = {g: f for g, f in tokens.items() if g not in ("query", "cross")}
+    cfg = spec_config(
+        columns={"items": {"tags": {"type": "id_list"}}}, features=features, tokens=tokens, sequences=sequences
+    )
+    imps, search, feed, dims, cfg = hand_spec_inputs(cfg)
+    dims["items"] = dims["items"].with_columns(pl.col("item_id").replace_strict(tags, default=None).alias("tags"))
+    if feed_only:
+        imps = imps.with_columns(pl.lit(None, pl.Int64).alias("query_id"))
+        dims["queries"] = dims["queries"].clear()
+    cfg = dataclasses.replace(cfg, vocab=plan_vocab(dims, cfg))
+    lazy = {k: v.lazy() for k, v in dims.items()}
+    out = build_day(
+        imps.lazy(),
+        {"search": search.lazy(), "feed": feed.lazy()},
+        {s: empty_state() for s in cfg.streams()},
+        lazy,
+        cfg,
+    )
+    no_state = empty_state().collect()
+    samples = out["samples"]
+    want = Materializer(
+        Timelines({s: Stream.build(out[f"events/{s}"], no_state) for s in cfg.streams()}), cfg, dedup=False
+    )({c: samples[c].to_numpy() for c in samples.columns})
+    item_keys, query_keys = relevance_tables(cfg, lazy)
+    source = OnlineSource(
+        {"version": "v", "exact_from_ts": 0, "end_ts": 2**62},
+        {s: out[f"events/{s}"] for s in cfg.streams()},
+        {t: d.sort(DIM_KEYS[t]) for t, d in dims.items()},
+        {"items": item_keys.collect().sort("item_id"), "queries": query_keys.collect().sort("query_id")},
+    )
+    requests = imps.sort("request_id", "position", "item_id").select(c for c in REQUEST_COLUMNS if c in imps.columns)
+    got = featurize(source, cfg, requests)
+    keys = [k for k in want if k.startswith(("ns_", "dense_", "bag_", "seq_", "len_"))]
+    assert {"dense_item", "bag_item", "seq_liked"} <= set(keys) and int(want["len_liked"].sum()) > 0
+    for k in keys:
+        np.testing.assert_array_equal(got.batch[k], want[k], err_msg=k)
+
+
+def test_a_source_keeps_the_longest_retention_of_its_root_and_a_backfill_does_not_replace_it(
+    feature_set, ingested, tmp_path
+):
+    data_dir, _ = ingested
+    root = str(tmp_path / "online")
+    first = publish_source(data_dir, feature_set, root=root)
+    shorter = publish_source(data_dir, feature_set.with_read_side(long_len=4, search_len=2, feed_len=2), root=root)
+    assert shorter["version"] != first["version"] and shorter["retention"] == first["retention"]
+    older = dataclasses.replace(feature_set, days=feature_set.days[:-1])
+    kept = publish_source(data_dir, older, root=root)
+    assert kept["version"] == shorter["version"] and OnlineSource.load(root).meta["day"] == feature_set.days[-1]

@@ -55,6 +55,7 @@ def test_the_champion_scores_the_held_out_day_as_the_offline_evaluation(served, 
     impressions = pl.read_parquet(committed_files(f"{data_dir}/clean/v1/impressions/day={day}"))
     frame = impressions.select(REQUEST_COLUMNS).with_columns(pl.col("query_id").fill_null(-1)).to_pandas()
     probs = online.predict(frame)
+    assert online.predict(frame.iloc[:0]).shape == (0,)  # no candidates: no scores
     # the offline evaluation of the same version: batch scoring of the day from the feature store (jobs.score)
     model = online.unwrap_python_model().ranker.model
     offline = read_scores(score(feature_set, model, str(tmp_path / "scores")).path)

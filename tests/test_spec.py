@@ -72,6 +72,11 @@ def test_the_default_spec_is_the_papers_trio_and_spelling_it_out_changes_no_stor
 
 
 def hand_spec_batch(cfg: FeatureConfig, dedup: bool = False):
+    return build_and_materialize(*hand_spec_inputs(cfg), dedup)
+
+
+def hand_spec_inputs(cfg: FeatureConfig):
+    """The hand inputs of tests/test_features.py with finished feed events and item durations added."""
     imps, search, feed, dims, cfg = hand_inputs(cfg)
     # finished feed events of user 7: category 3 at 3h (finished), category 3 at 4h (not), category 4 at 6h (finished)
     feed = pl.concat(
@@ -101,7 +106,7 @@ def hand_spec_batch(cfg: FeatureConfig, dedup: bool = False):
         .alias("category_id"),
         (pl.col("item_id").cast(pl.Float32) * 10).alias("duration_s"),
     )
-    return build_and_materialize(imps, search, feed, dims, cfg, dedup)
+    return imps, search, feed, dims, cfg
 
 
 def build_and_materialize(imps, search, feed, dims, cfg: FeatureConfig, dedup: bool = False):
