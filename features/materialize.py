@@ -31,6 +31,15 @@ def dt_bucket(now_ts: np.ndarray, ev_ts: np.ndarray) -> np.ndarray:
     return np.minimum(1 + np.floor(np.log2(1 + minutes)), N_DT_BUCKETS - 1).astype(np.int64)
 
 
+def find_sorted(sorted_vals: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``q`` in the sorted array ``sorted_vals`` and which of them are there (a position is clipped into
+    range where not)."""
+    if len(sorted_vals) == 0:
+        return np.zeros(len(q), np.int64), np.zeros(len(q), bool)
+    pos = np.clip(np.searchsorted(sorted_vals, q), 0, len(sorted_vals) - 1)
+    return pos, sorted_vals[pos] == q
+
+
 class CorruptStoreError(RuntimeError):
     """Stored ordinals and stored events disagree (a day is missing or was rebuilt without its successors)."""
 
@@ -105,13 +114,6 @@ class Stream:
     def nbytes(self) -> int:
         return sum(getattr(self, f).nbytes for f in self.__dataclass_fields__)
 
-    @staticmethod
-    def _find(sorted_vals: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(sorted_vals) == 0:
-            return np.zeros(len(q), np.int64), np.zeros(len(q), bool)
-        pos = np.clip(np.searchsorted(sorted_vals, q), 0, len(sorted_vals) - 1)
-        return pos, sorted_vals[pos] == q
-
     def rows(
         self, user_ids: np.ndarray, hi: np.ndarray, length: int, rel_key: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -121,12 +123,12 @@ class Stream:
         """
         if len(self.ts) == 0:  # no events in the window: every sequence is empty
             return np.full((len(user_ids), length), -1, np.int64), np.zeros(len(user_ids), np.int64)
-        ui, found = self._find(self.users, user_ids)
+        ui, found = find_sorted(self.users, user_ids)
         if rel_key is None:
             first, avail_max, base = self.start[ui], self.count[ui], self.base[ui]
         else:
-            ki, kfound = self._find(self.keys, rel_key)
-            gi, gfound = self._find(self.g_code, ui * max(len(self.keys), 1) + ki)
+            ki, kfound = find_sorted(self.keys, rel_key)
+            gi, gfound = find_sorted(self.g_code, ui * max(len(self.keys), 1) + ki)
             found = found & kfound & gfound
             first, avail_max, base = self.g_start[gi], self.g_count[gi], self.g_base[gi]
         avail = np.where(found, hi.astype(np.int64) - base, 0)  # events of the window before the sample

@@ -46,7 +46,7 @@ from features.build import (
     empty_state,
     samples_of,
 )
-from features.materialize import Materializer, Stream, Timelines
+from features.materialize import Materializer, Stream, Timelines, find_sorted
 from features.schema import DAY_FORMAT, GROUND_TRUTH
 from features.spec import OUTCOMES
 
@@ -82,16 +82,11 @@ def request_columns(cfg: FeatureConfig) -> dict[str, tuple[pl.DataType, bool]]:
 def _negative_is_missing(cfg: FeatureConfig) -> list[str]:
     """Optional integer columns that cannot be negative: there -1 means missing (MLflow's schema, like numpy, has no
     missing integers)."""
-    table = cfg.contract()["impressions"]
     cols = request_columns(cfg)
     return [
         c.name
-        for c in table.columns
-        if c.name in cols
-        and not cols[c.name][1]
-        and cols[c.name][0].is_integer()
-        and (c.min or 0) >= 0
-        and c.min is not None
+        for c in cfg.contract()["impressions"].columns
+        if c.name in cols and not cols[c.name][1] and cols[c.name][0].is_integer() and c.min is not None and c.min >= 0
     ]
 
 
@@ -165,14 +160,14 @@ class OnlineSource:
         """The kept events of ``users`` in ``stream``, in the source's order."""
         ev = self.events[stream]
         index, start, count = self._index[stream]
-        pos, found = _find(index, users)
+        pos, found = find_sorted(index, users)
         rows = [np.arange(start[p], start[p] + count[p]) for p, f in zip(pos, found) if f]
         return ev[np.concatenate(rows)] if rows else ev.clear()
 
     def rows(self, name: str, ids: np.ndarray) -> tuple[pl.DataFrame, np.ndarray]:
         """The rows of dimension ``name`` (or ``keys_<table>``) with these ids, and which ids were found."""
         df = self.keys[name.removeprefix("keys_")] if name.startswith("keys_") else self.dims[name]
-        pos, found = _find(self._index[name], ids)
+        pos, found = find_sorted(self._index[name], ids)
         return df[pos[found]], found
 
     def check(self, cfg: FeatureConfig) -> None:
@@ -190,13 +185,6 @@ class OnlineSource:
                     f"online source keeps {kept.get(s)} events of stream {s!r} per user / per key, the model's "
                     f"sequences read ({n_all}, {n_key}): publish it again with this model's feature config"
                 )
-
-
-def _find(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if len(sorted_ids) == 0:
-        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-    pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
-    return pos, sorted_ids[pos] == ids
 
 
 class RequestError(ValueError):

@@ -24,7 +24,7 @@ import polars as pl
 from features import storage
 from features.build import FeatureConfig, relevance_tables
 from features.online import DIM_KEYS, EVENT_SCHEMA, SOURCE_VERSION, retain, retention
-from features.schema import DAY_FORMAT, MS_PER_DAY, parse_day
+from features.schema import DAY_FORMAT, MS_PER_DAY, day_start_ms, parse_day
 from jobs.build_features import FeatureSet, read_dims
 from jobs.common import log, setup_logging
 
@@ -36,11 +36,6 @@ def online_root(data_dir: str, cfg: FeatureConfig) -> str:
     return storage.join(data_dir, ONLINE, cfg.store_id())
 
 
-def day_start_ms(day: str) -> int:
-    d = dt.datetime.strptime(day, DAY_FORMAT).replace(tzinfo=dt.timezone.utc)
-    return int(d.timestamp() * 1000)
-
-
 def publish_source(data_dir: str, fs: FeatureSet, root: str | None = None) -> dict:
     """Write and commit the online source of window ``fs`` (its last day is the newest) at ``root`` (default
     ``online_root``); returns its manifest. The events kept per stream are the most any source of this root kept
@@ -48,7 +43,7 @@ def publish_source(data_dir: str, fs: FeatureSet, root: str | None = None) -> di
     t0 = time.perf_counter()
     cfg, layout, last = fs.cfg, fs.layout(), fs.days[-1]
     root, version = root or online_root(data_dir, cfg), storage.new_version()
-    since = day_start_ms(last)
+    since = day_start_ms(parse_day(last))
     committed = storage.current(root)
     if committed is not None and committed.get("source_version") == SOURCE_VERSION and committed["day"] > last:
         log.info("online source: %s holds %s, newer than %s: kept (a backfill)", root, committed["day"], last)

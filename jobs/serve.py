@@ -125,9 +125,9 @@ class Replica:
 
     def load(self, version: str) -> tuple[str, RequestRanker]:
         """Download a version and build its ranker (the artifact's checkpoint, its recorded online source)."""
-        dest = tempfile.mkdtemp(prefix=f"hyformer-serve-v{version}-")
-        path = mlflow.artifacts.download_artifacts(f"models:/{self.args.model}/{version}", dst_path=dest)
-        ranker = RequestRanker(Path(path) / "artifacts" / "checkpoint", None, "cuda" if self.args.gpu else "cpu")
+        with tempfile.TemporaryDirectory(prefix=f"hyformer-serve-v{version}-") as dest:  # read into memory, then gone
+            path = mlflow.artifacts.download_artifacts(f"models:/{self.args.model}/{version}", dst_path=dest)
+            ranker = RequestRanker(Path(path) / "artifacts" / "checkpoint", None, "cuda" if self.args.gpu else "cpu")
         ranker.source()  # fail here, not on the first request, when the source is missing or does not fit
         log.info("serving %s/%s (source %s)", self.args.model, version, ranker.source_root)
         return version, ranker

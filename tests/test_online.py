@@ -13,7 +13,8 @@ import pytest
 from features.build import EVENT_COLUMNS
 from features.materialize import Materializer
 from features.online import OnlineSource, RequestError, featurize, retain
-from jobs.online import day_start_ms, publish_source
+from features.schema import day_start_ms, parse_day
+from jobs.online import publish_source
 from tests.conftest import committed_files
 
 REQUEST_COLUMNS = ("request_id", "user_id", "query_id", "item_id", "position", "ts", "device_type", "network_type")
@@ -42,7 +43,7 @@ def test_a_request_gets_the_features_of_the_logged_impression(feature_set, inges
     data_dir, _ = ingested
     src, manifest = source
     day = feature_set.days[-1]
-    assert manifest["day"] == day and manifest["exact_from_ts"] == day_start_ms(day)
+    assert manifest["day"] == day and manifest["exact_from_ts"] == day_start_ms(parse_day(day))
     requests = clean_day(data_dir, "impressions", day).sort("request_id", "position", "item_id")
     _, offline = offline_batch(feature_set, day)
     got = featurize(src, feature_set.cfg, requests.select(REQUEST_COLUMNS))

@@ -23,10 +23,10 @@ from jobs.online import publish_source
 from jobs.score import read_scores, score
 from jobs.serve import build_app, request_rows
 from tests.conftest import committed_files
+from tests.test_online import REQUEST_COLUMNS
 
 pytestmark = pytest.mark.slow
 TINY = dict(d_model=16, n_heads=2, n_layers=1, ffn_mult=1, head_hidden=(16,), emb_dim=8)
-REQUEST_COLUMNS = ("request_id", "user_id", "query_id", "item_id", "position", "ts", "device_type", "network_type")
 
 
 @pytest.fixture(scope="module")
